@@ -1,0 +1,163 @@
+// The only file that includes pybind11. Tensors arrive as DLPack capsules
+// (torch.utils.dlpack.to_dlpack) and are turned into TensorViews; every op then validates its
+// arguments itself, so nothing reaches a kernel unchecked. Work runs with the GIL released.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <string>
+#include <thread>
+
+#include "furl_fast/cuda_runtime_info.h"
+#include "furl_fast/dlpack.h"
+#include "furl_fast/preprocess.h"
+#include "furl_fast/tensor.h"
+
+namespace py = pybind11;
+using namespace furl_fast;
+
+namespace {
+
+DType dtype_of(const dlpack::DataType& t) {
+  if (t.lanes != 1) return DType::kOther;
+  switch (t.code) {
+    case dlpack::kDLUInt: return t.bits == 8 ? DType::kUInt8 : DType::kOther;
+    case dlpack::kDLInt: return t.bits == 32 ? DType::kInt32 : t.bits == 64 ? DType::kInt64 : DType::kOther;
+    case dlpack::kDLBool: return t.bits == 8 ? DType::kBool : DType::kOther;
+    case dlpack::kDLBfloat: return t.bits == 16 ? DType::kBFloat16 : DType::kOther;
+    case dlpack::kDLFloat:
+      return t.bits == 16 ? DType::kFloat16 : t.bits == 32 ? DType::kFloat32
+                                              : t.bits == 64 ? DType::kFloat64 : DType::kOther;
+    default: return DType::kOther;
+  }
+}
+
+// Reads (never consumes) a DLPack capsule; the capsule, held by the caller's frame, keeps the
+// tensor alive for the whole call.
+TensorView tensor_arg(const py::handle& obj, const char* op, const char* name) {
+  const auto fail = [&](const std::string& what) -> TypeError {
+    return TypeError(std::string(op) + ": argument '" + name + "' " + what + ".");
+  };
+  PyObject* o = obj.ptr();
+  const dlpack::Tensor* t = nullptr;
+  bool read_only = false;
+  if (PyCapsule_IsValid(o, "dltensor")) {
+    t = &static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(o, "dltensor"))->dl_tensor;
+  } else if (PyCapsule_IsValid(o, "dltensor_versioned")) {
+    auto* m = static_cast<dlpack::ManagedTensorVersioned*>(PyCapsule_GetPointer(o, "dltensor_versioned"));
+    if (m->version.major != 1) throw fail("is a DLPack capsule of an unsupported major version");
+    t = &m->dl_tensor;
+    read_only = (m->flags & dlpack::kFlagReadOnly) != 0;
+  } else if (PyCapsule_IsValid(o, "used_dltensor") || PyCapsule_IsValid(o, "used_dltensor_versioned")) {
+    throw fail("is a DLPack capsule that was already consumed; export the tensor again");
+  } else {
+    throw fail("must be a DLPack capsule (torch.utils.dlpack.to_dlpack(tensor)), got " +
+               std::string(Py_TYPE(o)->tp_name));
+  }
+  if (t->ndim < 0 || t->ndim > TensorView::kMaxDims)
+    throw fail("has " + std::to_string(t->ndim) + " dimensions; at most " +
+               std::to_string(TensorView::kMaxDims) + " are supported");
+  TensorView v;
+  v.ndim = t->ndim;
+  v.dtype = dtype_of(t->dtype);
+  v.read_only = read_only;
+  v.device_index = t->device.device_id;
+  switch (t->device.device_type) {
+    case dlpack::kDLCPU: case dlpack::kDLCUDAHost: v.device = DeviceKind::kCPU; break;
+    case dlpack::kDLCUDA: v.device = DeviceKind::kCUDA; break;
+    default: v.device = DeviceKind::kOther;
+  }
+  int64_t expected = 1;
+  for (int i = v.ndim - 1; i >= 0; --i) {
+    if (t->shape[i] < 0) throw fail("has a negative size");
+    v.shape[i] = t->shape[i];
+    v.strides[i] = t->strides ? t->strides[i] : expected;
+    expected *= t->shape[i];
+  }
+  v.data = t->data ? static_cast<char*>(t->data) + t->byte_offset : nullptr;
+  return v;
+}
+
+PreprocessParams preprocess_params(std::array<int64_t, 4> crop, int64_t size, bool flip, bool bgr,
+                                   int interpolation, std::array<float, 3> mean,
+                                   std::array<float, 3> std) {
+  if (interpolation != 0 && interpolation != 1)
+    throw ValueError("preprocess_frames: argument 'interpolation' must be 0 (bilinear) or 1 (bicubic).");
+  PreprocessParams p;
+  p.crop_top = crop[0];
+  p.crop_left = crop[1];
+  p.crop_height = crop[2];
+  p.crop_width = crop[3];
+  p.size = size;
+  p.flip_vertical = flip;
+  p.bgr = bgr;
+  p.interpolation = static_cast<Interpolation>(interpolation);
+  for (int c = 0; c < 3; ++c) {
+    p.mean[c] = mean[c];
+    p.std[c] = std[c];
+  }
+  return p;
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["cpu_threads"] = static_cast<int>(std::thread::hardware_concurrency());
+  d["compiler"] = std::string(__VERSION__);
+#ifdef FURL_FAST_WITH_CUDA
+  const CudaRuntimeInfo info = cuda_runtime_info();
+  d["cuda_compiled"] = true;
+  d["cuda_architectures"] = std::string(FURL_FAST_CUDA_ARCHS);
+  d["cuda_runtime_version"] = std::to_string(info.runtime_version / 1000) + "." +
+                              std::to_string((info.runtime_version % 1000) / 10);
+  d["cuda_device_count"] = info.device_count;
+  d["cuda_error"] = info.error;
+#else
+  d["cuda_compiled"] = false;
+  d["cuda_architectures"] = std::string();
+  d["cuda_runtime_version"] = py::none();
+  d["cuda_device_count"] = 0;
+  d["cuda_error"] = std::string("furl_fast was built without CUDA kernels");
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "furl_fast native core (CPU and CUDA kernels, replay buffer)";
+  py::register_exception<TypeError>(m, "NativeTypeError", PyExc_TypeError);
+  py::register_exception<ValueError>(m, "NativeValueError", PyExc_ValueError);
+
+  m.def("build_info", &build_info, "Build and CUDA runtime facts of the native module.");
+
+  m.def(
+      "preprocess_frames_cpu",
+      [](py::object frames, py::object out, std::array<int64_t, 4> crop, int64_t size, bool flip,
+         bool bgr, int interpolation, std::array<float, 3> mean, std::array<float, 3> std,
+         int num_threads) {
+        const TensorView f = tensor_arg(frames, "preprocess_frames_cpu", "frames");
+        const TensorView o = tensor_arg(out, "preprocess_frames_cpu", "out");
+        const PreprocessParams p = preprocess_params(crop, size, flip, bgr, interpolation, mean, std);
+        py::gil_scoped_release release;
+        preprocess_frames_cpu(f, o, p, num_threads);
+      },
+      py::arg("frames"), py::arg("out"), py::arg("crop"), py::arg("size"), py::arg("flip_vertical"),
+      py::arg("bgr"), py::arg("interpolation"), py::arg("mean"), py::arg("std"),
+      py::arg("num_threads") = 0);
+
+#ifdef FURL_FAST_WITH_CUDA
+  m.def(
+      "preprocess_frames_cuda",
+      [](py::object frames, py::object out, std::array<int64_t, 4> crop, int64_t size, bool flip,
+         bool bgr, int interpolation, std::array<float, 3> mean, std::array<float, 3> std,
+         uintptr_t stream) {
+        const TensorView f = tensor_arg(frames, "preprocess_frames_cuda", "frames");
+        const TensorView o = tensor_arg(out, "preprocess_frames_cuda", "out");
+        const PreprocessParams p = preprocess_params(crop, size, flip, bgr, interpolation, mean, std);
+        py::gil_scoped_release release;
+        preprocess_frames_cuda(f, o, p, stream);
+      },
+      py::arg("frames"), py::arg("out"), py::arg("crop"), py::arg("size"), py::arg("flip_vertical"),
+      py::arg("bgr"), py::arg("interpolation"), py::arg("mean"), py::arg("std"), py::arg("stream"));
+#endif
+}

@@ -1,0 +1,131 @@
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "furl_fast/half.h"
+#include "furl_fast/parallel.h"
+#include "furl_fast/preprocess.h"
+
+namespace furl_fast {
+
+void check_preprocess_args(const char* op, const TensorView& frames, const TensorView& out,
+                           const PreprocessParams& p, DeviceKind device) {
+  Expect(frames, op, "frames").ndim(4, "(N, H, W, 3)").dtype({DType::kUInt8}).device(device)
+      .dim(3, 3, "RGB channels").contiguous().nonempty();
+  const int64_t n = frames.shape[0], h = frames.shape[1], w = frames.shape[2];
+  if (p.size < 1 || p.size > 8192)
+    throw ValueError(std::string(op) + ": argument 'size' must be in [1, 8192], got " +
+                     std::to_string(p.size) + ".");
+  if (p.crop_height < 1 || p.crop_width < 1 || p.crop_top < 0 || p.crop_left < 0 ||
+      p.crop_top + p.crop_height > h || p.crop_left + p.crop_width > w)
+    throw ValueError(std::string(op) + ": argument 'crop' (top, left, height, width) = (" +
+                     std::to_string(p.crop_top) + ", " + std::to_string(p.crop_left) + ", " +
+                     std::to_string(p.crop_height) + ", " + std::to_string(p.crop_width) +
+                     ") must be a non-empty box inside the " + std::to_string(h) + "x" +
+                     std::to_string(w) + " frame.");
+  for (int c = 0; c < 3; ++c)
+    if (!(std::isfinite(p.std[c]) && p.std[c] != 0.f && std::isfinite(p.mean[c])))
+      throw ValueError(std::string(op) + ": arguments 'mean' and 'std' must be finite and std non-zero.");
+  Expect(out, op, "out").ndim(4, "(N, 3, size, size)")
+      .dtype({DType::kFloat32, DType::kFloat16, DType::kBFloat16}).same_device(frames, "frames")
+      .dim(0, n, "batch, as in frames").dim(1, 3, "channels").dim(2, p.size, "size")
+      .dim(3, p.size, "size").contiguous().writable().nonempty().aligned();
+}
+
+namespace {
+
+// Per output index of one axis: the source indices (already clamped) and normalised weights of its
+// taps, padded to a common tap count with zero weights.
+struct TapTable {
+  int taps = 0;
+  std::vector<int64_t> index;
+  std::vector<float> weight;
+};
+
+TapTable make_taps(const ResampleAxis& ax, int64_t out_size) {
+  TapTable t;
+  for (int64_t o = 0; o < out_size; ++o) t.taps = std::max(t.taps, window_of(ax, o).count);
+  t.index.assign(out_size * t.taps, 0);
+  t.weight.assign(out_size * t.taps, 0.f);
+  for (int64_t o = 0; o < out_size; ++o) {
+    const Window w = window_of(ax, o);
+    const float total = window_total(ax, w);
+    const float inv = total != 0.f ? 1.f / total : 0.f;
+    for (int j = 0; j < w.count; ++j) {
+      t.index[o * t.taps + j] = clamp_index(w.first + j, ax.in_size);
+      t.weight[o * t.taps + j] = tap_weight(ax, w, j) * inv;
+    }
+  }
+  return t;
+}
+
+inline void store(float* p, float v) { *p = v; }
+struct Half { uint16_t bits; };
+struct BFloat16 { uint16_t bits; };
+inline void store(Half* p, float v) { p->bits = float_to_half_bits(v); }
+inline void store(BFloat16* p, float v) { p->bits = float_to_bfloat16_bits(v); }
+
+template <typename OutT>
+void run(const TensorView& frames, const TensorView& out, const PreprocessParams& p, int num_threads) {
+  const int64_t n = frames.shape[0], h = frames.shape[1], w = frames.shape[2], s = p.size;
+  const bool aa = preprocess_antialias(p);
+  const bool cubic = p.interpolation == Interpolation::kBicubic;
+  const TapTable ty = make_taps(make_axis(p.crop_height, s, aa, cubic), s);
+  const TapTable tx = make_taps(make_axis(p.crop_width, s, aa, cubic), s);
+  float scale[3], shift[3];  // (v / 255 - mean) / std as one multiply-add
+  for (int c = 0; c < 3; ++c) {
+    scale[c] = 1.f / (255.f * p.std[c]);
+    shift[c] = -p.mean[c] / p.std[c];
+  }
+  const uint8_t* src = frames.ptr<uint8_t>();
+  OutT* dst = out.ptr<OutT>();
+  const int64_t row_len = p.crop_width * 3;
+
+  // One work item = one output row of one frame: blend the source rows it needs vertically into a
+  // float row buffer (the only scratch; never a float copy of the frame), then filter horizontally.
+  parallel_for(n * s, num_threads, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(row_len);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / s, oy = r % s;
+      for (int j = 0; j < ty.taps; ++j) {
+        const float wy = ty.weight[oy * ty.taps + j];
+        const int64_t yc = p.crop_top + ty.index[oy * ty.taps + j];
+        const int64_t y = p.flip_vertical ? h - 1 - yc : yc;
+        const uint8_t* line = src + ((b * h + y) * w + p.crop_left) * 3;
+        if (j == 0) {
+          for (int64_t i = 0; i < row_len; ++i) row[i] = wy * static_cast<float>(line[i]);
+        } else if (wy != 0.f) {
+          for (int64_t i = 0; i < row_len; ++i) row[i] += wy * static_cast<float>(line[i]);
+        }
+      }
+      OutT* plane = dst + (b * 3 * s + oy) * s;
+      for (int64_t ox = 0; ox < s; ++ox) {
+        float acc[3] = {0.f, 0.f, 0.f};
+        for (int k = 0; k < tx.taps; ++k) {
+          const float wx = tx.weight[ox * tx.taps + k];
+          const float* px = row.data() + tx.index[ox * tx.taps + k] * 3;
+          acc[0] += wx * px[0];
+          acc[1] += wx * px[1];
+          acc[2] += wx * px[2];
+        }
+        for (int c = 0; c < 3; ++c)
+          store(plane + c * s * s + ox, acc[p.bgr ? 2 - c : c] * scale[c] + shift[c]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void preprocess_frames_cpu(const TensorView& frames, const TensorView& out, const PreprocessParams& p,
+                           int num_threads) {
+  check_preprocess_args("preprocess_frames_cpu", frames, out, p, DeviceKind::kCPU);
+  switch (out.dtype) {
+    case DType::kFloat32: run<float>(frames, out, p, num_threads); break;
+    case DType::kFloat16: run<Half>(frames, out, p, num_threads); break;
+    default: run<BFloat16>(frames, out, p, num_threads); break;
+  }
+}
+
+}  // namespace furl_fast

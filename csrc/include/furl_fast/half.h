@@ -1,0 +1,41 @@
+// float -> float16 / bfloat16 with round-to-nearest-even, bit-exact with torch's Tensor.to() on CPU.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace furl_fast {
+
+inline uint16_t float_to_bfloat16_bits(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40);  // quiet NaN
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return static_cast<uint16_t>(x >> 16);
+}
+
+inline uint16_t float_to_half_bits(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t abs = x & 0x7fffffffu;
+  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to inf (or is inf)
+  if (abs < 0x38800000u) {
+    // Subnormal half (or zero): shift the 24-bit significand into place, rounding to nearest even.
+    const int shift = 113 - static_cast<int>(abs >> 23);  // 126 - exp + 1 - 14
+    if (shift > 11) return static_cast<uint16_t>(sign);  // below half the smallest subnormal
+    const uint32_t mant = (abs & 0x7fffffu) | 0x800000u;
+    const uint32_t half_ulp = 1u << (shift + 12);
+    uint32_t q = mant >> (shift + 13);
+    const uint32_t rem = mant & ((half_ulp << 1) - 1u);
+    if (rem > half_ulp || (rem == half_ulp && (q & 1u))) ++q;
+    return static_cast<uint16_t>(sign | q);
+  }
+  // Normal: rebias exponent 127 -> 15 and round the 13 dropped mantissa bits to nearest even.
+  uint32_t h = abs - 0x38000000u;
+  h += 0xfffu + ((h >> 13) & 1u);
+  return static_cast<uint16_t>(sign | (h >> 13));
+}
+
+}  // namespace furl_fast

@@ -1,0 +1,9 @@
+"""furl_fast: fast VLM rewards for reinforcement learning (FuRL and friends) with a C++/CUDA core."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from furl_fast._native import build_info
+
+__all__ = ["__version__", "build_info"]
