@@ -140,7 +140,7 @@ def test_pixel_observations_action_repeat_and_stack(closing):
     assert info["state"].shape == (39,)
     for t in range(5):
         prev = obs
-        obs, reward, terminated, truncated, info = env.step(np.array([1, 0, 0, 0], np.float32))
+        obs, reward, _, truncated, info = env.step(np.array([1, 0, 0, 0], np.float32))
         np.testing.assert_array_equal(obs[:6], prev[3:])  # oldest frame dropped
         assert reward in (-1.0, 0.0) and reward == float(info["success"]) - 1.0
         assert truncated is (t == 4)  # 10 simulator steps = 5 agent steps at action repeat 2
@@ -205,7 +205,7 @@ def test_vector_env_batches_states_and_frames():
         finally:
             single.close()
         actions = np.array([[1, 0, 0, 0], [-1, 0, 0, 0]], np.float32)
-        obs, reward, terminated, truncated, info = envs.step(actions)
+        obs, reward, _, _, info = envs.step(actions)
         assert reward.shape == (2,) and set(reward) <= {-1.0, 0.0}
         assert info["success"].shape == (2,) and info["success"].dtype == bool
         assert not np.array_equal(obs["frame"][0], obs["frame"][1]), "each worker renders its own arm"

@@ -22,15 +22,16 @@ if "MUJOCO_GL" not in os.environ and "mujoco" in sys.modules:
     )
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from furl_fast.envs.meta_world import (  # noqa: E402  (MUJOCO_GL must be set first)
+# MUJOCO_GL must be set before these import mujoco.
+from furl_fast.envs.meta_world import (
     MT10_TASKS,
     TASKS,
     MetaWorldEnv,
     make_env,
     resolve_task,
 )
-from furl_fast.envs.rollout import Rollout, expert_policy, expert_rollout, random_rollout  # noqa: E402
-from furl_fast.envs.vector import make_vector_env  # noqa: E402
+from furl_fast.envs.rollout import Rollout, expert_policy, expert_rollout, random_rollout
+from furl_fast.envs.vector import make_vector_env
 
 __all__ = [
     "MT10_TASKS",

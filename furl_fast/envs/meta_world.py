@@ -12,7 +12,7 @@ import atexit
 import os
 import weakref
 from collections import deque
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco's first import; see furl_fast/envs/__init__.py
 
@@ -115,7 +115,7 @@ class MetaWorldEnv(gym.Env):
     and every step when vlm_frames=True; render() returns the same array without rendering again.
     """
 
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 80}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"], "render_fps": 80}
 
     def __init__(
         self,

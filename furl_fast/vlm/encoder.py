@@ -142,7 +142,7 @@ class Encoder:
             return None
         try:
             row = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a damaged cache file is recomputed, never trusted
+        except Exception as exc:  # noqa: BLE001  (a damaged cache file is recomputed, never trusted)
             logger.warning("furl_fast.vlm: ignoring unreadable text cache %s (%s)", path, exc)
             return None
         return row if row.shape == (self.embed_dim,) else None
@@ -233,7 +233,7 @@ def _create_from_tag(model: str, tag: str, **kwargs) -> torch.nn.Module:
     try:
         with _hub_offline():
             return open_clip.create_model(model, pretrained=tag, **kwargs)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (any failure here means: not usable from the cache)
         cache_error = exc
     if _offline_requested():
         raise RuntimeError(_no_weights_message(
@@ -298,7 +298,7 @@ def load_encoder(
     if not has_schema and model not in open_clip.list_models():
         raise ValueError(f"load_encoder: unknown open_clip model {model!r}. Known models: "
                          f"{', '.join(open_clip.list_models())}.")
-    kwargs = dict(precision=precision, device=device)
+    kwargs = {"precision": precision, "device": device}
     pretrained = str(pretrained)
 
     if has_schema:
