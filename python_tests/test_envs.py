@@ -212,9 +212,11 @@ def test_vector_env_batches_states_and_frames():
     finally:
         envs.close()
 
-    envs = make_vector_env("reach", 2, seed=0, goal="random", vlm_frames=False)
+    envs = make_vector_env("reach", 2, seed=0, goal="random", obs="pixels", vlm_frames=False)
     try:
-        obs, _ = envs.reset(seed=0)
-        assert obs.shape == (2, 39) and not np.array_equal(obs[0][-3:], obs[1][-3:])
+        obs, info = envs.reset(seed=0)
+        assert obs.shape == (2, 9, 84, 84) and obs.dtype == np.uint8
+        goals = info["state"][:, -3:]
+        assert info["state"].shape == (2, 39) and not np.array_equal(goals[0], goals[1])
     finally:
         envs.close()

@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from furl_fast.envs.meta_world import make_env, resolve_task
+from furl_fast.envs.meta_world import _LIVE_RENDERERS, make_env, resolve_task
 
 
 class FrameInObservation(gym.Wrapper):
@@ -54,13 +54,19 @@ def make_vector_env(
     "frame": (N, 256, 256, 3) uint8}, else the plain (N, *obs_shape) array; info["success"] is (N,)
     bool. goal="fixed": every worker shows the one scene of `seed` (one task, one goal image);
     goal="random": worker i draws its scenes from seed + i (reset(seed=s) re-seeds them from s + i).
-    context: the multiprocessing start method; "forkserver" starts workers from a clean process, safe
-    when the caller already holds CUDA or GL state (fork is not). autoreset_mode: gymnasium's
-    (NEXT_STEP: the step after a truncation returns the reset observation, with reward 0).
+    context: the multiprocessing start method. "forkserver" starts workers from a clean process: forked
+    workers hang on their first render when the caller already made a GL context (seen with EGL +
+    llvmpipe), and CUDA state does not survive fork either. Like "spawn", it re-imports the main
+    module in the workers, so scripts need the `if __name__ == "__main__":` guard.
+    autoreset_mode: gymnasium's (NEXT_STEP: the step after a truncation returns the reset
+    observation, with reward 0).
     """
     resolve_task(task)  # fail here, not in N workers
     if not isinstance(num_envs, int) or num_envs < 1:
         raise ValueError(f"make_vector_env: 'num_envs' must be a positive int, got {num_envs!r}.")
+    if context == "fork" and _LIVE_RENDERERS:
+        raise RuntimeError("make_vector_env: context='fork' after this process made a GL context "
+                           "(a rendered env) makes the workers hang; use 'forkserver' or 'spawn'.")
     seeds = [seed if goal == "fixed" else seed + i for i in range(num_envs)]
     fns = [partial(_make_worker_env, task, s, dict(env_kwargs, goal=goal)) for s in seeds]
     return gym.vector.AsyncVectorEnv(fns, context=context, autoreset_mode=autoreset_mode)
