@@ -220,3 +220,10 @@ def test_vector_env_batches_states_and_frames():
         assert info["state"].shape == (2, 39) and not np.array_equal(goals[0], goals[1])
     finally:
         envs.close()
+
+
+def test_vector_env_refuses_fork_after_rendering(closing):
+    env = closing(make_env("reach", seed=0))
+    env.reset()  # this process now holds a GL context
+    with pytest.raises(RuntimeError, match="forkserver"):
+        make_vector_env("reach", 2, seed=0, context="fork")
