@@ -14,6 +14,7 @@ estimate least disturbed by other processes.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -24,6 +25,10 @@ from PIL import Image
 
 from furl_fast.vlm import load_encoder
 
+# Torch CPU threads (default: torch's choice, all cores). On a shared machine, 1 thread is far more
+# stable: with 2 OpenMP threads every parallel region waits for whichever thread another process has
+# descheduled (we measured the same RN50 forward at 0.12 s and 2.9 s minutes apart).
+torch.set_num_threads(int(os.environ.get("FURL_BENCH_THREADS", torch.get_num_threads())))
 RESULTS: dict[tuple[str, str, int], float] = {}
 ROUNDS = {1: 5, 32: 2}  # bounded: RN50 at batch 32 takes seconds per call on 2 cores
 
@@ -31,7 +36,8 @@ ROUNDS = {1: 5, 32: 2}  # bounded: RN50 at batch 32 takes seconds per call on 2 
 @pytest.fixture(scope="module", autouse=True)
 def report():
     yield
-    print(f"\n{'model':<10}{'batch':>6}{'open_clip frames/s':>20}{'furl_fast frames/s':>20}{'speed-up':>10}")
+    print(f"\ntorch threads: {torch.get_num_threads()}")
+    print(f"{'model':<10}{'batch':>6}{'open_clip frames/s':>20}{'furl_fast frames/s':>20}{'speed-up':>10}")
     for (model, what, batch), rate in RESULTS.items():
         if what == "furl_fast":
             base = RESULTS.get((model, "open_clip", batch), float("nan"))
