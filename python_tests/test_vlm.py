@@ -204,13 +204,37 @@ def test_unfetchable_tag_fails_fast_when_host_unreachable(fake_tag, monkeypatch)
     assert hub.HF_HUB_OFFLINE is False  # the cache-only attempt restores the flag
 
 
+def test_cached_tag_loads_without_network(fake_tag, checkpoints, tmp_path, monkeypatch):
+    """A tag whose checkpoint sits in the local hub cache loads with no network access at all."""
+    import huggingface_hub.constants as hub
+
+    frames = smooth_frames(2, 256, 256, seed=5)
+    ref = load_encoder("furl-test-tiny-vit", pretrained=str(checkpoints["furl-test-tiny-vit"]),
+                       device="cpu").encode_frames(frames)
+    repo = tmp_path / "hub" / "models--furl-fast-test--never-published"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    weights = checkpoints["furl-test-tiny-vit"].read_bytes()
+    (repo / "snapshots" / commit / "open_clip_pytorch_model.bin").write_bytes(weights)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(encoder_module, "_host_reachable", lambda host: pytest.fail("probed the net"))
+    monkeypatch.setattr(open_clip, "create_model", _only_offline(open_clip.create_model))
+    enc = load_encoder("furl-test-tiny-vit", pretrained=fake_tag, device="cpu", cache_dir=tmp_path)
+    torch.testing.assert_close(enc.encode_frames(frames), ref)
+    assert enc.weights_id == "tag:fake"
+
+
 def _only_offline(create_model):
     """Wraps open_clip.create_model so that any call made with the hub online fails the test."""
     def wrapped(*args, **kwargs):
         import huggingface_hub.constants as hub
 
         if not hub.HF_HUB_OFFLINE:
-            pytest.fail("tried the network although the host was unreachable")
+            pytest.fail("open_clip.create_model ran with the hub online")
         return create_model(*args, **kwargs)
 
     return wrapped
