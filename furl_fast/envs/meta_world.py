@@ -314,8 +314,11 @@ def make_env(
     seed: for goal="fixed" it picks the one scene (object and goal positions) every reset shows, and
       the goal is hidden from the state; for goal="random" it seeds the sampler that draws a new scene
       on every reset, and the goal xyz is in the state.
+      Scenes are drawn by the env's own seeded generator, so a seed's scene is not the one Meta-World's
+      "Meta-World/goal_hidden" id (numpy's global RNG) gives for that seed.
     obs: "state" (39-d float32) or "pixels" (DrQ: (3 * frame_stack, pixel_size, pixel_size) uint8,
-      action_repeat 2 by default; 1 for state).
+      action_repeat 2 by default; 1 for state). The pixels are the whole VLM frame of the same render
+      resized (antialiased bilinear, fused op, rounded to uint8), not a second render.
     fast_render: no shadows, no multisampling (about 6x faster in software rendering); False keeps
       Meta-World's visuals.
     vlm_frames: render the upright frame_size^2 frame of `camera` on every step into info["vlm_frame"].
