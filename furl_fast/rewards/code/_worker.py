@@ -17,6 +17,12 @@ import json
 import struct
 
 HEADER = struct.Struct("<IQ")
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
 MAX_SOURCE_CHARS = 100_000
 
 # Modules a program may import. cv2 is added at run time when it is installed.
@@ -25,16 +31,15 @@ OPTIONAL_MODULES = ("cv2",)
 
 # Names a program may not mention at all: their only uses are escaping the sandbox. The restricted
 # builtins do not contain them either; the static check just gives an early, clear reason.
-FORBIDDEN_NAMES = frozenset(
+FORBIDDEN_NAMES = _words(
     "eval exec compile open getattr setattr delattr globals locals vars input breakpoint help "
-    "exit quit memoryview type super object classmethod staticmethod".split()
+    "exit quit memoryview type super object classmethod staticmethod"
 )
 # Attribute names that reach files, processes or raw memory through numpy / OpenCV.
-FORBIDDEN_ATTRIBUTES = frozenset(
+FORBIDDEN_ATTRIBUTES = _words(
     "ctypes ctypeslib f2py testing distutils lib load loads save savez savez_compressed savetxt "
-    "tofile memmap fromfile loadtxt genfromtxt DataSource dump dumps imwrite "
-    "VideoWriter VideoCapture FileStorage gi_frame gi_code f_globals f_locals f_back cr_frame "
-    "tb_frame".split()
+    "tofile memmap fromfile loadtxt genfromtxt DataSource dump dumps imwrite VideoWriter "
+    "VideoCapture FileStorage gi_frame gi_code f_globals f_locals f_back cr_frame tb_frame"
 )
 
 
@@ -65,12 +70,16 @@ def check_source(source: str, allowed_modules: tuple[str, ...] = ALLOWED_MODULES
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if not allowed(alias.name):
-                    return f"line {line}: import of {alias.name!r} is not allowed " \
-                           f"(allowed: {', '.join(allowed_modules)})"
+                    return (
+                        f"line {line}: import of {alias.name!r} is not allowed "
+                        f"(allowed: {', '.join(allowed_modules)})"
+                    )
         elif isinstance(node, ast.ImportFrom):
             if node.level != 0 or node.module is None or not allowed(node.module):
-                return f"line {line}: import from {node.module!r} is not allowed " \
-                       f"(allowed: {', '.join(allowed_modules)})"
+                return (
+                    f"line {line}: import from {node.module!r} is not allowed "
+                    f"(allowed: {', '.join(allowed_modules)})"
+                )
             for alias in node.names:
                 if alias.name == "*":
                     return f"line {line}: `from {node.module} import *` is not allowed"
@@ -85,9 +94,7 @@ def check_source(source: str, allowed_modules: tuple[str, ...] = ALLOWED_MODULES
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             if node.name.startswith("__"):
                 return f"line {line}: name {node.name!r} is not allowed"
-        elif isinstance(node, ast.arg) and node.arg.startswith("__"):
-            return f"line {line}: name {node.arg!r} is not allowed"
-        elif isinstance(node, ast.keyword) and node.arg is not None and node.arg.startswith("__"):
+        elif isinstance(node, (ast.arg, ast.keyword)) and (node.arg or "").startswith("__"):
             return f"line {line}: name {node.arg!r} is not allowed"
     defs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "done"]
     if not defs:
@@ -120,7 +127,7 @@ class ProgramTimeout(BaseException):
     `except Exception` cannot swallow it (a bare `except:` can: see _on_alarm's second stage)."""
 
 
-def _worker_main() -> None:  # noqa: C901 - one linear setup sequence reads best in one place
+def _worker_main() -> None:
     import os
     import resource
     import signal
@@ -139,15 +146,15 @@ def _worker_main() -> None:  # noqa: C901 - one linear setup sequence reads best
     grace = float(config["grace_s"])
     static_check = bool(config.get("static_check", True))
 
-    import numpy as np  # noqa: F401 - imported before the limits so that its set-up is not limited
+    import numpy as np
 
     allowed = list(ALLOWED_MODULES)
     for name in OPTIONAL_MODULES:
         try:
             __import__(name)
-            allowed.append(name)
-        except Exception:  # not installed (or broken): simply not offered
-            pass
+        except (ImportError, OSError):  # not installed (or its libraries are missing)
+            continue
+        allowed.append(name)
     for name in allowed:
         __import__(name)
     import builtins
@@ -169,9 +176,16 @@ def _worker_main() -> None:  # noqa: C901 - one linear setup sequence reads best
             pos += got
         return buf
 
+    current: dict = {}  # the run in progress, so that a fatal report can include its results
+
     def fatal(reason: str) -> None:
         try:
-            send({"op": "fatal", "error": reason})
+            report = {"op": "fatal", "error": reason}
+            if "codes" in current:
+                codes = list(current["codes"])
+                codes[current["index"]] = -1
+                report.update(codes=codes, error_index=current["index"])
+            send(report)
         finally:
             os._exit(70)
 
@@ -190,16 +204,35 @@ def _worker_main() -> None:  # noqa: C901 - one linear setup sequence reads best
     # --- audit hook: the interpreter-level barrier (cannot be removed once added) -------------
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     blocked_prefixes = (
-        "socket.", "subprocess.", "ctypes.", "shutil.", "pty.", "webbrowser.", "urllib.", "http.",
-        "ftplib.", "smtplib.", "imaplib.", "poplib.", "nntplib.", "telnetlib.", "sqlite3.",
-        "resource.", "signal.", "sys.setprofile", "sys.settrace", "sys._current_frames",
-        "code.__new__", "function.__new__", "mmap.",
+        "socket.",
+        "subprocess.",
+        "ctypes.",
+        "shutil.",
+        "pty.",
+        "webbrowser.",
+        "urllib.",
+        "http.",
+        "ftplib.",
+        "smtplib.",
+        "imaplib.",
+        "poplib.",
+        "nntplib.",
+        "telnetlib.",
+        "sqlite3.",
+        "resource.",
+        "signal.",
+        "sys.setprofile",
+        "sys.settrace",
+        "sys._current_frames",
+        "code.__new__",
+        "function.__new__",
+        "mmap.",
     )
-    blocked_imports = frozenset(
-        "socket _socket ssl _ssl select selectors asyncio subprocess _posixsubprocess multiprocessing "
-        "_multiprocessing mmap fcntl pty shutil tempfile pickle _pickle marshal importlib.util "
-        "numpy.f2py numpy.distutils numpy.testing urllib.request http.client ftplib smtplib "
-        "sqlite3 zipimport gc inspect".split()
+    blocked_imports = _words(
+        "socket _socket ssl _ssl select selectors asyncio subprocess _posixsubprocess "
+        "multiprocessing _multiprocessing mmap fcntl pty shutil tempfile pickle _pickle marshal "
+        "importlib.util numpy.f2py numpy.distutils numpy.testing urllib.request http.client "
+        "ftplib smtplib sqlite3 zipimport gc inspect"
     )
     allowed_os_events = ("os.listdir", "os.scandir")  # read-only; the import machinery needs them
 
@@ -234,7 +267,7 @@ def _worker_main() -> None:  # noqa: C901 - one linear setup sequence reads best
 
     safe = {
         name: getattr(builtins, name)
-        for name in (
+        for name in _words(
             "abs all any bool bytes callable chr dict divmod enumerate filter float format "
             "frozenset hash int isinstance issubclass iter len list map max min next ord pow "
             "range repr reversed round set slice sorted str sum tuple zip True False None "
@@ -242,7 +275,7 @@ def _worker_main() -> None:  # noqa: C901 - one linear setup sequence reads best
             "LookupError NameError RuntimeError StopIteration TypeError ValueError "
             "ZeroDivisionError OverflowError FloatingPointError NotImplementedError "
             "__build_class__"
-        ).split()
+        )
     }
     safe["__import__"] = guarded_import
     safe["print"] = lambda *a, **k: None  # programs may print while debugging; output is dropped
@@ -257,8 +290,9 @@ def _worker_main() -> None:  # noqa: C901 - one linear setup sequence reads best
             # `except:` and kept running): end the worker; the parent restarts it.
             signal.setitimer(signal.ITIMER_REAL, grace)
             raise ProgramTimeout(f"exceeded the time limit of {time_limit:g} s {alarm['what']}")
-        fatal(f"exceeded the time limit of {time_limit:g} s {alarm['what']} and ignored the "
-              "interrupt")
+        fatal(
+            f"exceeded the time limit of {time_limit:g} s {alarm['what']} and ignored the interrupt"
+        )
 
     signal.signal(signal.SIGALRM, on_alarm)
 
@@ -317,7 +351,7 @@ def _worker_main() -> None:  # noqa: C901 - one linear setup sequence reads best
             if reason is None:
                 try:
                     code = compile(msg["source"], "<checker>", "exec")
-                except Exception as e:
+                except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError) as e:
                     reason = describe(e)
             slots.clear()
             send({"op": "loaded", "error": reason})
@@ -326,7 +360,9 @@ def _worker_main() -> None:  # noqa: C901 - one linear setup sequence reads best
             n = len(slot_ids)
             codes = [-2] * n  # -2: not run (after an error), -1: error, 0: False, 1: True
             error, error_index = None, None
+            current.update(codes=codes, index=0)
             for i in range(n):
+                current["index"] = i
                 slot = int(slot_ids[i])
                 try:
                     if resets[i] or slot not in slots:
@@ -340,6 +376,7 @@ def _worker_main() -> None:  # noqa: C901 - one linear setup sequence reads best
                     error, error_index = describe(e), i
                     slots.pop(slot, None)  # its state is unknown now; the next item starts fresh
                     break
+            current.clear()
             send({"op": "result", "codes": codes, "error": error, "error_index": error_index})
         else:
             fatal(f"unknown op {op!r}")

@@ -18,8 +18,8 @@ import struct
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -98,7 +98,9 @@ class VLMClient:
                 "called otherwise), or use a reference program set"
             )
         if not config.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {config.base_url!r}")
+            raise ValueError(
+                f"base_url must start with http:// or https://, got {config.base_url!r}"
+            )
         self.config = config
         self._key = None
         if config.api_key_env:
@@ -154,7 +156,9 @@ def encode_png(frame: np.ndarray) -> bytes:
     rows = np.concatenate([np.zeros((h, 1), np.uint8), frame.reshape(h, w * 3)], axis=1)
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit truecolour, no interlace
     return (

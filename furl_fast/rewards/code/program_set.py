@@ -41,18 +41,20 @@ class ProgramSet:
     def to_dict(self) -> dict:
         return {
             "task": self.task,
-            "subtasks": [{"description": d, "program": p} for d, p in zip(self.subtasks, self.programs)],
+            "subtasks": [
+                {"description": d, "program": p} for d, p in zip(self.subtasks, self.programs)
+            ],
         }
 
     @classmethod
     def from_dict(cls, data: dict, task: str | None = None) -> ProgramSet:
         """Inverse of to_dict; also the format the generation client asks the VLM for."""
         if not isinstance(data, dict) or not isinstance(data.get("subtasks"), list):
-            raise ValueError('expected an object with a "subtasks" list')
+            raise TypeError('expected an object with a "subtasks" list')
         subtasks, programs = [], []
         for i, item in enumerate(data["subtasks"]):
             if not isinstance(item, dict) or not isinstance(item.get("program"), str):
-                raise ValueError(f'sub-task {i} must be an object with a "program" string')
+                raise TypeError(f'sub-task {i} must be an object with a "program" string')
             subtasks.append(str(item.get("description", f"sub-task {i}")))
             programs.append(item["program"])
         return cls(str(task if task is not None else data.get("task", "")), subtasks, programs)

@@ -162,8 +162,7 @@ def done(frame, state):
 )
 
 REFERENCE_PROGRAM_SETS: dict[str, ProgramSet] = {
-    ps.task: ps
-    for ps in (_DRAWER_OPEN, _BUTTON_PRESS_TOPDOWN, _REACH, _BUTTON_PRESS, _WINDOW_OPEN)
+    ps.task: ps for ps in (_DRAWER_OPEN, _BUTTON_PRESS_TOPDOWN, _REACH, _BUTTON_PRESS, _WINDOW_OPEN)
 }
 
 

@@ -9,8 +9,8 @@ record it, e.g. the drawer's initial position), so that online rewards equal wha
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import numpy as np
 
@@ -111,7 +111,7 @@ class CodeReward:
             box.close()
         self._pool.shutdown(wait=False)
 
-    def __enter__(self) -> CodeReward:
+    def __enter__(self) -> CodeReward:  # noqa: PYI034 - Self needs Python 3.11
         return self
 
     def __exit__(self, *exc) -> None:

@@ -21,6 +21,7 @@ module-level state per slot, and the module is re-executed in a fresh namespace 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -160,7 +161,13 @@ class Sandbox:
                     [frames[start:stop], states[start:stop], slots[start:stop], resets[start:stop]],
                     deadline=self._run_deadline(stop - start, per_item),
                 )
-                codes, error, index = _parse_result(reply, stop - start)
+                if reply.get("op") == "fatal":
+                    # The worker ended itself (a program ignored its time limit); its report
+                    # carries the results up to the failing item.
+                    self._kill()
+                    codes, error, index = _parse_result(dict(reply, op="result"), stop - start)
+                else:
+                    codes, error, index = _parse_result(reply, stop - start)
             except WorkerFailure as e:
                 self._kill()
                 return RunResult(done, f"worker failed: {e}", None)
@@ -179,17 +186,15 @@ class Sandbox:
         """End the worker process (a later run starts a new one)."""
         self._kill()
 
-    def __enter__(self) -> Sandbox:
+    def __enter__(self) -> Sandbox:  # noqa: PYI034 - Self needs Python 3.11
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # may run at interpreter shutdown
             self._kill()
-        except Exception:
-            pass
 
     # -- worker management ----------------------------------------------------------------------
 
@@ -230,6 +235,8 @@ class Sandbox:
             if hello.get("op") != "ready":
                 raise WorkerFailure(f"unexpected start-up message {str(hello)[:200]}")
             reply = self._request({"op": "load", "source": self.source}, [], deadline)
+            if reply.get("op") == "fatal":
+                raise WorkerFailure(str(reply.get("error"))[:1000])
         except WorkerFailure as e:
             detail = self._stderr_tail()
             self._kill()
@@ -258,10 +265,8 @@ class Sandbox:
         except subprocess.TimeoutExpired:  # pragma: no cover - a zombie we cannot reap
             log.warning("sandbox worker %d did not exit after SIGKILL", proc.pid)
         for f in (proc.stdin, proc.stdout, proc.stderr):
-            try:
+            with contextlib.suppress(OSError):
                 f.close()
-            except Exception:
-                pass
 
     def _stderr_tail(self) -> str:
         proc = self._proc
@@ -271,7 +276,7 @@ class Sandbox:
             if proc.poll() is None:
                 return ""
             return proc.stderr.read()[-2000:].decode(errors="replace").strip()
-        except Exception:
+        except (OSError, ValueError):
             return ""
 
     # -- wire -----------------------------------------------------------------------------------
@@ -282,10 +287,7 @@ class Sandbox:
         arrays = [np.ascontiguousarray(a) for a in arrays]
         for part in encode(header, arrays):
             self._write_all(part, deadline)
-        reply = self._read_message(deadline)
-        if reply.get("op") == "fatal":
-            raise WorkerFailure(str(reply.get("error"))[:1000])
-        return reply
+        return self._read_message(deadline)
 
     def _write_all(self, data, deadline: float) -> None:
         assert self._proc is not None and self._proc.stdin is not None

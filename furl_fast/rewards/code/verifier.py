@@ -7,9 +7,10 @@ completes, and no program failed (crash, time limit, wrong return type, forbidde
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -86,10 +87,14 @@ class VerificationReport:
         """Plain-text report; also what the generation client sends back to the VLM."""
         verdict = "ACCEPTED" if self.accepted else "REJECTED"
         lines = [
-            f"Verification of {len(self.programs)} sub-task program(s) for task {self.task!r}: "
-            f"{verdict}",
-            f"All sub-tasks completed in order on {self.expert_rate:.0%} of {self.num_expert} expert "
-            f"rollouts and on {self.random_rate:.0%} of {self.num_random} random rollouts.",
+            (
+                f"Verification of {len(self.programs)} sub-task program(s) for task {self.task!r}: "
+                f"{verdict}"
+            ),
+            (
+                f"All sub-tasks completed in order on {self.expert_rate:.0%} of {self.num_expert} expert "
+                f"rollouts and on {self.random_rate:.0%} of {self.num_random} random rollouts."
+            ),
         ]
         lines += [f"- {r}" for r in self.reasons]
         for p in self.programs:
@@ -125,8 +130,9 @@ def evaluate_programs(
             for ep in episodes:
                 r = box.run_episode(ep.frames, ep.states)
                 columns.append(r.done)
-                errs.append(None if r.ok else (-1 if r.error_index is None else r.error_index,
-                                               r.error))
+                errs.append(
+                    None if r.ok else (-1 if r.error_index is None else r.error_index, r.error)
+                )
         return columns, errs
 
     with ThreadPoolExecutor(max_workers=max(1, len(programs))) as pool:
