@@ -176,6 +176,33 @@ def test_sandbox_program_sees_the_frames_read_only() -> None:
     assert not r.ok and "read-only" in r.error
 
 
+def test_numpy_internals_work_inside_the_sandbox() -> None:
+    # ndarray.mean, printing and linalg import numpy internals lazily through the program's builtins.
+    src = (
+        "import numpy as np\nimport math\n"
+        "def done(frame, state):\n"
+        "    text = str(frame[:2, :2, 0]) + repr(state[:3].round(2))\n"
+        "    m = float(frame[::2, ::2, 0].mean()) + float(np.linalg.norm(state)) * 0\n"
+        "    return bool(m > 127 and len(text) > 0 and math.isfinite(m))\n"
+    )
+    frames, states = _episode(20, seed=9)
+    with Sandbox(src, FAST) as box:
+        r = box.run_episode(frames, states)
+    assert r.ok, r.error
+    np.testing.assert_array_equal(r.done, frames[:, ::2, ::2, 0].mean(axis=(1, 2)) > 127)
+
+
+def test_state_only_programs_get_dummy_frames_with_the_same_answers() -> None:
+    frames, states = _episode(30, seed=8)
+    state_only = "def done(frame, state):\n    return bool(state[1] > 0)\n"
+    rebound = state_only + "def other(frame, state):\n    return bool(frame[0, 0, 0] > 127)\n"
+    rebound += "done = other\n"
+    with Sandbox(state_only, FAST) as a, Sandbox(rebound, FAST) as b:
+        assert not a.reads_frame and b.reads_frame
+        np.testing.assert_array_equal(a.run_episode(frames, states).done, states[:, 1] > 0)
+        np.testing.assert_array_equal(b.run_episode(frames, states).done, frames[:, 0, 0, 0] > 127)
+
+
 def test_sandbox_recovers_after_a_fatal_program() -> None:
     # Swallows the time-limit interrupt only when state[0] > 0: the worker is ended and the next
     # call starts a fresh one.

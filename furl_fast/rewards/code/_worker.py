@@ -105,6 +105,35 @@ def check_source(source: str, allowed_modules: tuple[str, ...] = ALLOWED_MODULES
     return None
 
 
+def reads_frame(source: str) -> bool:
+    """Whether done()'s first parameter (the frame) is ever read. If not, the caller may send tiny
+    dummy frames instead: without locals()/vars()/frame objects (all forbidden) a function cannot
+    reach a parameter it never names. True when unsure (e.g. the source does not parse)."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return True
+    defs = [n for n in ast.walk(tree) if getattr(n, "name", None) == "done"]
+    rebound = any(
+        isinstance(n, ast.Name)
+        and n.id == "done"
+        and not isinstance(n.ctx, ast.Load)
+        or isinstance(n, ast.alias)
+        and n.asname == "done"
+        for n in ast.walk(tree)
+    )
+    if len(defs) != 1 or not isinstance(defs[0], ast.FunctionDef) or rebound:
+        return True  # `done` might end up being another function
+    args = defs[-1].args
+    params = [*args.posonlyargs, *args.args]
+    if not params or args.vararg is not None:
+        return True
+    name = params[0].arg
+    return any(
+        isinstance(n, ast.Name) and n.id == name for n in ast.walk(defs[-1]) if n is not params[0]
+    )
+
+
 def encode(header: dict, arrays: list | None = None) -> list:
     """Message parts ready to write: header bytes, JSON bytes, then each array's raw buffer."""
     arrays = arrays or []
@@ -257,11 +286,18 @@ def _worker_main() -> None:
     # --- restricted builtins and import ---------------------------------------------------------
     real_import = builtins.__import__
 
+    # The program's builtins also serve numpy's C code called from the program: C-level imports
+    # (PyImport_Import, e.g. `numpy._core._methods` for ndarray.mean) look `__import__` up in the
+    # calling frame's builtins. So at run time any module inside a whitelisted package is admitted
+    # (internal ones included); the static check admits only the whitelist itself.
+    packages = {name.split(".")[0] for name in allowed}
+
     def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
-        if level != 0 or name not in allowed:
+        parts = name.split(".") if isinstance(name, str) else [""]
+        if level != 0 or parts[0] not in packages or FORBIDDEN_ATTRIBUTES.intersection(parts):
             raise ImportError(f"import of {name!r} is not allowed (allowed: {', '.join(allowed)})")
         for item in fromlist or ():
-            if not isinstance(item, str) or item.startswith("_") or item in FORBIDDEN_ATTRIBUTES:
+            if not isinstance(item, str) or item in FORBIDDEN_ATTRIBUTES:
                 raise ImportError(f"importing {item!r} from {name!r} is not allowed")
         return real_import(name, globals, locals, fromlist, 0)
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from furl_fast.rewards.code._worker import HEADER, check_source
+from furl_fast.rewards.code._worker import HEADER, check_source, reads_frame
 
 __all__ = ["RunResult", "Sandbox", "SandboxLimits", "check_source"]
 
@@ -120,6 +120,9 @@ class Sandbox:
         self.name = name
         self.static_check = static_check
         self.rejection = check_source(source) if static_check else None
+        # Programs that never read their frame get (N, 1, 1, 3) dummies: sending the real frames
+        # would dominate the cost of state-only programs (~50 KB per 128x128 frame vs ~300 B).
+        self.reads_frame = reads_frame(source) if static_check else True
         """Why the static check rejected the program (None if it passed)."""
         self._proc: subprocess.Popen | None = None
 
@@ -147,6 +150,8 @@ class Sandbox:
             return RunResult(done, f"rejected: {self.rejection}")
         if n == 0:
             return RunResult(done)
+        if not self.reads_frame:
+            frames = np.zeros((n, 1, 1, 3), np.uint8)
         per_item = frames[0].nbytes + states[0].nbytes + 9
         chunk = max(1, (self.limits.max_batch_mb * 2**20) // per_item)
         for start in range(0, n, chunk):
