@@ -219,11 +219,16 @@ def _worker_main() -> None:
             os._exit(70)
 
     # --- OS-level limits (soft = hard, so a program cannot raise them again) -------------------
-    page = os.sysconf("SC_PAGE_SIZE")
-    with open("/proc/self/statm") as f:
-        baseline = int(f.read().split()[0]) * page
-    limit = baseline + int(config["memory_limit_mb"]) * 2**20
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    # RLIMIT_AS counts the whole address space, so the limit is the start-up size plus the budget.
+    # (Linux: /proc gives the size; elsewhere RLIMIT_AS is not enforced anyway.)
+    try:
+        with open("/proc/self/statm") as f:
+            baseline = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        baseline = None
+    if baseline is not None:
+        limit = baseline + int(config["memory_limit_mb"]) * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     # No file may grow: with SIGXFSZ ignored a write to a regular file fails with EFBIG instead of
     # killing the process. Pipes and /dev/null are unaffected.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

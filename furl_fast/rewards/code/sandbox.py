@@ -17,6 +17,8 @@ Protocol: one worker per program. A call evaluates a whole batch of items (frame
 batch, not once per item). Each item names an episode *slot* and a *reset* flag: a program keeps its
 module-level state per slot, and the module is re-executed in a fresh namespace when the flag is set
 (or the slot is new). So a program may remember, e.g., the object's initial position in a global.
+
+POSIX only (pipes, rlimits, SIGALRM, poll); the memory limit is enforced on Linux.
 """
 
 from __future__ import annotations
@@ -120,10 +122,10 @@ class Sandbox:
         self.name = name
         self.static_check = static_check
         self.rejection = check_source(source) if static_check else None
+        """Why the static check rejected the program (None if it passed)."""
         # Programs that never read their frame get (N, 1, 1, 3) dummies: sending the real frames
         # would dominate the cost of state-only programs (~50 KB per 128x128 frame vs ~300 B).
         self.reads_frame = reads_frame(source) if static_check else True
-        """Why the static check rejected the program (None if it passed)."""
         self._proc: subprocess.Popen | None = None
 
     # -- public API ---------------------------------------------------------------------------
@@ -302,8 +304,7 @@ class Sandbox:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WorkerFailure("timed out sending a batch (worker not reading)")
-            _, writable, _ = select.select([], [fd], [], remaining)
-            if not writable:
+            if not _wait(fd, select.POLLOUT, remaining):
                 continue
             try:
                 n = os.write(fd, view)
@@ -321,8 +322,7 @@ class Sandbox:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WorkerFailure("timed out waiting for the worker (hung program?)")
-            readable, _, _ = select.select([fd], [], [], remaining)
-            if not readable:
+            if not _wait(fd, select.POLLIN, remaining):
                 continue
             try:
                 chunk = os.read(fd, n - got)
@@ -357,6 +357,14 @@ class Sandbox:
         if code < 0:
             return f"killed by signal {-code}"
         return f"exit status {code}"
+
+
+def _wait(fd: int, event: int, timeout_s: float) -> bool:
+    """Wait until fd is ready for `event` (or hung up). poll, not select: a trainer may hold more
+    than FD_SETSIZE (1024) descriptors."""
+    poller = select.poll()
+    poller.register(fd, event)
+    return bool(poller.poll(max(1, int(timeout_s * 1000))))
 
 
 def _parse_result(reply: dict, n: int) -> tuple[np.ndarray, str | None, int | None]:
