@@ -406,6 +406,18 @@ def test_check_source_allows_the_whitelist_only() -> None:
         "import numpy as np\ndef done(f, s):\n    return np._core is None\n"
     )
     assert "two positional" in check_source("def done(frame):\n    return True\n")
+    # Module attributes cannot be patched (state that would survive the per-episode reset).
+    patch = "import numpy as np\nnp.linalg.norm = abs\ndef done(f, s):\n    return True\n"
+    assert "module 'np'" in check_source(patch)
+    own_class = (
+        "class Counter:\n    def __init__(self):\n        self.n = 0\n"
+        "c = Counter()\ndef done(frame, state):\n    c.n += 1\n    return c.n > 2\n"
+    )
+    assert "'__init__'" in check_source(own_class)  # dunder methods are out, plain ones are fine
+    own_class = own_class.replace("__init__", "setup").replace(
+        "c = Counter()", "c = Counter()\nc.setup()"
+    )
+    assert check_source(own_class) is None
 
 
 # ------------------------------------------------------------------------------------------------

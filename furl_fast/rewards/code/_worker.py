@@ -65,8 +65,24 @@ def check_source(source: str, allowed_modules: tuple[str, ...] = ALLOWED_MODULES
     def allowed(module: str) -> bool:
         return module in allowed_modules
 
+    # Names bound to imported modules: assigning to their attributes would patch the module for the
+    # rest of the worker's life (state that survives the per-episode reset) or patch the worker.
+    module_names = {
+        (alias.asname or alias.name).split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
     for node in ast.walk(tree):
         line = getattr(node, "lineno", "?")
+        if isinstance(node, ast.Attribute) and not isinstance(node.ctx, ast.Load):
+            root = node.value
+            while isinstance(root, (ast.Attribute, ast.Subscript)):
+                root = root.value
+            if isinstance(root, ast.Name) and root.id in module_names:
+                return (
+                    f"line {line}: assigning to an attribute of module {root.id!r} is not allowed"
+                )
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if not allowed(alias.name):
@@ -187,6 +203,7 @@ def _worker_main() -> None:
     for name in allowed:
         __import__(name)
     import builtins
+    import math
 
     def send(obj: dict) -> None:
         data = b"".join(bytes(p) for p in encode(obj))
@@ -353,6 +370,9 @@ def _worker_main() -> None:
     os.dup2(devnull, 2)  # stderr stayed open until here so that set-up failures are visible
     send({"op": "ready", "modules": allowed, "pid": os.getpid()})
 
+    # The worker's own numpy entry points, bound before any program runs (programs share the numpy
+    # module with the worker).
+    frombuffer, bool_types = np.frombuffer, (bool, np.bool_)
     code = None
     slots: dict[int, dict] = {}
 
@@ -378,9 +398,8 @@ def _worker_main() -> None:
         payload = read_exact(payload_len) if payload_len else bytearray()
         arrays = []
         for spec in msg.get("arrays", []):
-            dtype = np.dtype(spec["dtype"])
-            count = int(np.prod(spec["shape"])) if spec["shape"] else 1
-            a = np.frombuffer(payload, dtype=dtype, count=count, offset=spec["offset"])
+            count = math.prod(spec["shape"])
+            a = frombuffer(payload, dtype=spec["dtype"], count=count, offset=spec["offset"])
             a = a.reshape(spec["shape"])
             a.flags.writeable = False  # programs get read-only views of the frames and states
             arrays.append(a)
@@ -409,7 +428,7 @@ def _worker_main() -> None:
                     if resets[i] or slot not in slots:
                         slots[slot] = instantiate()
                     out = guarded_call(f"on item {i}", slots[slot]["done"], frames[i], states[i])
-                    if not isinstance(out, (bool, np.bool_)):
+                    if not isinstance(out, bool_types):
                         raise TypeError(f"done() returned {type(out).__name__}, expected bool")
                     codes[i] = int(bool(out))
                 except BaseException as e:  # noqa: BLE001 - any failure of untrusted code
