@@ -13,6 +13,7 @@ worker says as untrusted and validates it.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import struct
 
@@ -43,14 +44,28 @@ FORBIDDEN_ATTRIBUTES = _words(
 )
 
 
-def check_source(source: str, allowed_modules: tuple[str, ...] = ALLOWED_MODULES) -> str | None:
+@functools.lru_cache(maxsize=1)
+def installed_modules() -> tuple[str, ...]:
+    """The whitelist on this machine: ALLOWED_MODULES plus the installed OPTIONAL_MODULES (found
+    without importing them)."""
+    import importlib.util
+
+    return ALLOWED_MODULES + tuple(
+        name for name in OPTIONAL_MODULES if importlib.util.find_spec(name) is not None
+    )
+
+
+def check_source(source: str, allowed_modules: tuple[str, ...] | None = None) -> str | None:
     """Static check of a checker program. Returns None if it may run, else the reason it may not.
 
     Rules: valid Python; a top-level `def done(frame, state)`; imports only of whitelisted modules
-    (absolute, no `*`); no name or attribute starting with an underscore (that is how sandbox escapes
-    reach `__class__`, `__globals__`, `__builtins__`, private numpy modules); none of FORBIDDEN_NAMES
-    / FORBIDDEN_ATTRIBUTES.
+    (absolute, no `*`); no attribute starting with an underscore and no name starting with two
+    (that is how sandbox escapes reach `__class__`, `__globals__`, `__builtins__`, private numpy
+    modules); none of FORBIDDEN_NAMES / FORBIDDEN_ATTRIBUTES; no assignment to module attributes.
+    allowed_modules: default installed_modules().
     """
+    if allowed_modules is None:
+        allowed_modules = installed_modules()
     if not isinstance(source, str):
         return f"program must be a str, got {type(source).__name__}"
     if len(source) > MAX_SOURCE_CHARS:
@@ -169,7 +184,7 @@ def encode(header: dict, arrays: list | None = None) -> list:
 
 class ProgramTimeout(BaseException):
     """Raised inside a program that ran past its time limit. BaseException so that a program's
-    `except Exception` cannot swallow it (a bare `except:` can: see _on_alarm's second stage)."""
+    `except Exception` cannot swallow it (a bare `except:` can: see on_alarm's second stage)."""
 
 
 def _worker_main() -> None:
