@@ -565,6 +565,11 @@ def test_dense_reward_single_env_adds_task_reward_and_resets(rollouts) -> None:
         reward.reset()
         assert reward.progress.tolist() == [0]
         assert reward(ep.frames[0], ep.states[0]) == 0.0
+    with (
+        CodeReward(ps, num_envs=2, limits=FAST) as reward,
+        pytest.raises(ValueError, match="batch"),
+    ):
+        reward(ep.frames[0], ep.states[0])
 
 
 def test_dense_reward_disables_a_failing_program_without_raising(rollouts, caplog) -> None:

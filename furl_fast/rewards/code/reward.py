@@ -44,6 +44,9 @@ class CodeReward:
             Sandbox(src, limits, name=f"sub-task {k}") for k, src in enumerate(program_set.programs)
         ]
         self.disabled: list[str | None] = [box.rejection for box in self._boxes]
+        for k, reason in enumerate(self.disabled):
+            if reason is not None:
+                log.warning("code reward: sub-task %d's program is rejected: %s", k, reason)
         self.progress = np.zeros(num_envs, dtype=np.int64)
         """(num_envs,) int64: sub-tasks completed so far in each environment's episode."""
         self._fresh = np.ones(num_envs, dtype=bool)
@@ -62,9 +65,12 @@ class CodeReward:
     def __call__(
         self, frame: np.ndarray, state: np.ndarray, task_reward: float | None = None
     ) -> float:
-        """Reward of environment 0. frame: (H, W, 3) uint8, state: (D,) float."""
+        """Reward of the single environment (num_envs == 1). frame: (H, W, 3) uint8, state: (D,)
+        float."""
+        if self.num_envs != 1:
+            raise ValueError(f"call batch() for num_envs={self.num_envs}; __call__ is for one env")
         tr = None if task_reward is None else np.asarray([task_reward], dtype=np.float32)
-        return float(self.batch(frame[None], np.asarray(state)[None], tr)[0])
+        return float(self.batch(np.asarray(frame)[None], np.asarray(state)[None], tr)[0])
 
     def batch(
         self,
