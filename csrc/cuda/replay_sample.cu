@@ -12,6 +12,10 @@
 namespace furl_fast {
 namespace {
 
+__device__ __forceinline__ int64_t clamp_coord(int64_t v, int64_t size) {
+  return v < 0 ? 0 : (v >= size ? size - 1 : v);
+}
+
 // One thread per output byte, grid-stride: consecutive threads read consecutive bytes of a source
 // row (coalesced) and the kernel is memory-bound at these frame sizes.
 __global__ void replay_gather_frames_kernel(const uint8_t* __restrict__ frames,
@@ -35,8 +39,8 @@ __global__ void replay_gather_frames_kernel(const uint8_t* __restrict__ frames,
       continue;
     }
     // The same (x, y) shift for every frame of the stack (DrQ shifts the stacked observation).
-    const int64_t xs = min(width - 1, max<int64_t>(0, x + shifts[b * 2] - pad));
-    const int64_t ys = min(height - 1, max<int64_t>(0, y + shifts[b * 2 + 1] - pad));
+    const int64_t xs = clamp_coord(x + shifts[b * 2] - pad, width);
+    const int64_t ys = clamp_coord(y + shifts[b * 2 + 1] - pad, height);
     out[i] = frames[((slot * channels + c) * height + ys) * width + xs];
   }
 }

@@ -33,9 +33,10 @@ uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 }  // namespace
 
 void replay_gather_stack_cpu(const uint8_t* frames, const int64_t* slots, int64_t frame_stack,
-                             int64_t channels, int64_t height, int64_t width, int64_t pad,
-                             int32_t sx, int32_t sy, bool shift, uint8_t* out) {
-  const int64_t plane = height * width, frame = channels * plane;
+                             int64_t channels, int64_t height, int64_t width, int64_t elem_bytes,
+                             int64_t pad, int32_t sx, int32_t sy, bool shift, uint8_t* out) {
+  const int64_t plane = height * width, frame = channels * plane * elem_bytes;
+  if (shift && elem_bytes != 1) throw std::logic_error("the random shift is for uint8 frames only");
   for (int64_t f = 0; f < frame_stack; ++f) {
     const uint8_t* src = frames + slots[f] * frame;
     uint8_t* dst = out + f * frame;
@@ -409,10 +410,10 @@ void ReplayCore::sample(int64_t batch, bool augment, const int64_t* indices, con
       const int32_t* shb = &sh[b * 4];
       if (out.obs)
         replay_gather_stack_cpu(c_.frames, obs_slots.data(), F, l.channels, l.height, l.width,
-                                l.shift_pad, shb[0], shb[1], shift, out.obs + b * F * fb);
+                                l.pixels ? 1 : 4, l.shift_pad, shb[0], shb[1], shift, out.obs + b * F * fb);
       if (out.next_obs)
         replay_gather_stack_cpu(c_.frames, next_slots.data(), F, l.channels, l.height, l.width,
-                                l.shift_pad, shb[2], shb[3], shift, out.next_obs + b * F * fb);
+                                l.pixels ? 1 : 4, l.shift_pad, shb[2], shb[3], shift, out.next_obs + b * F * fb);
       if (out.embedding) std::memcpy(out.embedding + b * eb, c_.embeddings + s * eb, eb);
       if (out.next_embedding)
         std::memcpy(out.next_embedding + b * eb, c_.embeddings + next_slot * eb, eb);

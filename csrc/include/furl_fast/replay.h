@@ -173,11 +173,12 @@ class ReplayCore {
   std::mutex rng_mutex_;
 };
 
-// The CPU gather with the fused shift, exposed for the CUDA file's host fallback and tests:
-// out (F * C, H, W) <- frames of `slots` (F,) shifted by (sx, sy) with replicate padding `pad`.
+// The CPU gather with the fused shift: out (F * C, H, W) <- the frames of `slots` (F,), each
+// C x H x W elements of elem_bytes, shifted by (sx, sy) with replicate padding `pad` when `shift`
+// (uint8 frames only).
 void replay_gather_stack_cpu(const uint8_t* frames, const int64_t* slots, int64_t frame_stack,
-                             int64_t channels, int64_t height, int64_t width, int64_t pad,
-                             int32_t sx, int32_t sy, bool shift, uint8_t* out);
+                             int64_t channels, int64_t height, int64_t width, int64_t elem_bytes,
+                             int64_t pad, int32_t sx, int32_t sy, bool shift, uint8_t* out);
 
 #ifdef FURL_FAST_WITH_CUDA
 // csrc/cuda/replay_sample.cu. frames (capacity, C, H, W) uint8 on the device; slots (B, F) int64 and
