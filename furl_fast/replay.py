@@ -416,15 +416,20 @@ class ReplayBuffer:
 
     # ---- sampling -------------------------------------------------------------------------------
 
-    def sample(self, batch_size: int, *, augment: bool = True) -> Batch:
+    def sample(self, batch_size: int, *, augment: bool = True, out: Batch | None = None) -> Batch:
         """batch_size transitions drawn uniformly (with replacement) from the len(self) valid ones.
 
         augment: DrQ random shift of pixel observations (replicate pad shift_pad, an integer shift in
         [0, 2 * shift_pad] per sample and axis, drawn independently for obs and next_obs, the same
         for all frames of one stack); ignored for state vectors. See Batch for the fields.
+        out: a Batch returned by an earlier call of the same batch_size whose tensors are written
+        again instead of allocating new ones (CPU mode without prefetch; saves the page faults of
+        ~2 x 16 MB of fresh memory per batch of 256 84x84 3-stacks).
         Equivalent: gather(indices, shifts=...) with the drawn indices and shifts.
         """
         batch_size = _positive_int(batch_size, "batch_size")
+        if out is not None and (self._executor is not None or self.device.type != "cpu"):
+            raise ValueError("sample: 'out' is for CPU mode without prefetch.")
         if len(self) == 0:
             raise ValueError("sample: the buffer holds no sampleable transition yet (add more steps).")
         if batch_size > len(self):
@@ -433,7 +438,7 @@ class ReplayBuffer:
                 f"transitions ({len(self)})."
             )
         if self._executor is None:
-            return self._sample(batch_size, bool(augment), None, None)
+            return self._sample(batch_size, bool(augment), None, None, out)
         key = (batch_size, bool(augment))
         pending, self._pending = self._pending, None
         if pending is not None and pending[0] == key:
@@ -482,10 +487,15 @@ class ReplayBuffer:
         return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
 
     def _sample(self, b: int, augment: bool, indices: torch.Tensor | None,
-                shifts: torch.Tensor | None) -> Batch:
+                shifts: torch.Tensor | None, reuse: Batch | None = None) -> Batch:
         c = self._cfg
         f, d = c["frame_stack"], c["embedding_dim"]
         stack = (b, f * self.obs_shape[0], *self.obs_shape[1:])
+        if reuse is not None:  # the native side checks every shape and dtype again
+            out = {k: v for k, v in reuse._asdict().items() if v is not None}
+            self._core.sample(b, augment, None, None, {k: _capsule(v) for k, v in out.items()},
+                              self.num_threads or 0)
+            return reuse
         out = {
             "action": self._empty((b, c["action_dim"]), torch.float32),
             "reward": self._empty((b,), torch.float32),

@@ -384,6 +384,18 @@ def test_seed_determinism_and_thread_count_independence():
     assert not _same(d.sample(32), d.sample(32))  # draws advance
 
 
+def test_sample_into_reused_batch():
+    a, b = _filled(7), _filled(7)
+    reused = b.sample(16)
+    a.sample(16)
+    for _ in range(3):
+        expected = a.sample(16)
+        got = b.sample(16, out=reused)
+        assert got is reused and _same(expected, got)
+    with pytest.raises(ValueError, match="must have size 8 in dimension 0"):
+        b.sample(8, out=reused)
+
+
 def test_prefetch_gives_the_same_batches():
     plain, pre = _filled(4), _filled(4, prefetch=True)
     for _ in range(4):  # no adds in between: the same sequence of draws
