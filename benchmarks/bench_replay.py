@@ -28,7 +28,7 @@ STORED = 100_000  # transitions in our buffer
 # The baseline needs 127 kB per transition (12.7 GB at 100,000), more than this shared 24 GB machine
 # can spare; its sample cost does not depend on the size once the data is far larger than the
 # caches (20,000 transitions = 2.5 GB), and its bytes per transition are exact either way.
-BASELINE_STORED = int(os.environ.get("FURL_BENCH_BASELINE_STORED", 20_000))
+BASELINE_STORED = int(os.environ.get("FURL_BENCH_BASELINE_STORED", "20000"))
 POOL = 512  # distinct random frames cycled through while filling (the content does not matter)
 
 _results: dict[str, float] = {}
@@ -56,14 +56,27 @@ class SB3StyleBuffer:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.observations, self.next_observations, self.actions,
-                                      self.rewards, self.dones, self.timeouts))
+        return sum(
+            a.nbytes
+            for a in (
+                self.observations,
+                self.next_observations,
+                self.actions,
+                self.rewards,
+                self.dones,
+                self.timeouts,
+            )
+        )
 
     def add(self, obs, next_obs, action, reward, done, timeout) -> None:
         self.observations[self.pos] = obs
         self.next_observations[self.pos] = next_obs
         self.actions[self.pos] = action
-        self.rewards[self.pos], self.dones[self.pos], self.timeouts[self.pos] = reward, done, timeout
+        self.rewards[self.pos], self.dones[self.pos], self.timeouts[self.pos] = (
+            reward,
+            done,
+            timeout,
+        )
         self.pos = (self.pos + 1) % self.size
         self.full = self.full or self.pos == 0
 
@@ -87,10 +100,12 @@ class RandomShiftsAug(torch.nn.Module):
         self.pad = pad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
+        n, _, h, _ = x.shape  # square frames, as in DrQ-v2
         x = F.pad(x, (self.pad,) * 4, mode="replicate")
         eps = 1.0 / (h + 2 * self.pad)
-        line = torch.linspace(-1.0 + eps, 1.0 - eps, h + 2 * self.pad, device=x.device, dtype=x.dtype)[:h]
+        line = torch.linspace(
+            -1.0 + eps, 1.0 - eps, h + 2 * self.pad, device=x.device, dtype=x.dtype
+        )[:h]
         grid = torch.stack([line.view(1, h).expand(h, h), line.view(h, 1).expand(h, h)], dim=-1)
         shift = torch.randint(0, 2 * self.pad + 1, (n, 1, 1, 2), device=x.device).to(x.dtype)
         grid = grid.expand(n, h, h, 2) + shift * (2.0 / (h + 2 * self.pad))
@@ -127,7 +142,9 @@ def baseline():
     frames = _pool(1)
     rss0 = _rss()
     buf = SB3StyleBuffer(BASELINE_STORED, (STACK * FRAME[0], *FRAME[1:]), ACTION_DIM)
-    stacked = frames[: POOL // STACK * STACK].reshape(POOL // STACK, STACK * FRAME[0], *FRAME[1:]).numpy()
+    stacked = (
+        frames[: POOL // STACK * STACK].reshape(POOL // STACK, STACK * FRAME[0], *FRAME[1:]).numpy()
+    )
     for i in range(BASELINE_STORED):
         buf.add(stacked[i % len(stacked)], stacked[(i + 1) % len(stacked)], 0.0, 0.0, 0.0, 0.0)
     _memory["baseline_bytes"] = buf.nbytes / BASELINE_STORED
@@ -192,7 +209,9 @@ def report():
         ratio = f"{rate / base:.1f}x" if base else "-"
         print(f"{name:<22} {rate:>12,.0f} {ratio:>12}")
     if _memory:
-        print(f"bytes per stored transition: ours {_memory['ours_bytes']:,.0f} "
-              f"(RSS {_memory['ours_rss']:,.0f}), baseline {_memory['baseline_bytes']:,.0f} "
-              f"(RSS {_memory['baseline_rss']:,.0f}); ratio "
-              f"1/{_memory['baseline_bytes'] / _memory['ours_bytes']:.2f}")
+        print(
+            f"bytes per stored transition: ours {_memory['ours_bytes']:,.0f} "
+            f"(RSS {_memory['ours_rss']:,.0f}), baseline {_memory['baseline_bytes']:,.0f} "
+            f"(RSS {_memory['baseline_rss']:,.0f}); ratio "
+            f"1/{_memory['baseline_bytes'] / _memory['ours_bytes']:.2f}"
+        )

@@ -91,7 +91,9 @@ def _to_tensor(value: Any, name: str, op: str) -> torch.Tensor:
     try:
         return torch.as_tensor(np.asarray(value))
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"{op}: '{name}' must be a tensor or array, got {type(value).__name__}.") from exc
+        raise TypeError(
+            f"{op}: '{name}' must be a tensor or array, got {type(value).__name__}."
+        ) from exc
 
 
 def _capsule(t: torch.Tensor | None):
@@ -144,11 +146,22 @@ class ReplayBuffer:
         shift_pad: int = 4,
     ) -> None:
         self._setup(
-            dict(capacity=capacity, obs_shape=obs_shape, action_dim=action_dim,
-                 frame_stack=frame_stack, embedding_dim=embedding_dim,
-                 embedding_dtype=embedding_dtype, n_step=n_step, gamma=gamma, num_envs=num_envs,
-                 shift_pad=shift_pad),
-            device=device, num_threads=num_threads, pin_memory=pin_memory, prefetch=prefetch,
+            {
+                "capacity": capacity,
+                "obs_shape": obs_shape,
+                "action_dim": action_dim,
+                "frame_stack": frame_stack,
+                "embedding_dim": embedding_dim,
+                "embedding_dtype": embedding_dtype,
+                "n_step": n_step,
+                "gamma": gamma,
+                "num_envs": num_envs,
+                "shift_pad": shift_pad,
+            },
+            device=device,
+            num_threads=num_threads,
+            pin_memory=pin_memory,
+            prefetch=prefetch,
         )
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
@@ -156,8 +169,15 @@ class ReplayBuffer:
 
     # ---- construction ------------------------------------------------------------------------
 
-    def _setup(self, cfg: dict[str, Any], *, device: str | torch.device, num_threads: int | None,
-               pin_memory: bool, prefetch: bool) -> None:
+    def _setup(
+        self,
+        cfg: dict[str, Any],
+        *,
+        device: str | torch.device,
+        num_threads: int | None,
+        pin_memory: bool,
+        prefetch: bool,
+    ) -> None:
         if not _native.HAS_NATIVE:
             raise ImportError(_native.IMPORT_ERROR)
         capacity = _positive_int(cfg["capacity"], "capacity")
@@ -176,16 +196,18 @@ class ReplayBuffer:
         gamma = float(cfg["gamma"])
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"ReplayBuffer: 'gamma' must be in [0, 1], got {gamma}.")
-        self._cfg = dict(
-            capacity=capacity, obs_shape=obs_shape,
-            action_dim=_positive_int(cfg["action_dim"], "action_dim"),
-            frame_stack=_positive_int(cfg["frame_stack"], "frame_stack"),
-            embedding_dim=_positive_int(cfg["embedding_dim"], "embedding_dim", 0),
-            embedding_dtype=embedding_dtype,
-            n_step=_positive_int(cfg["n_step"], "n_step"), gamma=gamma,
-            num_envs=_positive_int(cfg["num_envs"], "num_envs"),
-            shift_pad=_positive_int(cfg["shift_pad"], "shift_pad", 0),
-        )
+        self._cfg = {
+            "capacity": capacity,
+            "obs_shape": obs_shape,
+            "action_dim": _positive_int(cfg["action_dim"], "action_dim"),
+            "frame_stack": _positive_int(cfg["frame_stack"], "frame_stack"),
+            "embedding_dim": _positive_int(cfg["embedding_dim"], "embedding_dim", 0),
+            "embedding_dtype": embedding_dtype,
+            "n_step": _positive_int(cfg["n_step"], "n_step"),
+            "gamma": gamma,
+            "num_envs": _positive_int(cfg["num_envs"], "num_envs"),
+            "shift_pad": _positive_int(cfg["shift_pad"], "shift_pad", 0),
+        }
         if capacity <= self._cfg["num_envs"]:
             raise ValueError(
                 f"ReplayBuffer: 'capacity' ({capacity}) must exceed 'num_envs' ({self._cfg['num_envs']})."
@@ -193,17 +215,23 @@ class ReplayBuffer:
         self.device = torch.device(device)
         if self.device.type == "cuda":
             if not _native.HAS_CUDA_KERNELS:
-                raise ValueError("ReplayBuffer: device='cuda' needs furl_fast built with its CUDA kernels.")
+                raise ValueError(
+                    "ReplayBuffer: device='cuda' needs furl_fast built with its CUDA kernels."
+                )
             if not torch.cuda.is_available():
                 raise ValueError("ReplayBuffer: device='cuda' but torch sees no CUDA device.")
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             if prefetch:
-                raise ValueError("ReplayBuffer: prefetch is for CPU mode; GPU sampling is already asynchronous.")
+                raise ValueError(
+                    "ReplayBuffer: prefetch is for CPU mode; GPU sampling is already asynchronous."
+                )
         elif self.device.type != "cpu":
             raise ValueError(f"ReplayBuffer: 'device' must be cpu or cuda, got {device!r}.")
         if pin_memory and not torch.cuda.is_available():
-            raise ValueError("ReplayBuffer: pin_memory=True needs a CUDA device (pinned memory is for GPU copies).")
+            raise ValueError(
+                "ReplayBuffer: pin_memory=True needs a CUDA device (pinned memory is for GPU copies)."
+            )
         if num_threads is not None:
             _positive_int(num_threads, "num_threads")
         self.num_threads = num_threads
@@ -211,7 +239,9 @@ class ReplayBuffer:
         self.pixels = len(obs_shape) == 3
         self._obs_dtype = torch.uint8 if self.pixels else torch.float32
         self._columns = self._allocate()
-        self._write_lock = threading.Lock()  # one add / save at a time; save sees a consistent state
+        self._write_lock = (
+            threading.Lock()
+        )  # one add / save at a time; save sees a consistent state
         self._executor = concurrent.futures.ThreadPoolExecutor(1) if prefetch else None
         self._pending: tuple[tuple[int, bool], concurrent.futures.Future] | None = None
 
@@ -242,14 +272,22 @@ class ReplayBuffer:
     def _make_core(self, *, fresh: bool, seed: int) -> Any:
         c = self._cfg
         shape = c["obs_shape"]
-        layout = dict(
-            capacity=c["capacity"], num_envs=c["num_envs"], frame_stack=c["frame_stack"],
-            n_step=c["n_step"], gamma=c["gamma"], action_dim=c["action_dim"], pixels=self.pixels,
-            channels=shape[0], height=shape[1] if self.pixels else 1,
-            width=shape[2] if self.pixels else 1, embedding_dim=c["embedding_dim"],
-            embedding_dtype=_EMBEDDING_DTYPES[c["embedding_dtype"]], shift_pad=c["shift_pad"],
-            device=self.device.type,
-        )
+        layout = {
+            "capacity": c["capacity"],
+            "num_envs": c["num_envs"],
+            "frame_stack": c["frame_stack"],
+            "n_step": c["n_step"],
+            "gamma": c["gamma"],
+            "action_dim": c["action_dim"],
+            "pixels": self.pixels,
+            "channels": shape[0],
+            "height": shape[1] if self.pixels else 1,
+            "width": shape[2] if self.pixels else 1,
+            "embedding_dim": c["embedding_dim"],
+            "embedding_dtype": _EMBEDDING_DTYPES[c["embedding_dtype"]],
+            "shift_pad": c["shift_pad"],
+            "device": self.device.type,
+        }
         capsules = {name: to_dlpack(t) for name, t in self._columns.items()}
         return _native._C.ReplayCore(layout, capsules, fresh, seed)
 
@@ -287,7 +325,9 @@ class ReplayBuffer:
     # ---- adding ---------------------------------------------------------------------------------
 
     def _stream(self) -> int:
-        return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+        return (
+            torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+        )
 
     def _obs(self, value: Any, name: str, op: str, batch: int | None = None) -> torch.Tensor:
         t = _to_tensor(value, name, op)
@@ -296,16 +336,27 @@ class ReplayBuffer:
             raise TypeError(f"{op}: '{name}' must be a uint8 frame {shape}, got dtype {t.dtype}.")
         if not self.pixels:
             if not t.is_floating_point():
-                raise TypeError(f"{op}: '{name}' must be a floating-point state vector, got {t.dtype}.")
+                raise TypeError(
+                    f"{op}: '{name}' must be a floating-point state vector, got {t.dtype}."
+                )
             t = t.to(torch.float32)
         if tuple(t.shape) != shape:
             raise ValueError(f"{op}: '{name}' must have shape {shape}, got {tuple(t.shape)}.")
         if t.device.type == "cuda" and t.device != self.device:
-            raise ValueError(f"{op}: '{name}' is on {t.device}; the buffer stores on {self.device}.")
+            raise ValueError(
+                f"{op}: '{name}' is on {t.device}; the buffer stores on {self.device}."
+            )
         return t.contiguous()
 
-    def _floats(self, value: Any, name: str, op: str, shape: tuple[int, ...],
-                dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
+    def _floats(
+        self,
+        value: Any,
+        name: str,
+        op: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ) -> torch.Tensor:
         t = _to_tensor(value, name, op)
         if not t.is_floating_point():
             raise TypeError(f"{op}: '{name}' must be floating point, got {t.dtype}.")
@@ -313,14 +364,20 @@ class ReplayBuffer:
             raise ValueError(f"{op}: '{name}' must have shape {shape}, got {tuple(t.shape)}.")
         return t.to(device=device or torch.device("cpu"), dtype=dtype).contiguous()
 
-    def _embedding(self, value: Any, name: str, op: str, batch: int | None = None) -> torch.Tensor | None:
+    def _embedding(
+        self, value: Any, name: str, op: str, batch: int | None = None
+    ) -> torch.Tensor | None:
         d = self._cfg["embedding_dim"]
         if d == 0:
             if value is not None:
-                raise ValueError(f"{op}: '{name}' was given but the buffer stores no embeddings (embedding_dim=0).")
+                raise ValueError(
+                    f"{op}: '{name}' was given but the buffer stores no embeddings (embedding_dim=0)."
+                )
             return None
         if value is None:
-            raise ValueError(f"{op}: '{name}' is required (the buffer stores embeddings, embedding_dim={d}).")
+            raise ValueError(
+                f"{op}: '{name}' is required (the buffer stores embeddings, embedding_dim={d})."
+            )
         shape = (d,) if batch is None else (batch, d)
         t = _to_tensor(value, name, op)
         device = self.device if t.device.type == "cuda" else None
@@ -367,8 +424,18 @@ class ReplayBuffer:
         g = math.nan if goal_distance is None else float(goal_distance)
         with self._write_lock:
             self._wait_prefetch()
-            self._core.add(int(env), _capsule(o), _capsule(a), float(reward), bool(terminated),
-                           bool(truncated), bool(success), _capsule(e), g, self._stream())
+            self._core.add(
+                int(env),
+                _capsule(o),
+                _capsule(a),
+                float(reward),
+                bool(terminated),
+                bool(truncated),
+                bool(success),
+                _capsule(e),
+                g,
+                self._stream(),
+            )
 
     def add_batch(
         self,
@@ -397,22 +464,42 @@ class ReplayBuffer:
         a = self._floats(action, "action", op, (n, self._cfg["action_dim"]))
         r = self._floats(reward, "reward", op, (n,))
         flags = []
-        for name, value in (("terminated", terminated), ("truncated", truncated), ("success", success)):
+        for name, value in (
+            ("terminated", terminated),
+            ("truncated", truncated),
+            ("success", success),
+        ):
             t = torch.zeros(n, dtype=torch.bool) if value is None else _to_tensor(value, name, op)
             if tuple(t.shape) != (n,):
                 raise ValueError(f"{op}: '{name}' must have shape ({n},), got {tuple(t.shape)}.")
             flags.append(t.to(device="cpu", dtype=torch.bool).contiguous())
-        g = (torch.full((n,), math.nan) if goal_distance is None
-             else self._floats(goal_distance, "goal_distance", op, (n,)))
+        g = (
+            torch.full((n,), math.nan)
+            if goal_distance is None
+            else self._floats(goal_distance, "goal_distance", op, (n,))
+        )
         e = self._embedding(embedding, "embedding", op, n)
         ro = None if reset_obs is None else self._obs(reset_obs, "reset_obs", op, n)
-        re = None if reset_obs is None else self._embedding(reset_embedding, "reset_embedding", op, n)
+        re = (
+            None
+            if reset_obs is None
+            else self._embedding(reset_embedding, "reset_embedding", op, n)
+        )
         if reset_obs is None and reset_embedding is not None:
             raise ValueError(f"{op}: 'reset_embedding' was given without 'reset_obs'.")
         with self._write_lock:
             self._wait_prefetch()
-            self._core.add_batch(_capsule(o), _capsule(a), _capsule(r), *map(_capsule, flags),
-                                 _capsule(e), _capsule(g), _capsule(ro), _capsule(re), self._stream())
+            self._core.add_batch(
+                _capsule(o),
+                _capsule(a),
+                _capsule(r),
+                *map(_capsule, flags),
+                _capsule(e),
+                _capsule(g),
+                _capsule(ro),
+                _capsule(re),
+                self._stream(),
+            )
 
     # ---- sampling -------------------------------------------------------------------------------
 
@@ -431,7 +518,9 @@ class ReplayBuffer:
         if out is not None and (self._executor is not None or self.device.type != "cpu"):
             raise ValueError("sample: 'out' is for CPU mode without prefetch.")
         if len(self) == 0:
-            raise ValueError("sample: the buffer holds no sampleable transition yet (add more steps).")
+            raise ValueError(
+                "sample: the buffer holds no sampleable transition yet (add more steps)."
+            )
         if batch_size > len(self):
             raise ValueError(
                 f"sample: 'batch_size' ({batch_size}) is larger than the number of sampleable "
@@ -447,7 +536,10 @@ class ReplayBuffer:
             if pending is not None:
                 pending[1].exception()  # a different request: drop it, but keep draws in order
             batch = self._sample(batch_size, bool(augment), None, None)
-        self._pending = (key, self._executor.submit(self._sample, batch_size, bool(augment), None, None))
+        self._pending = (
+            key,
+            self._executor.submit(self._sample, batch_size, bool(augment), None, None),
+        )
         return batch
 
     def gather(self, indices: Any, *, shifts: Any = None) -> Batch:
@@ -457,16 +549,24 @@ class ReplayBuffer:
         (no augmentation) or (B, 4) ints (obs x, obs y, next_obs x, next_obs y), each in
         [0, 2 * shift_pad], for pixel buffers: the same result as sample() drawing those shifts.
         """
-        idx = _to_tensor(indices, "indices", "gather").to(device="cpu", dtype=torch.int64).contiguous()
+        idx = (
+            _to_tensor(indices, "indices", "gather")
+            .to(device="cpu", dtype=torch.int64)
+            .contiguous()
+        )
         if idx.dim() != 1 or idx.numel() == 0:
-            raise ValueError(f"gather: 'indices' must be a non-empty 1-D tensor, got shape {tuple(idx.shape)}.")
+            raise ValueError(
+                f"gather: 'indices' must be a non-empty 1-D tensor, got shape {tuple(idx.shape)}."
+            )
         sh = None
         if shifts is not None:
             if not self.pixels:
                 raise ValueError("gather: 'shifts' apply to pixel observations only.")
             sh = _to_tensor(shifts, "shifts", "gather")
             if sh.is_floating_point() or tuple(sh.shape) != (idx.numel(), 4):
-                raise ValueError(f"gather: 'shifts' must be ({idx.numel()}, 4) integers, got {tuple(sh.shape)} {sh.dtype}.")
+                raise ValueError(
+                    f"gather: 'shifts' must be ({idx.numel()}, 4) integers, got {tuple(sh.shape)} {sh.dtype}."
+                )
             sh = sh.to(device="cpu", dtype=torch.int32).contiguous()
         return self._sample(idx.numel(), False, idx, sh)
 
@@ -474,7 +574,11 @@ class ReplayBuffer:
         """For each valid transition index, the index of the transition k steps earlier in the same
         episode, clamped to the earliest one of that episode still stored (check Batch.steps to see
         whether the full k steps were available). indices: (B,) int64 -> (B,) int64."""
-        idx = _to_tensor(indices, "indices", "earlier").to(device="cpu", dtype=torch.int64).contiguous()
+        idx = (
+            _to_tensor(indices, "indices", "earlier")
+            .to(device="cpu", dtype=torch.int64)
+            .contiguous()
+        )
         if idx.dim() != 1:
             raise ValueError(f"earlier: 'indices' must be 1-D, got shape {tuple(idx.shape)}.")
         k = _positive_int(k, "k", 0)
@@ -486,15 +590,27 @@ class ReplayBuffer:
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
 
-    def _sample(self, b: int, augment: bool, indices: torch.Tensor | None,
-                shifts: torch.Tensor | None, reuse: Batch | None = None) -> Batch:
+    def _sample(
+        self,
+        b: int,
+        augment: bool,
+        indices: torch.Tensor | None,
+        shifts: torch.Tensor | None,
+        reuse: Batch | None = None,
+    ) -> Batch:
         c = self._cfg
         f, d = c["frame_stack"], c["embedding_dim"]
         stack = (b, f * self.obs_shape[0], *self.obs_shape[1:])
         if reuse is not None:  # the native side checks every shape and dtype again
             out = {k: v for k, v in reuse._asdict().items() if v is not None}
-            self._core.sample(b, augment, None, None, {k: _capsule(v) for k, v in out.items()},
-                              self.num_threads or 0)
+            self._core.sample(
+                b,
+                augment,
+                None,
+                None,
+                {k: _capsule(v) for k, v in out.items()},
+                self.num_threads or 0,
+            )
             return reuse
         out = {
             "action": self._empty((b, c["action_dim"]), torch.float32),
@@ -517,27 +633,54 @@ class ReplayBuffer:
             if d:
                 out["embedding"] = self._empty((b, d), c["embedding_dtype"])
                 out["next_embedding"] = self._empty((b, d), c["embedding_dtype"])
-        self._core.sample(b, augment, _capsule(indices), _capsule(shifts),
-                          {k: _capsule(v) for k, v in out.items()}, self.num_threads or 0)
+        self._core.sample(
+            b,
+            augment,
+            _capsule(indices),
+            _capsule(shifts),
+            {k: _capsule(v) for k, v in out.items()},
+            self.num_threads or 0,
+        )
         if cuda:
             out.update(self._gather_cuda(out, stack))
         fields = {k: out.get(k) for k in Batch._fields if k in out}
         return Batch(**fields)
 
-    def _gather_cuda(self, plan: dict[str, torch.Tensor], stack: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    def _gather_cuda(
+        self, plan: dict[str, torch.Tensor], stack: tuple[int, ...]
+    ) -> dict[str, torch.Tensor]:
         """GPU mode: the host planned the slots and shifts; frames are gathered on the GPU."""
         dev, frames = self.device, self._columns["frames"]
-        res = {k: plan[k].to(dev, non_blocking=self.pin_memory)
-               for k in ("action", "reward", "discount", "goal_distance", "success", "indices",
-                         "episodes", "steps")}
-        slots = {k: plan[k].to(dev, non_blocking=self.pin_memory) for k in ("obs_slots", "next_slots")}
+        res = {
+            k: plan[k].to(dev, non_blocking=self.pin_memory)
+            for k in (
+                "action",
+                "reward",
+                "discount",
+                "goal_distance",
+                "success",
+                "indices",
+                "episodes",
+                "steps",
+            )
+        }
+        slots = {
+            k: plan[k].to(dev, non_blocking=self.pin_memory) for k in ("obs_slots", "next_slots")
+        }
         shifts = plan["shifts"].to(dev, non_blocking=self.pin_memory)
-        for name, key, cols in (("obs", "obs_slots", slice(0, 2)), ("next_obs", "next_slots", slice(2, 4))):
+        for name, key, cols in (
+            ("obs", "obs_slots", slice(0, 2)),
+            ("next_obs", "next_slots", slice(2, 4)),
+        ):
             if self.pixels:
                 res[name] = torch.empty(stack, dtype=torch.uint8, device=dev)
                 _native._C.replay_gather_frames_cuda(
-                    to_dlpack(frames), to_dlpack(slots[key]), to_dlpack(shifts[:, cols].contiguous()),
-                    to_dlpack(res[name]), self._cfg["shift_pad"], self._stream(),
+                    to_dlpack(frames),
+                    to_dlpack(slots[key]),
+                    to_dlpack(shifts[:, cols].contiguous()),
+                    to_dlpack(res[name]),
+                    self._cfg["shift_pad"],
+                    self._stream(),
                 )
             else:
                 res[name] = frames.index_select(0, slots[key].flatten()).reshape(stack)
@@ -553,8 +696,10 @@ class ReplayBuffer:
         c = dict(self._cfg)
         c["obs_shape"] = list(c["obs_shape"])
         c["embedding_dtype"] = _EMBEDDING_DTYPES[c["embedding_dtype"]]
-        c["columns"] = [[name, str(t.dtype).removeprefix("torch."), list(t.shape)]
-                        for name, t in self._columns.items()]
+        c["columns"] = [
+            [name, str(t.dtype).removeprefix("torch."), list(t.shape)]
+            for name, t in self._columns.items()
+        ]
         return c
 
     def save(self, path: str | os.PathLike) -> None:
@@ -565,16 +710,17 @@ class ReplayBuffer:
         with self._write_lock:
             self._wait_prefetch()
             arrays = [(name, t.cpu().numpy()) for name, t in self._columns.items()]
-            header = {"layout": self._layout(),
-                      "crc32": [zlib.crc32(memoryview(a).cast("B")) for _, a in arrays]}
+            header = {
+                "layout": self._layout(),
+                "crc32": [zlib.crc32(memoryview(a).cast("B")) for _, a in arrays],
+            }
         blob = json.dumps(header).encode()
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
             with open(tmp, "wb") as f:
                 f.write(_MAGIC + struct.pack("<III", _FORMAT_VERSION, len(blob), zlib.crc32(blob)))
                 f.write(blob)
-                for _, a in arrays:
-                    f.write(memoryview(a).cast("B"))
+                f.writelines(memoryview(a).cast("B") for _, a in arrays)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -586,7 +732,7 @@ class ReplayBuffer:
         head = f.read(len(_MAGIC) + 12)
         if len(head) < len(_MAGIC) + 12 or head[: len(_MAGIC)] != _MAGIC:
             raise ValueError(f"ReplayBuffer.load: {path} is not a furl_fast replay buffer file.")
-        version, size, crc = struct.unpack("<III", head[len(_MAGIC):])
+        version, size, crc = struct.unpack("<III", head[len(_MAGIC) :])
         if version != _FORMAT_VERSION:
             raise ValueError(
                 f"ReplayBuffer.load: {path} has format version {version}; this furl_fast reads "
@@ -598,9 +744,15 @@ class ReplayBuffer:
         return json.loads(blob), len(head) + size
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
-             num_threads: int | None = None, pin_memory: bool = False,
-             prefetch: bool = False) -> ReplayBuffer:
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str | torch.device = "cpu",
+        num_threads: int | None = None,
+        pin_memory: bool = False,
+        prefetch: bool = False,
+    ) -> ReplayBuffer:
         """Reads a buffer written by save(): same data, episodes in progress and RNG state, so it
         samples exactly what the saved one would have. Raises ValueError on a file of another format
         version or layout, or a truncated or corrupted one."""
@@ -610,16 +762,36 @@ class ReplayBuffer:
             layout = header["layout"]
             buf = cls.__new__(cls)
             try:
-                cfg = {k: layout[k] for k in ("capacity", "obs_shape", "action_dim", "frame_stack",
-                                              "embedding_dim", "n_step", "gamma", "num_envs",
-                                              "shift_pad")}
+                cfg = {
+                    k: layout[k]
+                    for k in (
+                        "capacity",
+                        "obs_shape",
+                        "action_dim",
+                        "frame_stack",
+                        "embedding_dim",
+                        "n_step",
+                        "gamma",
+                        "num_envs",
+                        "shift_pad",
+                    )
+                }
                 cfg["embedding_dtype"] = getattr(torch, layout["embedding_dtype"])
             except (KeyError, TypeError, AttributeError) as exc:
-                raise ValueError(f"ReplayBuffer.load: {path} has an unknown layout ({exc}).") from exc
-            buf._setup(cfg, device=device, num_threads=num_threads, pin_memory=pin_memory,
-                       prefetch=prefetch)
+                raise ValueError(
+                    f"ReplayBuffer.load: {path} has an unknown layout ({exc})."
+                ) from exc
+            buf._setup(
+                cfg,
+                device=device,
+                num_threads=num_threads,
+                pin_memory=pin_memory,
+                prefetch=prefetch,
+            )
             if buf._layout() != layout:
-                raise ValueError(f"ReplayBuffer.load: {path} has a storage layout this version does not read.")
+                raise ValueError(
+                    f"ReplayBuffer.load: {path} has a storage layout this version does not read."
+                )
             expected = offset + sum(t.numel() * t.element_size() for t in buf._columns.values())
             actual = os.fstat(f.fileno()).st_size
             if actual != expected:
@@ -631,7 +803,9 @@ class ReplayBuffer:
                 host = torch.empty(t.shape, dtype=t.dtype) if t.device.type != "cpu" else t
                 view = memoryview(host.numpy()).cast("B")
                 if f.readinto(view) != len(view) or zlib.crc32(view) != crc:
-                    raise ValueError(f"ReplayBuffer.load: column '{name}' of {path} is corrupted (checksum mismatch).")
+                    raise ValueError(
+                        f"ReplayBuffer.load: column '{name}' of {path} is corrupted (checksum mismatch)."
+                    )
                 if host is not t:
                     t.copy_(host)
         buf._core = buf._make_core(fresh=False, seed=0)
@@ -650,8 +824,13 @@ class ReplayBuffer:
                 f"ReplayBuffer.restore: {path} was written by a buffer of a different layout "
                 f"(differs in: {', '.join(diff)})."
             )
-        other = ReplayBuffer.load(path, device=self.device, num_threads=self.num_threads,
-                                  pin_memory=self.pin_memory, prefetch=False)
+        other = ReplayBuffer.load(
+            path,
+            device=self.device,
+            num_threads=self.num_threads,
+            pin_memory=self.pin_memory,
+            prefetch=False,
+        )
         with self._write_lock:
             self._wait_prefetch()
             self._pending = None

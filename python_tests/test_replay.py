@@ -33,15 +33,25 @@ class Model:
         ep = len(self.episodes)
         self.episodes.append([len(self.obs)])
         self.steps.append([])
-        self.obs.append(dict(frame=frame, emb=emb, episode=ep, t=0))
+        self.obs.append({"frame": frame, "emb": emb, "episode": ep, "t": 0})
         self.open[env] = ep
 
     def add(self, env, frame, action, reward, term, trunc, success=False, goal=math.nan, emb=None):
         ep = self.open[env]
-        self.steps[ep].append(dict(action=action, reward=reward, term=term, trunc=trunc,
-                                   success=success, goal=goal))
+        self.steps[ep].append(
+            {
+                "action": action,
+                "reward": reward,
+                "term": term,
+                "trunc": trunc,
+                "success": success,
+                "goal": goal,
+            }
+        )
         self.episodes[ep].append(len(self.obs))
-        self.obs.append(dict(frame=frame, emb=emb, episode=ep, t=len(self.episodes[ep]) - 1))
+        self.obs.append(
+            {"frame": frame, "emb": emb, "episode": ep, "t": len(self.episodes[ep]) - 1}
+        )
         if term or trunc:
             del self.open[env]
 
@@ -75,13 +85,25 @@ class Model:
         k, last = self.window(ep, t)
 
         def stack(pos):
-            return torch.cat([self.obs[seqs[max(pos - j, 0)]]["frame"] for j in range(self.f - 1, -1, -1)])
+            return torch.cat(
+                [self.obs[seqs[max(pos - j, 0)]]["frame"] for j in range(self.f - 1, -1, -1)]
+            )
 
         ret = sum(self.gamma**j * steps[t + j]["reward"] for j in range(k))
         discount = 0.0 if steps[last]["term"] else self.gamma**k
-        return dict(obs=stack(t), next_obs=stack(last + 1), action=steps[t]["action"], reward=ret,
-                    discount=discount, success=steps[t]["success"], goal=steps[t]["goal"],
-                    episode=ep, step=t, emb=o["emb"], next_emb=self.obs[seqs[last + 1]]["emb"])
+        return {
+            "obs": stack(t),
+            "next_obs": stack(last + 1),
+            "action": steps[t]["action"],
+            "reward": ret,
+            "discount": discount,
+            "success": steps[t]["success"],
+            "goal": steps[t]["goal"],
+            "episode": ep,
+            "step": t,
+            "emb": o["emb"],
+            "next_emb": self.obs[seqs[last + 1]]["emb"],
+        }
 
 
 def check_batch(model: Model, buf: ReplayBuffer, batch, shifts=None):
@@ -101,7 +123,8 @@ def check_batch(model: Model, buf: ReplayBuffer, batch, shifts=None):
         assert batch.discount[i].item() == pytest.approx(e["discount"], rel=1e-6)
         assert batch.success[i].item() == e["success"]
         assert (math.isnan(e["goal"]) and math.isnan(batch.goal_distance[i].item())) or (
-            batch.goal_distance[i].item() == pytest.approx(e["goal"]))
+            batch.goal_distance[i].item() == pytest.approx(e["goal"])
+        )
         assert (batch.episodes[i].item(), batch.steps[i].item()) == (e["episode"], e["step"])
         if e["emb"] is not None:
             torch.testing.assert_close(batch.embedding[i], e["emb"], rtol=0, atol=0)
@@ -129,10 +152,28 @@ def fill(buf, model, g, episodes, *, max_len=9, env=0, emb_dim=0, emb_dtype=torc
             goal = float(torch.rand(1, generator=g))
             success = bool(torch.rand(1, generator=g) < 0.3)
             last = t == length - 1
-            buf.add(frame, action, reward, last and terminated, last and not terminated,
-                    success=success, embedding=emb, goal_distance=goal, env=env)
-            model.add(env, frame, action, reward, last and terminated, last and not terminated,
-                      success, goal, emb)
+            buf.add(
+                frame,
+                action,
+                reward,
+                last and terminated,
+                last and not terminated,
+                success=success,
+                embedding=emb,
+                goal_distance=goal,
+                env=env,
+            )
+            model.add(
+                env,
+                frame,
+                action,
+                reward,
+                last and terminated,
+                last and not terminated,
+                success,
+                goal,
+                emb,
+            )
 
 
 def all_valid_indices(model):
@@ -166,8 +207,9 @@ def test_reference_random_shift_matches_drqv2_grid_sample(size, pad):
     ours = reference.random_shift(frames, shifts, pad)
     assert ours.dtype == torch.uint8
     # float64: grid_sample lands on pixel centres up to rounding of the grid coordinates
-    torch.testing.assert_close(drqv2_random_shift(frames.double(), shifts, pad), ours.double(),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        drqv2_random_shift(frames.double(), shifts, pad), ours.double(), rtol=0, atol=1e-6
+    )
     # float32 (what DrQ-v2 runs): off by at most a few 1e-3 from coordinate rounding, so exact
     # after rounding to the uint8 grid
     oracle32 = drqv2_random_shift(frames.float(), shifts, pad)
@@ -185,8 +227,12 @@ def test_native_shift_equals_reference(shape):
     shifts = torch.randint(0, 9, (idx.numel(), 4), generator=g, dtype=torch.int32)
     shifted = buf.gather(idx, shifts=shifts)
     plain = buf.gather(idx)
-    torch.testing.assert_close(shifted.obs, reference.random_shift(plain.obs, shifts[:, :2]), rtol=0, atol=0)
-    torch.testing.assert_close(shifted.next_obs, reference.random_shift(plain.next_obs, shifts[:, 2:]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        shifted.obs, reference.random_shift(plain.obs, shifts[:, :2]), rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        shifted.next_obs, reference.random_shift(plain.next_obs, shifts[:, 2:]), rtol=0, atol=0
+    )
     check_batch(model, buf, shifted, shifts)
 
 
@@ -240,7 +286,9 @@ def test_frame_stack_repeats_first_frame_and_never_crosses_episodes():
         buf.start_episode(torch.tensor([[[10 * ep]]], dtype=torch.uint8))
         for t in range(1, 4):
             buf.add(torch.tensor([[[10 * ep + t]]], dtype=torch.uint8), [0.0], 0.0, False, t == 3)
-    b = buf.gather(torch.arange(4, 7))  # episode 1 starts at slot 4; slot 3 is episode 0's last frame
+    b = buf.gather(
+        torch.arange(4, 7)
+    )  # episode 1 starts at slot 4; slot 3 is episode 0's last frame
     assert b.obs[:, :, 0, 0].tolist() == [[10, 10, 10, 10], [10, 10, 10, 11], [10, 10, 11, 12]]
     assert b.next_obs[:, :, 0, 0].tolist() == [[10, 10, 10, 11], [10, 10, 11, 12], [10, 11, 12, 13]]
     assert buf.gather(torch.tensor([2])).next_obs[0, :, 0, 0].tolist() == [0, 1, 2, 3]
@@ -277,8 +325,18 @@ def test_nstep_window_must_be_complete_before_sampling():
 def test_vector_envs_interleaved_with_autoreset():
     g = torch.Generator().manual_seed(7)
     n, cap = 3, 41
-    buf = ReplayBuffer(cap, (2, 3, 3), 2, frame_stack=2, n_step=2, gamma=0.9, num_envs=n,
-                       embedding_dim=4, embedding_dtype=torch.float16, seed=0)
+    buf = ReplayBuffer(
+        cap,
+        (2, 3, 3),
+        2,
+        frame_stack=2,
+        n_step=2,
+        gamma=0.9,
+        num_envs=n,
+        embedding_dim=4,
+        embedding_dtype=torch.float16,
+        seed=0,
+    )
     model = Model(cap, 2, 2, 0.9)
     for e in range(n):
         frame, emb = random_frame(g, (2, 3, 3)), torch.randn(4, generator=g).half()
@@ -291,12 +349,33 @@ def test_vector_envs_interleaved_with_autoreset():
         term, trunc = torch.rand(n, generator=g) < 0.1, torch.rand(n, generator=g) < 0.1
         trunc &= ~term
         succ = torch.rand(n, generator=g) < 0.5
-        reset, reset_emb = torch.randint(0, 256, (n, 2, 3, 3), generator=g, dtype=torch.uint8), torch.randn(n, 4, generator=g).half()
-        buf.add_batch(obs, act, rew, term, trunc, success=succ, embedding=emb, reset_obs=reset,
-                      reset_embedding=reset_emb)
+        reset, reset_emb = (
+            torch.randint(0, 256, (n, 2, 3, 3), generator=g, dtype=torch.uint8),
+            torch.randn(n, 4, generator=g).half(),
+        )
+        buf.add_batch(
+            obs,
+            act,
+            rew,
+            term,
+            trunc,
+            success=succ,
+            embedding=emb,
+            reset_obs=reset,
+            reset_embedding=reset_emb,
+        )
         for e in range(n):
-            model.add(e, obs[e], act[e], float(rew[e]), bool(term[e]), bool(trunc[e]), bool(succ[e]),
-                      math.nan, emb[e])
+            model.add(
+                e,
+                obs[e],
+                act[e],
+                float(rew[e]),
+                bool(term[e]),
+                bool(trunc[e]),
+                bool(succ[e]),
+                math.nan,
+                emb[e],
+            )
             if term[e] or trunc[e]:
                 model.start(e, reset[e], reset_emb[e])
         idx = all_valid_indices(model)
@@ -326,8 +405,13 @@ def test_one_frame_stored_per_step():
     buf = ReplayBuffer(steps + 1, (3, 84, 84), 4, frame_stack=3, seed=0)
     buf.start_episode(torch.zeros(3, 84, 84, dtype=torch.uint8))
     for t in range(steps):
-        buf.add(torch.full((3, 84, 84), t + 1, dtype=torch.uint8), torch.zeros(4), 0.0, False,
-                t == steps - 1)
+        buf.add(
+            torch.full((3, 84, 84), t + 1, dtype=torch.uint8),
+            torch.zeros(4),
+            0.0,
+            False,
+            t == steps - 1,
+        )
     assert len(buf) == steps
     assert buf.gather(buf.earlier(torch.tensor([steps - 1]), steps)).steps.tolist() == [0]
     frame_bytes = 3 * 84 * 84
@@ -345,8 +429,21 @@ def test_state_vectors_embeddings_and_goal_distance():
         buf.start_episode(first.double().numpy(), embedding=emb)  # float64 numpy is accepted
         model.start(0, first, emb)
         for t in range(4):
-            obs, emb, act = torch.randn(5, generator=g), torch.randn(3, generator=g), torch.randn(2, generator=g)
-            buf.add(obs, act, 0.5 * t, t == 3, False, success=t == 2, embedding=emb, goal_distance=float(t))
+            obs, emb, act = (
+                torch.randn(5, generator=g),
+                torch.randn(3, generator=g),
+                torch.randn(2, generator=g),
+            )
+            buf.add(
+                obs,
+                act,
+                0.5 * t,
+                t == 3,
+                False,
+                success=t == 2,
+                embedding=emb,
+                goal_distance=float(t),
+            )
             model.add(0, obs, act, 0.5 * t, t == 3, False, t == 2, float(t), emb)
     b = buf.gather(all_valid_indices(model))
     assert b.obs.shape == (len(buf), 10) and b.obs.dtype == torch.float32
@@ -367,8 +464,15 @@ def _filled(seed, **kw):
 def _equal(x, y):
     if not isinstance(x, torch.Tensor):
         return x == y
-    return x.shape == y.shape and x.dtype == y.dtype and bool(
-        torch.isclose(x, y, rtol=0, atol=0, equal_nan=True).all() if x.is_floating_point() else torch.equal(x, y))
+    return (
+        x.shape == y.shape
+        and x.dtype == y.dtype
+        and bool(
+            torch.isclose(x, y, rtol=0, atol=0, equal_nan=True).all()
+            if x.is_floating_point()
+            else torch.equal(x, y)
+        )
+    )
 
 
 def _same(a, b):
@@ -443,7 +547,7 @@ def test_add_in_one_thread_while_sampling_in_another():
             b = buf.sample(8, augment=False)
             ep, t = b.episodes % 256, b.steps
             for j in range(fs):
-                lag = (fs - 1 - j)
+                lag = fs - 1 - j
                 assert torch.equal(b.obs[:, 2 * j, 0, 0].long(), ep), "stack mixes episodes"
                 assert torch.equal(b.obs[:, 2 * j + 1, 0, 0].long(), (t - lag).clamp(min=0))
             k = torch.where(t == 6, 1, 2)  # step 6 is the last transition (truncated)
@@ -461,8 +565,16 @@ def test_add_in_one_thread_while_sampling_in_another():
 
 def _saved_buffer(tmp_path):
     g = torch.Generator().manual_seed(21)
-    buf = ReplayBuffer(40, (3, 6, 6), 2, frame_stack=2, n_step=2, embedding_dim=3,
-                       embedding_dtype=torch.float16, seed=8)
+    buf = ReplayBuffer(
+        40,
+        (3, 6, 6),
+        2,
+        frame_stack=2,
+        n_step=2,
+        embedding_dim=3,
+        embedding_dtype=torch.float16,
+        seed=8,
+    )
     fill(buf, Model(40, 2, 2, 0.99), g, 9, emb_dim=3, emb_dtype=torch.float16)  # wraps around
     buf.start_episode(random_frame(g), embedding=torch.zeros(3))  # an episode in progress
     buf.add(random_frame(g), [0.0, 1.0], 1.0, False, False, embedding=torch.ones(3))
@@ -478,7 +590,14 @@ def test_save_load_round_trip(tmp_path):
     for _ in range(3):  # RNG state restored: the same draws
         assert _same(buf.sample(16), loaded.sample(16))
     for b in (buf, loaded):  # and the open episode continues
-        b.add(torch.zeros(3, 6, 6, dtype=torch.uint8), [1.0, 1.0], 2.0, False, True, embedding=torch.ones(3))
+        b.add(
+            torch.zeros(3, 6, 6, dtype=torch.uint8),
+            [1.0, 1.0],
+            2.0,
+            False,
+            True,
+            embedding=torch.ones(3),
+        )
     assert _same(buf.sample(16), loaded.sample(16))
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
@@ -499,7 +618,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 
 def test_load_rejects_bad_files(tmp_path):
-    buf, path = _saved_buffer(tmp_path)
+    _, path = _saved_buffer(tmp_path)
     data = path.read_bytes()
     bad = tmp_path / "bad.bin"
     bad.write_bytes(data[:-10])
@@ -518,12 +637,14 @@ def test_load_rejects_bad_files(tmp_path):
     bad.write_bytes(bytes(versioned))
     with pytest.raises(ValueError, match="format version 99"):
         ReplayBuffer.load(bad)
-    other = ReplayBuffer(40, (3, 6, 6), 2, frame_stack=3, n_step=2, embedding_dim=3,
-                         embedding_dtype=torch.float16)
+    other = ReplayBuffer(
+        40, (3, 6, 6), 2, frame_stack=3, n_step=2, embedding_dim=3, embedding_dtype=torch.float16
+    )
     with pytest.raises(ValueError, match="different layout.*frame_stack"):
         other.restore(path)
-    same = ReplayBuffer(40, (3, 6, 6), 2, frame_stack=2, n_step=2, embedding_dim=3,
-                        embedding_dtype=torch.float16)
+    same = ReplayBuffer(
+        40, (3, 6, 6), 2, frame_stack=2, n_step=2, embedding_dim=3, embedding_dtype=torch.float16
+    )
     same.restore(path)
     assert _same(same.sample(8), ReplayBuffer.load(path).sample(8))
 
@@ -592,11 +713,19 @@ def test_native_boundary_rejects_bad_tensors():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or not _native.HAS_CUDA_KERNELS,
-                    reason="needs a CUDA GPU and the CUDA kernels")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not _native.HAS_CUDA_KERNELS,
+    reason="needs a CUDA GPU and the CUDA kernels",
+)
 def test_cuda_buffer_matches_cpu_buffer():
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    kw = dict(frame_stack=3, n_step=2, embedding_dim=4, embedding_dtype=torch.float16, seed=6)
+    kw = {
+        "frame_stack": 3,
+        "n_step": 2,
+        "embedding_dim": 4,
+        "embedding_dtype": torch.float16,
+        "seed": 6,
+    }
     cpu = ReplayBuffer(45, (3, 10, 9), 2, **kw)
     gpu = ReplayBuffer(45, (3, 10, 9), 2, device="cuda", **kw)
     fill(cpu, Model(45, 3, 2, 0.99), g1, 12, emb_dim=4, emb_dtype=torch.float16)

@@ -204,7 +204,8 @@ void ReplayCore::write_observation(int64_t env, int64_t prev_seq, int64_t episod
   copy_(c_.frames + slot * layout_.frame_bytes(), obs, layout_.frame_bytes());
   if (layout_.embedding_dim > 0)
     copy_(c_.embeddings + slot * layout_.embedding_bytes(), embedding, layout_.embedding_bytes());
-  std::fill(c_.actions + slot * layout_.action_dim, c_.actions + (slot + 1) * layout_.action_dim, 0.f);
+  float* action = c_.actions + slot * layout_.action_dim;
+  std::fill(action, action + layout_.action_dim, 0.f);
   c_.rewards[slot] = 0.f;
   c_.goal_distances[slot] = std::numeric_limits<float>::quiet_NaN();
   c_.flags[slot] = 0;
@@ -235,7 +236,8 @@ void ReplayCore::start_episode(int64_t env, const void* obs, const void* embeddi
 
 void ReplayCore::check_add(int64_t env) const {
   if (env < 0 || env >= layout_.num_envs)
-    throw ValueError("add: 'env' must be in [0, " + str(layout_.num_envs) + "), got " + str(env) + ".");
+    throw ValueError("add: 'env' must be in [0, " + str(layout_.num_envs) + "), got " + str(env) +
+                     ".");
   const int64_t last = c_.state[kStateHeader + env];
   if (last < 0)
     throw ValueError("add: env " + str(env) +
@@ -347,7 +349,8 @@ void ReplayCore::sample(int64_t batch, bool augment, const int64_t* indices, con
   std::shared_lock<std::shared_mutex> lock(mutex_);
   const ReplayLayout& l = layout_;
   const int64_t n = size();
-  if (batch < 1) throw ValueError("sample: 'batch_size' must be at least 1, got " + str(batch) + ".");
+  if (batch < 1)
+    throw ValueError("sample: 'batch_size' must be at least 1, got " + str(batch) + ".");
   if (!indices && n == 0)
     throw ValueError("sample: the buffer holds no sampleable transition yet (add more steps).");
   if (!indices && batch > n)
@@ -408,12 +411,14 @@ void ReplayCore::sample(int64_t batch, bool augment, const int64_t* indices, con
       stack_of(s, obs_slots.data());
       stack_of(next_slot, next_slots.data());
       const int32_t* shb = &sh[b * 4];
+      const int64_t elem = l.pixels ? 1 : 4;
       if (out.obs)
-        replay_gather_stack_cpu(c_.frames, obs_slots.data(), F, l.channels, l.height, l.width,
-                                l.pixels ? 1 : 4, l.shift_pad, shb[0], shb[1], shift, out.obs + b * F * fb);
+        replay_gather_stack_cpu(c_.frames, obs_slots.data(), F, l.channels, l.height, l.width, elem,
+                                l.shift_pad, shb[0], shb[1], shift, out.obs + b * F * fb);
       if (out.next_obs)
         replay_gather_stack_cpu(c_.frames, next_slots.data(), F, l.channels, l.height, l.width,
-                                l.pixels ? 1 : 4, l.shift_pad, shb[2], shb[3], shift, out.next_obs + b * F * fb);
+                                elem, l.shift_pad, shb[2], shb[3], shift,
+                                out.next_obs + b * F * fb);
       if (out.embedding) std::memcpy(out.embedding + b * eb, c_.embeddings + s * eb, eb);
       if (out.next_embedding)
         std::memcpy(out.next_embedding + b * eb, c_.embeddings + next_slot * eb, eb);

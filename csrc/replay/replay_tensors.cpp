@@ -33,7 +33,9 @@ ReplayTensors::ReplayTensors(const ReplayLayout& layout, const ReplayColumnViews
                              uint64_t seed)
     : layout_(layout) {
   const int64_t cap = layout.capacity;
-  if (cap < 1) throw ValueError("ReplayBuffer: 'capacity' must be at least 1, got " + std::to_string(cap) + ".");
+  if (cap < 1)
+    throw ValueError("ReplayBuffer: 'capacity' must be at least 1, got " + std::to_string(cap) +
+                     ".");
   const DeviceKind dev = layout.device, cpu = DeviceKind::kCPU;
   std::vector<int64_t> frame_shape = {cap, layout.channels};
   if (layout.pixels) frame_shape.insert(frame_shape.end(), {layout.height, layout.width});
@@ -55,7 +57,8 @@ ReplayTensors::ReplayTensors(const ReplayLayout& layout, const ReplayColumnViews
     expect_tensor(*c.embeddings, kOp, "embeddings", {cap, layout.embedding_dim},
                   layout.embedding_dtype, dev, true);
   }
-  if (dev == DeviceKind::kCUDA && c.embeddings && c.embeddings->device_index != c.frames.device_index)
+  if (dev == DeviceKind::kCUDA && c.embeddings &&
+      c.embeddings->device_index != c.frames.device_index)
     throw ValueError("ReplayBuffer: 'frames' and 'embeddings' must be on the same GPU.");
 
   ReplayColumns cols;
@@ -108,8 +111,9 @@ void ReplayTensors::check_embedding(const char* op, const char* arg, const Tenso
                             "' was given but the buffer stores no embeddings (embedding_dim=0).");
     return;
   }
-  if (!e) throw ValueError(std::string(op) + ": argument '" + arg + "' is required (embedding_dim=" +
-                           std::to_string(layout_.embedding_dim) + ").");
+  if (!e)
+    throw ValueError(std::string(op) + ": argument '" + arg + "' is required (embedding_dim=" +
+                     std::to_string(layout_.embedding_dim) + ").");
   std::vector<int64_t> shape;
   if (batch >= 0) shape.push_back(batch);
   shape.push_back(layout_.embedding_dim);
@@ -156,7 +160,8 @@ void ReplayTensors::add_batch(const TensorView& obs, const TensorView& actions,
   const DeviceKind cpu = DeviceKind::kCPU;
   check_obs("add_batch", "next_obs", obs, n);
   check_embedding("add_batch", "embedding", embeddings, n);
-  expect_tensor(actions, "add_batch", "action", {n, layout_.action_dim}, DType::kFloat32, cpu, false);
+  expect_tensor(actions, "add_batch", "action", {n, layout_.action_dim}, DType::kFloat32, cpu,
+                false);
   expect_tensor(rewards, "add_batch", "reward", {n}, DType::kFloat32, cpu, false);
   expect_tensor(terminated, "add_batch", "terminated", {n}, DType::kBool, cpu, false);
   expect_tensor(truncated, "add_batch", "truncated", {n}, DType::kBool, cpu, false);
@@ -188,7 +193,8 @@ void ReplayTensors::add_batch(const TensorView& obs, const TensorView& actions,
 
 void ReplayTensors::sample(int64_t batch, bool augment, const TensorView* indices,
                            const TensorView* shifts, const ReplayOutViews& o, int num_threads) {
-  if (batch < 1) throw ValueError("sample: 'batch_size' must be at least 1, got " + std::to_string(batch) + ".");
+  if (batch < 1)
+    throw ValueError("sample: 'batch_size' must be at least 1, got " + std::to_string(batch) + ".");
   const DeviceKind cpu = DeviceKind::kCPU;
   const int64_t F = layout_.frame_stack;
   if (indices) expect_tensor(*indices, "gather", "indices", {batch}, DType::kInt64, cpu, false);
@@ -196,36 +202,40 @@ void ReplayTensors::sample(int64_t batch, bool augment, const TensorView* indice
     if (!layout_.pixels) throw ValueError("gather: 'shifts' apply to pixel observations only.");
     expect_tensor(*shifts, "gather", "shifts", {batch, 4}, DType::kInt32, cpu, false);
   }
-  ReplaySampleOut out;
+  // Checks an optional output and returns its data pointer (null when absent).
   const auto bind = [&](const TensorView* t, const char* name, std::vector<int64_t> shape,
-                        DType dtype) -> uint8_t* {
+                        DType dtype) -> void* {
     if (!t) return nullptr;
     expect_tensor(*t, "sample", name, shape, dtype, cpu, true);
-    return t->ptr<uint8_t>();
+    return t->data;
   };
   std::vector<int64_t> stack_shape = {batch, F * layout_.channels};
   if (layout_.pixels) stack_shape.insert(stack_shape.end(), {layout_.height, layout_.width});
   const DType obs_dtype = layout_.pixels ? DType::kUInt8 : DType::kFloat32;
   if ((o.obs || o.next_obs || o.embedding || o.next_embedding) && layout_.device != cpu)
-    throw ValueError("sample: GPU-mode frames are gathered by replay_gather_frames_cuda, not here.");
-  out.obs = bind(o.obs, "obs", stack_shape, obs_dtype);
-  out.next_obs = bind(o.next_obs, "next_obs", stack_shape, obs_dtype);
+    throw ValueError("sample: GPU-mode frames are gathered by replay_gather_frames_cuda.");
   if ((o.embedding || o.next_embedding) && layout_.embedding_dim == 0)
     throw ValueError("sample: the buffer stores no embeddings.");
-  out.embedding = bind(o.embedding, "embedding", {batch, layout_.embedding_dim}, layout_.embedding_dtype);
-  out.next_embedding =
-      bind(o.next_embedding, "next_embedding", {batch, layout_.embedding_dim}, layout_.embedding_dtype);
-  out.obs_slots = reinterpret_cast<int64_t*>(bind(o.obs_slots, "obs_slots", {batch, F}, DType::kInt64));
-  out.next_slots = reinterpret_cast<int64_t*>(bind(o.next_slots, "next_slots", {batch, F}, DType::kInt64));
-  out.shifts = reinterpret_cast<int32_t*>(bind(o.shifts, "shifts", {batch, 4}, DType::kInt32));
-  out.action = reinterpret_cast<float*>(bind(o.action, "action", {batch, layout_.action_dim}, DType::kFloat32));
-  out.reward = reinterpret_cast<float*>(bind(o.reward, "reward", {batch}, DType::kFloat32));
-  out.discount = reinterpret_cast<float*>(bind(o.discount, "discount", {batch}, DType::kFloat32));
-  out.goal_distance = reinterpret_cast<float*>(bind(o.goal_distance, "goal_distance", {batch}, DType::kFloat32));
-  out.success = reinterpret_cast<bool*>(bind(o.success, "success", {batch}, DType::kBool));
-  out.indices = reinterpret_cast<int64_t*>(bind(o.indices, "indices", {batch}, DType::kInt64));
-  out.episodes = reinterpret_cast<int64_t*>(bind(o.episodes, "episodes", {batch}, DType::kInt64));
-  out.steps = reinterpret_cast<int64_t*>(bind(o.steps, "steps", {batch}, DType::kInt64));
+  const int64_t A = layout_.action_dim, D = layout_.embedding_dim;
+  const DType f32 = DType::kFloat32, i64 = DType::kInt64;
+  ReplaySampleOut out;
+  out.obs = static_cast<uint8_t*>(bind(o.obs, "obs", stack_shape, obs_dtype));
+  out.next_obs = static_cast<uint8_t*>(bind(o.next_obs, "next_obs", stack_shape, obs_dtype));
+  out.embedding =
+      static_cast<uint8_t*>(bind(o.embedding, "embedding", {batch, D}, layout_.embedding_dtype));
+  out.next_embedding = static_cast<uint8_t*>(
+      bind(o.next_embedding, "next_embedding", {batch, D}, layout_.embedding_dtype));
+  out.obs_slots = static_cast<int64_t*>(bind(o.obs_slots, "obs_slots", {batch, F}, i64));
+  out.next_slots = static_cast<int64_t*>(bind(o.next_slots, "next_slots", {batch, F}, i64));
+  out.shifts = static_cast<int32_t*>(bind(o.shifts, "shifts", {batch, 4}, DType::kInt32));
+  out.action = static_cast<float*>(bind(o.action, "action", {batch, A}, f32));
+  out.reward = static_cast<float*>(bind(o.reward, "reward", {batch}, f32));
+  out.discount = static_cast<float*>(bind(o.discount, "discount", {batch}, f32));
+  out.goal_distance = static_cast<float*>(bind(o.goal_distance, "goal_distance", {batch}, f32));
+  out.success = static_cast<bool*>(bind(o.success, "success", {batch}, DType::kBool));
+  out.indices = static_cast<int64_t*>(bind(o.indices, "indices", {batch}, i64));
+  out.episodes = static_cast<int64_t*>(bind(o.episodes, "episodes", {batch}, i64));
+  out.steps = static_cast<int64_t*>(bind(o.steps, "steps", {batch}, i64));
   core_->sample(batch, augment, indices ? indices->ptr<int64_t>() : nullptr,
                 shifts ? shifts->ptr<int32_t>() : nullptr, out, num_threads);
 }
