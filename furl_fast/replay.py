@@ -88,8 +88,8 @@ def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
 def _to_tensor(value: Any, name: str, op: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach()
-    try:
-        return torch.as_tensor(np.asarray(value))
+    try:  # ascontiguousarray: torch cannot wrap negative strides (e.g. a frame flipped with [::-1])
+        return torch.as_tensor(np.ascontiguousarray(value))
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(
             f"{op}: '{name}' must be a tensor or array, got {type(value).__name__}."

@@ -7,6 +7,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -419,6 +420,17 @@ def test_one_frame_stored_per_step():
     assert frame_bytes <= per_slot <= frame_bytes + 100  # ~61 bytes of per-step metadata
 
 
+def test_numpy_inputs_including_flipped_frames():
+    frame = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    buf = ReplayBuffer(10, (2, 3, 4), 2, seed=0)
+    buf.start_episode(frame[:, ::-1])  # negative strides, as after a vertical flip
+    buf.add(frame, np.array([0.5, -0.5]), np.float32(1.0), np.bool_(False), np.bool_(True))
+    b = buf.gather([0])
+    assert np.array_equal(b.obs[0].numpy(), frame[:, ::-1])
+    assert np.array_equal(b.next_obs[0].numpy(), frame)
+    assert b.action.tolist() == [[0.5, -0.5]] and b.reward.tolist() == [1.0]
+
+
 def test_state_vectors_embeddings_and_goal_distance():
     g = torch.Generator().manual_seed(11)
     buf = ReplayBuffer(30, (5,), 2, frame_stack=2, n_step=2, embedding_dim=3, seed=0)
@@ -734,6 +746,10 @@ def test_cuda_buffer_matches_cpu_buffer():
         a, b = cpu.sample(32), gpu.sample(32)
         assert b.obs.is_cuda and b.embedding.is_cuda
         assert _same(a, [x.cpu() if isinstance(x, torch.Tensor) else x for x in b])
+    pinned = ReplayBuffer(45, (3, 10, 9), 2, pin_memory=True, **kw)
+    fill(pinned, Model(45, 3, 2, 0.99), torch.Generator().manual_seed(3), 12, emb_dim=4,
+         emb_dtype=torch.float16)
+    assert pinned.sample(4).obs.is_pinned()
     idx = cpu.sample(8).indices
     shifts = torch.randint(0, 9, (8, 4), dtype=torch.int32)
     a, b = cpu.gather(idx, shifts=shifts), gpu.gather(idx, shifts=shifts)
