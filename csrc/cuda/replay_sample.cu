@@ -76,7 +76,9 @@ void replay_gather_frames_cuda(const TensorView& frames, const TensorView& slots
   FURL_CUDA_CHECK_LAUNCH("replay_gather_frames_kernel");
 }
 
-void replay_copy_to_device_cuda(void* dst, const void* src, int64_t bytes, uintptr_t stream) {
+void replay_copy_to_device_cuda(void* dst, const void* src, int64_t bytes, int device,
+                                uintptr_t stream) {
+  CudaDeviceGuard guard(device);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   // cudaMemcpyDefault: the source may be host memory or the buffer's own GPU (unified addressing).
   cuda_check(cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyDefault, s),

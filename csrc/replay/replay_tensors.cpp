@@ -82,8 +82,10 @@ ReplayTensors::ReplayTensors(const ReplayLayout& layout, const ReplayColumnViews
   } else {
 #ifdef FURL_FAST_WITH_CUDA
     copier.fn = [](void* dst, const void* src, int64_t bytes, void* ctx) {
-      replay_copy_to_device_cuda(dst, src, bytes, static_cast<ReplayTensors*>(ctx)->stream_);
+      const auto* self = static_cast<ReplayTensors*>(ctx);
+      replay_copy_to_device_cuda(dst, src, bytes, self->device_index_, self->stream_);
     };
+    device_index_ = c.frames.device_index;
     copier.ctx = this;
 #else
     throw ValueError("ReplayBuffer: device='cuda' needs furl_fast built with its CUDA kernels.");
@@ -102,6 +104,8 @@ void ReplayTensors::check_obs(const char* op, const char* arg, const TensorView&
   const DeviceKind dev = layout_.device == DeviceKind::kCUDA && obs.device == DeviceKind::kCUDA
                              ? DeviceKind::kCUDA : DeviceKind::kCPU;
   expect_tensor(obs, op, arg, shape, layout_.pixels ? DType::kUInt8 : DType::kFloat32, dev, false);
+  if (dev == DeviceKind::kCUDA && obs.device_index != device_index_)
+    throw ValueError(std::string(op) + ": argument '" + arg + "' is on another GPU than the buffer.");
 }
 
 void ReplayTensors::check_embedding(const char* op, const char* arg, const TensorView* e,
@@ -120,6 +124,8 @@ void ReplayTensors::check_embedding(const char* op, const char* arg, const Tenso
   const DeviceKind dev = layout_.device == DeviceKind::kCUDA && e->device == DeviceKind::kCUDA
                              ? DeviceKind::kCUDA : DeviceKind::kCPU;
   expect_tensor(*e, op, arg, shape, layout_.embedding_dtype, dev, false);
+  if (dev == DeviceKind::kCUDA && e->device_index != device_index_)
+    throw ValueError(std::string(op) + ": argument '" + arg + "' is on another GPU than the buffer.");
 }
 
 void ReplayTensors::start_episode(int64_t env, const TensorView& obs, const TensorView* embedding,

@@ -187,8 +187,10 @@ void replay_gather_stack_cpu(const uint8_t* frames, const int64_t* slots, int64_
 void replay_gather_frames_cuda(const TensorView& frames, const TensorView& slots,
                                const TensorView& shifts, const TensorView& out, int64_t pad,
                                uintptr_t stream);
-// Host or device -> device copy on `stream`, synchronised so the source may be freed at once.
-void replay_copy_to_device_cuda(void* dst, const void* src, int64_t bytes, uintptr_t stream);
+// Host or device -> device copy on `stream` of GPU `device`, synchronised so the source may be
+// freed at once.
+void replay_copy_to_device_cuda(void* dst, const void* src, int64_t bytes, int device,
+                                uintptr_t stream);
 #endif
 
 }  // namespace furl_fast

@@ -55,6 +55,7 @@ class ReplayTensors {
 
   ReplayLayout layout_;
   uintptr_t stream_ = 0;  // the caller's CUDA stream for the copy of the current add
+  int device_index_ = 0;  // GPU of the frames in GPU mode
   std::unique_ptr<ReplayCore> core_;
 };
 
