@@ -168,6 +168,18 @@ def test_baseline_sb3_numpy_plus_drqv2_aug(benchmark, baseline):
     _record("baseline", benchmark)
 
 
+def test_baseline_sb3_numpy_sample_only(benchmark, baseline):
+    # Where the baseline's time goes: the numpy gather alone, without augmentation.
+    buf, _ = baseline
+    benchmark.pedantic(lambda: buf.sample(BATCH), rounds=30, warmup_rounds=2)
+    _record("baseline, no augment", benchmark)
+
+
+def test_ours_sample_no_augment(benchmark, ours):
+    benchmark.pedantic(lambda: ours.sample(BATCH, augment=False), rounds=50, warmup_rounds=3)
+    _record("ours, no augment", benchmark)
+
+
 def test_ours_sample_augment(benchmark, ours):
     benchmark.pedantic(lambda: ours.sample(BATCH), rounds=50, warmup_rounds=3)
     _record("ours (uint8 out)", benchmark)

@@ -699,6 +699,14 @@ def test_bad_input_raises_clear_errors():
         buf.gather([0], shifts=torch.tensor([[0, 0, 9, 0]]))
     with pytest.raises(ValueError, match="env"):
         buf.start_episode(frame, env=3)
+    vec = ReplayBuffer(10, (2,), 1, num_envs=2, seed=0)
+    vec.start_episode([0.0, 0.0], env=0)  # env 1 never started: nothing may be added at all
+    with pytest.raises(ValueError, match="env 1 has no open episode"):
+        vec.add_batch(torch.zeros(2, 2), torch.zeros(2, 1), torch.zeros(2), [False, False], [False, False])
+    assert vec.episode_open(0) and len(vec) == 0
+    vec.start_episode([0.0, 0.0], env=1)
+    vec.add_batch(torch.zeros(2, 2), torch.zeros(2, 1), torch.zeros(2), [False, True], [False, False])
+    assert vec.episode_open(0) and not vec.episode_open(1) and len(vec) == 2
     emb_buf = ReplayBuffer(10, (2,), 1, embedding_dim=4)
     with pytest.raises(ValueError, match="'embedding' is required"):
         emb_buf.start_episode([0.0, 0.0])
