@@ -8,7 +8,8 @@ Adding data. An episode is `start_episode(first_obs)` followed by one `add(next_
 terminated, truncated)` per step, where next_obs is the observation that step returned. The step
 that ends the episode (terminated or truncated) carries its final observation, so the last
 transition's next_obs is always stored; the next episode needs a new start_episode(), and add()
-without an open episode raises. Every observation is stored exactly once.
+without an open episode raises. Every observation is stored exactly once. (The argument order of
+add() follows what env.step() returns first: the observation, then the rest.)
 
     buf.start_episode(obs)
     while True:
@@ -707,25 +708,32 @@ class ReplayBuffer:
         a temporary file in the same directory, fsync, then rename, so a crash mid-save leaves any
         previous file at path intact."""
         path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        # Under the write lock: no add() changes the columns between checksum and write. The small
+        # state column (counters, RNG) is copied, as a sample() in another thread advances the RNG.
         with self._write_lock:
             self._wait_prefetch()
-            arrays = [(name, t.cpu().numpy()) for name, t in self._columns.items()]
+            arrays = [
+                (t.clone() if name == "state" else t).cpu().numpy()
+                for name, t in self._columns.items()
+            ]
             header = {
                 "layout": self._layout(),
-                "crc32": [zlib.crc32(memoryview(a).cast("B")) for _, a in arrays],
+                "crc32": [zlib.crc32(memoryview(a).cast("B")) for a in arrays],
             }
-        blob = json.dumps(header).encode()
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(_MAGIC + struct.pack("<III", _FORMAT_VERSION, len(blob), zlib.crc32(blob)))
-                f.write(blob)
-                f.writelines(memoryview(a).cast("B") for _, a in arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+            blob = json.dumps(header).encode()
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(
+                        _MAGIC + struct.pack("<III", _FORMAT_VERSION, len(blob), zlib.crc32(blob))
+                    )
+                    f.write(blob)
+                    f.writelines(memoryview(a).cast("B") for a in arrays)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     @staticmethod
     def _read_header(f: Any, path: Path) -> tuple[dict[str, Any], int]:
