@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -702,10 +705,14 @@ def test_bad_input_raises_clear_errors():
     vec = ReplayBuffer(10, (2,), 1, num_envs=2, seed=0)
     vec.start_episode([0.0, 0.0], env=0)  # env 1 never started: nothing may be added at all
     with pytest.raises(ValueError, match="env 1 has no open episode"):
-        vec.add_batch(torch.zeros(2, 2), torch.zeros(2, 1), torch.zeros(2), [False, False], [False, False])
+        vec.add_batch(
+            torch.zeros(2, 2), torch.zeros(2, 1), torch.zeros(2), [False, False], [False, False]
+        )
     assert vec.episode_open(0) and len(vec) == 0
     vec.start_episode([0.0, 0.0], env=1)
-    vec.add_batch(torch.zeros(2, 2), torch.zeros(2, 1), torch.zeros(2), [False, True], [False, False])
+    vec.add_batch(
+        torch.zeros(2, 2), torch.zeros(2, 1), torch.zeros(2), [False, True], [False, False]
+    )
     assert vec.episode_open(0) and not vec.episode_open(1) and len(vec) == 2
     emb_buf = ReplayBuffer(10, (2,), 1, embedding_dim=4)
     with pytest.raises(ValueError, match="'embedding' is required"):
@@ -755,10 +762,31 @@ def test_cuda_buffer_matches_cpu_buffer():
         assert b.obs.is_cuda and b.embedding.is_cuda
         assert _same(a, [x.cpu() if isinstance(x, torch.Tensor) else x for x in b])
     pinned = ReplayBuffer(45, (3, 10, 9), 2, pin_memory=True, **kw)
-    fill(pinned, Model(45, 3, 2, 0.99), torch.Generator().manual_seed(3), 12, emb_dim=4,
-         emb_dtype=torch.float16)
+    fill(
+        pinned,
+        Model(45, 3, 2, 0.99),
+        torch.Generator().manual_seed(3),
+        12,
+        emb_dim=4,
+        emb_dtype=torch.float16,
+    )
     assert pinned.sample(4).obs.is_pinned()
     idx = cpu.sample(8).indices
     shifts = torch.randint(0, 9, (8, 4), dtype=torch.int32)
     a, b = cpu.gather(idx, shifts=shifts), gpu.gather(idx, shifts=shifts)
     assert _same(a, [x.cpu() for x in b])
+
+
+# ---- the C++ core on its own ---------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_cpp_core_builds_and_runs_without_python(tmp_path):
+    # The core must stay pure C++17: it compiles with no Python, pybind11 or torch include path.
+    root = Path(__file__).resolve().parents[1]
+    exe = tmp_path / "replay_core_test"
+    sources = [root / "csrc/replay/replay.cpp", root / "csrc/replay/test/replay_core_test.cpp"]
+    cmd = ["c++", "-std=c++17", "-O1", "-pthread", f"-I{root / 'csrc/include'}", *map(str, sources)]
+    subprocess.run([*cmd, "-o", str(exe)], check=True, capture_output=True, timeout=240)
+    result = subprocess.run([str(exe)], check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
