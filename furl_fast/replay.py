@@ -104,9 +104,12 @@ def _capsule(t: torch.Tensor | None):
 class ReplayBuffer:
     """FIFO replay buffer of transitions with frame stacking, n-step returns and DrQ random shift.
 
-    capacity: observation slots. Each episode of T steps takes T + 1 slots (its final observation
-    too), so the buffer holds about capacity * T / (T + 1) transitions; len(buffer) counts the ones
-    that can be sampled now.
+    capacity: observation slots, overwritten oldest first. Each episode of T steps takes T + 1 slots
+    (its final observation too), so the buffer holds about capacity * T / (T + 1) transitions;
+    len(buffer) counts the ones that can be sampled now. A transition is sampleable once its n-step
+    window is stored, and stops being so when any frame of its stack is overwritten (so once the
+    oldest episode's first frames are gone, its first surviving frame_stack - 1 steps are skipped:
+    a stack never reads an overwritten frame or one of another episode).
     obs_shape: (C, H, W) for uint8 pixel frames (one frame per step; stacks are built at sample
     time) or (dim,) for float32 state vectors.
     action_dim: width of the float32 action vector.
