@@ -45,3 +45,26 @@ def preprocess_frames(
     m = torch.tensor(mean, dtype=compute, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=compute, device=x.device).view(1, 3, 1, 1)
     return ((x / 255.0 - m) / s).to(out_dtype)
+
+
+# ---- replay buffer augmentation (furl_fast.replay) ------------------------------------------------
+
+
+def random_shift(frames: torch.Tensor, shifts: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """DrQ / DrQ-v2 random shift with given integer shifts, by plain indexing.
+
+    frames: (N, C, H, W) of any dtype; shifts: (N, 2) integers (x, y), each in [0, 2 * pad], in the
+    order of the last dimension of DrQ-v2's sampling grid. Output pixel (y, x) of sample n is
+    frames[n, :, clamp(y + shifts[n, 1] - pad), clamp(x + shifts[n, 0] - pad)]: the frame
+    replicate-padded by `pad` on every side, then cropped back to H x W at offset (y, x) = shifts[n, ::-1].
+    This equals DrQ-v2's RandomShiftsAug (replicate pad + grid_sample, align_corners=False) for the
+    same shifts. Returns (N, C, H, W) in frames' dtype.
+    """
+    n, _, height, width = frames.shape
+    shifts = shifts.to(device=frames.device, dtype=torch.long)
+    if shifts.shape != (n, 2) or bool(((shifts < 0) | (shifts > 2 * pad)).any()):
+        raise ValueError(f"random_shift: 'shifts' must be (N, 2) integers in [0, {2 * pad}].")
+    ys = (torch.arange(height, device=frames.device) + shifts[:, 1:2] - pad).clamp(0, height - 1)
+    xs = (torch.arange(width, device=frames.device) + shifts[:, 0:1] - pad).clamp(0, width - 1)
+    rows = torch.gather(frames, 2, ys[:, None, :, None].expand(-1, frames.shape[1], -1, width))
+    return torch.gather(rows, 3, xs[:, None, None, :].expand(-1, frames.shape[1], height, -1))
