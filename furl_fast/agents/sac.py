@@ -10,6 +10,7 @@ weights, so its gradient reaches the actor only.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from typing import Any
 
@@ -82,7 +83,7 @@ class TwinCritic(nn.Module):
         dims = [obs_dim + act_dim, *hidden, 1]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
-        for d_in, d_out in zip(dims[:-1], dims[1:]):
+        for d_in, d_out in itertools.pairwise(dims):
             bound = 1.0 / math.sqrt(d_in)
             self.weights.append(nn.Parameter(torch.empty(num_q, d_in, d_out).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.empty(num_q, 1, d_out).uniform_(-bound, bound)))
@@ -230,4 +231,5 @@ class SAC:
         self.critic_target.load_state_dict(state["critic_target"])
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # Optimizer.load_state_dict keeps the given moment tensors: copy so two agents never share them.
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))

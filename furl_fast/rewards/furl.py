@@ -20,6 +20,7 @@ so a positive's lag frame is simply the positive stored `lag` slots earlier.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -376,12 +377,13 @@ class FuRLReward:
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        """Heads, optimiser, phase, goal embedding and the embedding buffer."""
+        """Heads, optimiser, phase, text and goal embeddings, and the embedding buffer."""
         return {
             "image_head": self.image_head.state_dict(),
             "text_head": self.text_head.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "phase": self.phase,
+            "text_emb": self.text_emb.cpu(),
             "goal_emb": None if self.goal_emb is None else self.goal_emb.cpu(),
             "buffer": self.buffer.state_dict(),
         }
@@ -389,7 +391,10 @@ class FuRLReward:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.image_head.load_state_dict(state["image_head"])
         self.text_head.load_state_dict(state["text_head"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # Optimizer.load_state_dict keeps the given moment tensors: copy so two models never share them.
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.phase = state["phase"]
+        # The heads were trained against this text embedding; keep it with them.
+        self.text_emb = self._check_vector("text_emb", state["text_emb"])
         self.goal_emb = None if state["goal_emb"] is None else self._check_vector("goal_emb", state["goal_emb"])
         self.buffer.load_state_dict(state["buffer"])
