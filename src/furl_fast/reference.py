@@ -26,7 +26,7 @@ def preprocess_frames(
 ) -> torch.Tensor:
     """frames: (N, H, W, 3) uint8 -> (N, 3, size, size) out_dtype.
 
-    Vertical flip, then the crop box (top, left, height, width) in the flipped frame, then
+    Computes in float32, or in float64 when out_dtype is float64 (the test oracle). Vertical flip, then the crop box (top, left, height, width) in the flipped frame, then
     F.interpolate(align_corners=False, antialias when downsampling) on the float frame, /255 and
     (x - mean) / std per output channel; bgr reverses the channel order before normalising.
     """
@@ -38,9 +38,10 @@ def preprocess_frames(
         x = x[:, top : top + height, left : left + width]
     if bgr:
         x = x.flip(-1)
-    x = x.permute(0, 3, 1, 2).float()
+    compute = torch.float64 if out_dtype == torch.float64 else torch.float32
+    x = x.permute(0, 3, 1, 2).to(compute)
     antialias = x.shape[-2] > size or x.shape[-1] > size
     x = F.interpolate(x, size=(size, size), mode=interpolation, align_corners=False, antialias=antialias)
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    m = torch.tensor(mean, dtype=compute, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=compute, device=x.device).view(1, 3, 1, 1)
     return ((x / 255.0 - m) / s).to(out_dtype)
