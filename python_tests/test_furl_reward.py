@@ -233,3 +233,22 @@ def test_bad_inputs_raise_clear_errors():
         buf.add_episode(torch.zeros(3, 5), [0, 0, 0])
     with pytest.raises(ValueError, match="lag"):
         EmbeddingBuffer(4, 10, 10, lag=10)
+
+
+@pytest.mark.cuda
+def test_cuda_reward_buffer_and_update_match_cpu():
+    cpu = _model(seed=0)
+    gpu = _model(seed=0, device="cuda")
+    gpu.load_state_dict(cpu.state_dict())
+    emb = torch.randn(33, 16)
+    torch.testing.assert_close(gpu.reward(emb.cuda()).cpu(), cpu.reward(emb), rtol=1e-4, atol=1e-5)
+    for m in (cpu, gpu):
+        m.set_goal(torch.ones(16))
+        m.update(emb.to(m.device))
+    torch.testing.assert_close(gpu.image_head.w1.cpu(), cpu.image_head.w1, rtol=1e-4, atol=1e-5)
+    for m in (cpu, gpu):
+        m.add_episode(_tagged(0, 30, 16).to(m.device), np.zeros(30, bool))
+        m.add_episode(_tagged(1, 30, 16).to(m.device), np.ones(30, bool))
+    pos, neg, lag = gpu.buffer.sample(64)
+    assert pos.is_cuda and torch.equal(lag[:, 1], pos[:, 1] - SMALL.lag) and (neg[:, 0] == 0).all()
+    assert gpu.update(None, log=True)
