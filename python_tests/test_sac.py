@@ -273,3 +273,18 @@ def test_cuda_update_uses_fused_adam_and_matches_cpu_losses():
     assert all(v.is_cuda for v in metrics.values())
     assert all(np.isfinite(v) for v in gpu.update({k: v.cuda() for k, v in batch.items()}, log=True).values())
     assert gpu.act(torch.randn(3, 5)).is_cuda
+
+
+def test_batch_may_be_a_named_tuple_and_metric_prefix_applies():
+    from typing import NamedTuple
+
+    class Batch(NamedTuple):
+        obs: torch.Tensor
+        action: torch.Tensor
+        reward: torch.Tensor
+        discount: torch.Tensor
+        next_obs: torch.Tensor
+
+    agent = SAC(3, 2, SACConfig(hidden_dims=(8,)), metric_prefix="relay_")
+    batch = Batch(torch.randn(4, 3), torch.zeros(4, 2), torch.zeros(4), torch.ones(4), torch.randn(4, 3))
+    assert "losses/relay_critic" in agent.update(batch, log=True)

@@ -44,6 +44,22 @@ class SACConfig:
 
 
 @dataclass(frozen=True)
+class DrQConfig:
+    """Pixel-based agent (agent=drq): DrQ-v2-style defaults (/work/shared/spec/furl.md, baselines)."""
+
+    image_size: int = 84
+    """Side of the square RGB observation the agent sees."""
+    frame_stack: int = 3
+    """Consecutive frames stacked along channels."""
+    action_repeat: int = 2
+    """Environment steps per agent action."""
+    shift_pad: int = 4
+    """Random-shift augmentation: replicate pad, then a random crop back to image_size."""
+    feature_dim: int = 50
+    """Width of the encoder's output (after Linear + LayerNorm + tanh), the actor's and critics' input."""
+
+
+@dataclass(frozen=True)
 class FuRLConfig:
     """Reward alignment (the projection heads and their ranking losses) and relay RL."""
 
@@ -138,6 +154,8 @@ class Config:
     """Log per-phase timings (perf/*) at the cost of a host sync per step."""
     sac: SACConfig = field(default_factory=SACConfig)
     """SAC hyper-parameters."""
+    drq: DrQConfig = field(default_factory=DrQConfig)
+    """Pixel-agent settings (used when agent=drq)."""
     furl: FuRLConfig = field(default_factory=FuRLConfig)
     """Reward-alignment and relay hyper-parameters."""
     vlm: VLMConfig = field(default_factory=VLMConfig)
@@ -239,6 +257,14 @@ def _problems(cfg: Config, known_tasks: Collection[str] | None) -> list[str]:
         p.append(f"sac.gamma={s.gamma} must be in (0, 1].")
     if not 0 < s.tau <= 1:
         p.append(f"sac.tau={s.tau} must be in (0, 1].")
+
+    d = cfg.drq
+    for name in ("frame_stack", "action_repeat", "feature_dim"):
+        p += _positive(f"drq.{name}", getattr(d, name))
+    if d.image_size < 16:
+        p.append(f"drq.image_size={d.image_size} must be >= 16 (the encoder's convolutions need room).")
+    if d.shift_pad < 0:
+        p.append(f"drq.shift_pad={d.shift_pad} must be >= 0.")
 
     f = cfg.furl
     for name in ("head_hidden", "head_out", "head_lr", "pair_batch", "lag", "positive_capacity",
