@@ -9,6 +9,17 @@ from furl_fast.agents.relay import RelaySchedule
 from furl_fast.config import FuRLConfig
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny matmuls: on a shared 2-core machine extra intra-op threads only spin and contend."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _runs(mask: np.ndarray) -> list[tuple[bool, int]]:
     """Run-length encoding of a boolean sequence: [(value, length), ...]."""
     runs: list[tuple[bool, int]] = []
@@ -124,3 +135,52 @@ def test_deterministic_given_seed_and_resumable():
     assert trace(RelaySchedule(num_envs=2, seed=6), 3) != trace(RelaySchedule(num_envs=2, seed=5), 3)
     with pytest.raises(ValueError, match="for 2 environments"):
         RelaySchedule(num_envs=3).load_state_dict(state)
+
+
+def test_pieces_compose_into_a_furl_step_loop():
+    """A miniature of the training loop the pieces are built for: two SAC agents take turns per the
+    schedule, the critic reward is sparse + rho * aligned reward (heads before their update), the
+    relay agent learns from the sparse reward of the same batch, episodes fill the embedding buffer,
+    the first success switches phase B on and 2,500 positives would stop relay."""
+    import torch
+
+    from furl_fast.agents.sac import SAC
+    from furl_fast.config import SACConfig
+    from furl_fast.rewards.furl import FuRLReward
+
+    torch.manual_seed(0)
+    obs_dim, act_dim, emb_dim, horizon = 6, 2, 12, 40
+    cfg = SACConfig(hidden_dims=(16,))
+    furl_agent, relay_agent = SAC(obs_dim, act_dim, cfg), SAC(obs_dim, act_dim, cfg, metric_prefix="relay_")
+    reward_model = FuRLReward(emb_dim, torch.randn(emb_dim), FuRLConfig(head_hidden=8, head_out=4,
+                              pair_batch=16, relay_stop_positives=60), goal_emb=torch.randn(emb_dim))
+    sched = RelaySchedule(num_envs=1, k_choices=(10, 15), stop_positives=60, seed=0)
+    rng = np.random.default_rng(0)
+    used_relay = False
+    for episode in range(4):
+        sched.begin_episode()
+        embs, flags = torch.randn(horizon, emb_dim), np.zeros(horizon, bool)
+        if episode in (1, 3):
+            flags[25:] = True  # this episode succeeds from step 25 on
+        for t in range(horizon):
+            obs = torch.randn(1, obs_dim)
+            relay_on = sched.relay_mask()[0]
+            used_relay |= bool(relay_on)
+            action = sched.choose_actions(furl_agent.act(obs).numpy(),
+                                          relay_agent.act(obs).numpy() if relay_on else None)
+            assert action.shape == (1, act_dim)
+            sched.step()
+            batch = {"obs": torch.randn(8, obs_dim), "action": torch.rand(8, act_dim) * 2 - 1,
+                     "discount": torch.full((8,), 0.99), "next_obs": torch.randn(8, obs_dim)}
+            sparse = torch.as_tensor(rng.choice([-1.0, 0.0], 8), dtype=torch.float32)
+            batch_emb = torch.randn(8, emb_dim)
+            vlm = reward_model.reward(batch_emb)  # heads before this step's update
+            furl_agent.update({**batch, "reward": sparse + 0.05 * vlm})
+            if sched.enabled:
+                relay_agent.update({**batch, "reward": sparse})
+            reward_model.update(batch_emb)
+        reward_model.add_episode(embs, flags)
+        sched.observe_positives(reward_model.buffer.positives_added)
+    assert used_relay and reward_model.phase == "B"
+    assert reward_model.buffer.positives_added == 80 and not sched.enabled  # 2 x 40 >= 60: relay off
+    assert reward_model.buffer.num_negatives == 80

@@ -122,7 +122,7 @@ class _Ring:
             emb, steps = emb[-self.capacity:], steps[-self.capacity:]
         n = emb.shape[0]
         slots = (self.ptr + np.arange(n)) % self.capacity
-        self.emb[torch.from_numpy(slots).to(self.emb.device)] = emb.to(self.emb.dtype)
+        self.emb[torch.from_numpy(slots).to(self.emb.device)] = emb.to(self.emb.device, self.emb.dtype)
         self.episode[slots] = episode
         self.step[slots] = steps
         self.ptr = int((self.ptr + n) % self.capacity)
