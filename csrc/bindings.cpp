@@ -242,6 +242,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("seed"))
       .def("__len__", [](const ReplayHandle& h) { return h.impl->size(); })
       .def("episode_open", [](const ReplayHandle& h, int64_t env) { return h.impl->episode_open(env); })
+      .def("truncate_episode", [](ReplayHandle& h, int64_t env) { h.impl->truncate_episode(env); })
       .def(
           "start_episode",
           [](ReplayHandle& h, int64_t env, py::object obs, py::object embedding, uintptr_t stream) {

@@ -790,3 +790,29 @@ def test_cpp_core_builds_and_runs_without_python(tmp_path):
     subprocess.run([*cmd, "-o", str(exe)], check=True, capture_output=True, timeout=240)
     result = subprocess.run([str(exe)], check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_truncate_episode_closes_an_interrupted_episode():
+    """Resuming a run: the interrupted episode ends where it stopped, its transitions bootstrap, and
+    the n-step windows it leaves open become sampleable with sums cut at the new end."""
+    from furl_fast import ReplayBuffer
+
+    buf = ReplayBuffer(64, (2,), 1, n_step=3, gamma=0.5, seed=0)
+    buf.start_episode(np.zeros(2, np.float32))
+    for t in range(5):
+        buf.add(np.full(2, t + 1, np.float32), np.zeros(1, np.float32), 1.0, False, False)
+    assert len(buf) == 3 and buf.episode_open()  # the last two windows are still incomplete
+    buf.truncate_episode()
+    assert not buf.episode_open() and len(buf) == 5
+    seen = {}
+    for _ in range(40):
+        b = buf.sample(5)
+        for o, r, d, n in zip(b.obs[:, 0].tolist(), b.reward.tolist(), b.discount.tolist(),
+                              b.next_obs[:, 0].tolist()):
+            seen[o] = (r, d, n)
+    assert seen[3.0] == (1.5, 0.25, 5.0)  # two steps left: 1 + 0.5, bootstrap gamma^2 from o_5
+    assert seen[4.0] == (1.0, 0.5, 5.0)
+    assert seen[0.0] == (1.75, 0.125, 3.0)  # complete windows unchanged
+    buf.start_episode(np.zeros(2, np.float32))  # a new episode may start
+    buf.truncate_episode()  # an episode with no step: nothing to sample
+    assert len(buf) == 5

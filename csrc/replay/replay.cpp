@@ -306,6 +306,26 @@ bool ReplayCore::episode_open(int64_t env) const {
   return c_.state[kStateHeader + env] >= 0;
 }
 
+void ReplayCore::truncate_episode(int64_t env) {
+  std::unique_lock<std::shared_mutex> lock(mutex_);
+  if (env < 0 || env >= layout_.num_envs) throw ValueError("'env' out of range.");
+  const int64_t last = c_.state[kStateHeader + env];
+  c_.state[kStateHeader + env] = -1;
+  if (last < 0 || !alive(last)) return;
+  const int64_t p = c_.prev[slot_of(last)];
+  if (p < 0 || !alive(p)) return;
+  // Flag the last transition and validate the n-step windows the episode end now closes; the one
+  // n - 1 steps back was validated when the last step was added.
+  int64_t cur = slot_of(p);
+  c_.flags[cur] |= kReplayTruncated;
+  for (int64_t k = 0; k + 1 < layout_.n_step; ++k) {
+    make_valid(cur);
+    const int64_t q = c_.prev[cur];
+    if (q < 0 || !alive(q)) break;
+    cur = slot_of(q);
+  }
+}
+
 uint64_t ReplayCore::next_random() {
   // xoshiro256** (Blackman & Vigna): small state that save() can store, fast, good quality.
   uint64_t s[4];

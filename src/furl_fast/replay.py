@@ -326,6 +326,15 @@ class ReplayBuffer:
         """Whether env has a started, unfinished episode (add() is allowed)."""
         return self._core.episode_open(env)
 
+    def truncate_episode(self, env: int = 0) -> None:
+        """Ends env's open episode as if its last step had been truncated (its transitions bootstrap
+        from the last observation stored). Used when a run resumes from a checkpoint: environments
+        cannot be restored mid-episode, so the interrupted episode ends where the checkpoint was.
+        No-op when env has no open episode."""
+        with self._write_lock:
+            self._wait_prefetch()
+            self._core.truncate_episode(int(env))
+
     # ---- adding ---------------------------------------------------------------------------------
 
     def _stream(self) -> int:

@@ -137,6 +137,10 @@ class ReplayCore {
 
   int64_t size() const;  // number of valid transitions
   bool episode_open(int64_t env) const;
+  // Ends env's open episode as if its last step had been truncated (bootstrap from the observation
+  // it returned); an episode with no step yet keeps its first observation as an orphan slot. For
+  // resuming a run whose environments cannot be restored mid-episode. No-op when none is open.
+  void truncate_episode(int64_t env);
 
   // Fills `out` for `batch` transitions. indices: given ones (checked) or null to draw uniformly from
   // the valid transitions; shifts: given (B, 4) in [0, 2 * pad] or null to draw them when augment is

@@ -48,6 +48,7 @@ class ReplayTensors {
   void earlier(const TensorView& indices, int64_t k, const TensorView& out) const;
   int64_t size() const { return core_->size(); }
   bool episode_open(int64_t env) const { return core_->episode_open(env); }
+  void truncate_episode(int64_t env) { core_->truncate_episode(env); }
 
  private:
   void check_obs(const char* op, const char* arg, const TensorView& obs, int64_t batch) const;
