@@ -6,7 +6,7 @@ sent once per batch, as the verifier uses it), `per_item` (one Sandbox call per 
 one-message-per-frame design would give); and the dense reward stepping 8 vector envs
 (CodeReward.batch, 2 sub-tasks = 2 workers, one call per env step).
 
-Run: PYTHONPATH=$PWD python -m pytest benchmarks/bench_code_reward.py --benchmark-only \
+Run: PYTHONPATH=src python -m pytest benchmarks/bench_code_reward.py --benchmark-only \
      -p no:cacheprovider -o python_files='bench_*.py'
 """
 
