@@ -205,6 +205,7 @@ def _worker_main() -> None:
     time_limit = float(config["time_limit_s"])
     grace = float(config["grace_s"])
     static_check = bool(config.get("static_check", True))
+    sys.path.extend(p for p in config.get("paths", []) if p not in sys.path)
 
     import numpy as np
 

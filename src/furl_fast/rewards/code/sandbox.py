@@ -214,6 +214,9 @@ class Sandbox:
             "grace_s": self.limits.grace_s,
             "memory_limit_mb": self.limits.memory_limit_mb,
             "static_check": self.static_check,
+            # The worker runs isolated (-I: no PYTHONPATH, no user site), so hand it the folder
+            # that holds the caller's numpy: same numpy, wherever it was installed.
+            "paths": [str(Path(np.__file__).resolve().parent.parent)],
         }
         # A minimal environment: no proxies, no PYTHONPATH; one BLAS thread (threads reserve
         # address space, and the caller's cores belong to the caller).
