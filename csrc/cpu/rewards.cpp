@@ -12,6 +12,7 @@
 // x86-64 builds carry an AVX2+FMA(+F16C) path chosen at run time and a portable path (plain loops
 // that compilers auto-vectorise) used elsewhere.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -150,20 +151,21 @@ constexpr int kNR = 16;  // micro-kernel columns (two 8-float vectors)
 constexpr int64_t kRowBlock = 48;  // rows per block: 8 micro-panels; packed A block <= L2
 constexpr int64_t kKc = 256;       // depth slice: a 256 x 16 w1 slice (16 KiB) stays in L1
 
-// C[6 x 16] (row stride ldc) = (accumulate ? C : 0) + A[k][6]^T B[k][16] summed over k < depth.
-using MicroKernel = void (*)(int64_t depth, const float* a, const float* b, float* c, int64_t ldc,
-                             bool accumulate);
+// C[6 x 16] (row stride ldc) = (accumulate ? C : 0) + sum over k < depth of A[k][0..6] (x) B[k][0..16]
+// with A packed ([k][6]) and B read in place with row stride ldb.
+using MicroKernel = void (*)(int64_t depth, const float* a, const float* b, int64_t ldb, float* c,
+                             int64_t ldc, bool accumulate);
 // out[r] = sum_i x[r][i] * t[i] for the 4 rows x[0..3].
 using Dots4 = void (*)(const float* const* x, const float* t, int64_t n, float* out);
 using Dot1 = float (*)(const float* a, const float* b, int64_t n);
 using HalfToFloat = void (*)(const uint16_t* src, float* dst, int64_t n);
 
-void micro_kernel_generic(int64_t depth, const float* a, const float* b, float* c, int64_t ldc,
-                          bool accumulate) {
+void micro_kernel_generic(int64_t depth, const float* a, const float* b, int64_t ldb, float* c,
+                          int64_t ldc, bool accumulate) {
   float acc[kMR][kNR];
   for (int i = 0; i < kMR; ++i)
     for (int j = 0; j < kNR; ++j) acc[i][j] = accumulate ? c[i * ldc + j] : 0.f;
-  for (int64_t k = 0; k < depth; ++k, a += kMR, b += kNR)
+  for (int64_t k = 0; k < depth; ++k, a += kMR, b += ldb)
     for (int i = 0; i < kMR; ++i)
       for (int j = 0; j < kNR; ++j) acc[i][j] += a[i] * b[j];
   for (int i = 0; i < kMR; ++i)
@@ -211,8 +213,8 @@ FURL_AVX2 inline float hsum(__m256 v) {
 }
 
 // 12 accumulators + 2 B vectors + 1 broadcast = 15 of the 16 ymm registers.
-FURL_AVX2 void micro_kernel_avx2(int64_t depth, const float* a, const float* b, float* c,
-                                 int64_t ldc, bool accumulate) {
+FURL_AVX2 void micro_kernel_avx2(int64_t depth, const float* a, const float* b, int64_t ldb,
+                                 float* c, int64_t ldc, bool accumulate) {
   __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
   if (accumulate) {
     c00 = _mm256_loadu_ps(c + 0 * ldc); c01 = _mm256_loadu_ps(c + 0 * ldc + 8);
@@ -224,7 +226,7 @@ FURL_AVX2 void micro_kernel_avx2(int64_t depth, const float* a, const float* b, 
   } else {
     c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
   }
-  for (int64_t k = 0; k < depth; ++k, a += kMR, b += kNR) {
+  for (int64_t k = 0; k < depth; ++k, a += kMR, b += ldb) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
     __m256 av = _mm256_broadcast_ss(a + 0);
     c00 = _mm256_fmadd_ps(av, b0, c00); c01 = _mm256_fmadd_ps(av, b1, c01);
@@ -327,16 +329,37 @@ void load_row(const TensorView& t, int64_t i, float* dst) {
 
 inline float inv_norm(float sumsq) { return 1.f / std::max(std::sqrt(sumsq), kNormEps); }
 
-// Packs a (rows, cols) row-major float matrix into panels of kNR columns: panel j holds
-// [k][kNR] for k < rows, zero-padded past cols, so the micro-kernel reads it contiguously.
-std::vector<float> pack_panels(const float* m, int64_t rows, int64_t cols) {
+// Grow-only scratch owned by the calling (Python) thread: a training loop calls these ops every step,
+// and reusing the same pages avoids faulting in fresh ones (a large share of the time at small N).
+float* scratch(size_t floats) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < floats) buf.resize(floats);
+  return buf.data();
+}
+
+// The right-hand operand of a GEMM, a row-major (depth, cols) float matrix, packed into panels of
+// 16 columns ([panel][k][16], zero-padded past cols) so the micro-kernel reads it contiguously.
+// Read in place instead, rows 4 KiB apart (w1 with H = 1024) would all map to a few L1 sets and
+// evict each other.
+struct RightOperand {
+  const float* data;
+  int64_t depth, cols;
+  int64_t panels() const { return (cols + kNR - 1) / kNR; }
+};
+
+int64_t packed_size(int64_t depth, int64_t cols) { return (cols + kNR - 1) / kNR * kNR * depth; }
+
+RightOperand right_operand(const float* m, int64_t depth, int64_t cols, float* packed) {
   const int64_t panels = (cols + kNR - 1) / kNR;
-  std::vector<float> packed(panels * rows * kNR, 0.f);
-  for (int64_t j = 0; j < panels; ++j)
-    for (int64_t k = 0; k < rows; ++k)
-      for (int64_t c = 0; c < kNR && j * kNR + c < cols; ++c)
-        packed[(j * rows + k) * kNR + c] = m[k * cols + j * kNR + c];
-  return packed;
+  for (int64_t j = 0; j < panels; ++j) {
+    const int64_t width = std::min<int64_t>(kNR, cols - j * kNR);
+    for (int64_t k = 0; k < depth; ++k) {
+      float* dst = packed + (j * depth + k) * kNR;
+      std::memcpy(dst, m + k * cols + j * kNR, width * sizeof(float));
+      for (int64_t c = width; c < kNR; ++c) dst[c] = 0.f;
+    }
+  }
+  return {packed, depth, cols};
 }
 
 // Packs rows [0, rows) of a float (rows, depth) matrix with row stride ld into micro-panels of
@@ -354,16 +377,17 @@ void pack_rows(const float* src, int64_t rows, int64_t depth, int64_t ld, float*
     }
 }
 
-// C (row_panels * kMR, col_panels * kNR), row stride ldc = A (packed rows, depth) @ B (packed panels).
-void gemm_packed(const float* a, int64_t row_panels, const float* b, int64_t col_panels,
-                 int64_t depth, float* c, int64_t ldc) {
+// C (row_panels * kMR, b.panels() * kNR), row stride ldc = A (packed rows, depth) @ B.
+void gemm(const float* a, int64_t row_panels, const RightOperand& b, float* c, int64_t ldc) {
   const MicroKernel kernel = simd().micro_kernel;
+  const int64_t depth = b.depth;
   for (int64_t k0 = 0; k0 < depth; k0 += kKc) {
     const int64_t kc = std::min(kKc, depth - k0);
-    for (int64_t j = 0; j < col_panels; ++j)
+    for (int64_t j = 0; j < b.panels(); ++j) {
+      const float* bj = b.data + (j * depth + k0) * kNR;
       for (int64_t i = 0; i < row_panels; ++i)
-        kernel(kc, a + i * kMR * depth + k0 * kMR, b + j * kNR * depth + k0 * kNR,
-               c + i * kMR * ldc + j * kNR, ldc, k0 > 0);
+        kernel(kc, a + i * kMR * depth + k0 * kMR, bj, kNR, c + i * kMR * ldc + j * kNR, ldc, k0 > 0);
+    }
   }
 }
 
@@ -409,37 +433,50 @@ void mlp_cosine_reward_cpu(const TensorView& emb, const TensorView& w1, const Te
   check_mlp_cosine_args("mlp_cosine_reward_cpu", emb, w1, b1, w2, b2, target, out, DeviceKind::kCPU);
   const int64_t n = emb.shape[0], d = emb.shape[1], h = w1.shape[1], pw = w2.shape[1];
   const int64_t k = target.shape[0];
-  const int64_t h_panels = (h + kNR - 1) / kNR, p_panels = (pw + kNR - 1) / kNR;
-  const int64_t h_pad = h_panels * kNR, p_pad = p_panels * kNR;
-  const std::vector<float> w1p = pack_panels(w1.ptr<float>(), d, h);
-  const std::vector<float> w2p = pack_panels(w2.ptr<float>(), h, pw);
+  const int64_t h_pad = (h + kNR - 1) / kNR * kNR, p_pad = (pw + kNR - 1) / kNR * kNR;
+  const bool convert = emb.dtype != DType::kFloat32;
+  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  const int threads = static_cast<int>(std::min<int64_t>(resolve_threads(p.num_threads), blocks));
+  // Per worker: the block's rows as float32 (half inputs only), packed rows, hidden, packed hidden, z.
+  const int64_t per_worker = (convert ? kRowBlock * d : 0) + kRowBlock * (d + h_pad + h + p_pad);
+  const int64_t tails = packed_size(d, h) + packed_size(h, pw);
+  float* const buf = scratch(tails + threads * per_worker);
+  const RightOperand w1op = right_operand(w1.ptr<float>(), d, h, buf);
+  const RightOperand w2op = right_operand(w2.ptr<float>(), h, pw, buf + packed_size(d, h));
   const std::vector<float> t_hat = normalised_rows(target, true);
   const float* bias1 = b1.ptr<float>();
   const float* bias2 = b2.ptr<float>();
   float* o = out.ptr<float>();
-  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  std::atomic<int> next_worker{0};
 
-  parallel_for(blocks, p.num_threads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> rows(kRowBlock * d), a_packed(kRowBlock * d);
-    std::vector<float> hidden(kRowBlock * h_pad), h_packed(kRowBlock * h), z(kRowBlock * p_pad);
+  parallel_for(blocks, threads, 1, [&](int64_t begin, int64_t end) {
+    float* rows = buf + tails + next_worker++ * per_worker;  // each worker calls this lambda once
+    float* a_packed = rows + (convert ? kRowBlock * d : 0);
+    float* hidden = a_packed + kRowBlock * d;
+    float* h_packed = hidden + kRowBlock * h_pad;
+    float* z = h_packed + kRowBlock * h;
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t first = blk * kRowBlock, count = std::min(kRowBlock, n - first);
       const int64_t row_panels = (count + kMR - 1) / kMR;
-      for (int64_t r = 0; r < count; ++r) load_row(emb, first + r, rows.data() + r * d);
-      pack_rows(rows.data(), count, d, d, a_packed.data());
-      gemm_packed(a_packed.data(), row_panels, w1p.data(), h_panels, d, hidden.data(), h_pad);
+      if (convert) {
+        for (int64_t r = 0; r < count; ++r) load_row(emb, first + r, rows + r * d);
+        pack_rows(rows, count, d, d, a_packed);
+      } else {
+        pack_rows(emb.ptr<float>() + first * d, count, d, d, a_packed);
+      }
+      gemm(a_packed, row_panels, w1op, hidden, h_pad);
       for (int64_t r = 0; r < count; ++r) {
-        float* hr = hidden.data() + r * h_pad;
+        float* hr = hidden + r * h_pad;
         // max(x, 0) written as a select so NaN propagates like torch.relu (std::max would drop it).
         for (int64_t j = 0; j < h; ++j) {
           const float v = hr[j] + bias1[j];
           hr[j] = v < 0.f ? 0.f : v;
         }
       }
-      pack_rows(hidden.data(), count, h, h_pad, h_packed.data());
-      gemm_packed(h_packed.data(), row_panels, w2p.data(), p_panels, h, z.data(), p_pad);
+      pack_rows(hidden, count, h, h_pad, h_packed);
+      gemm(h_packed, row_panels, w2op, z, p_pad);
       for (int64_t r = 0; r < count; ++r) {
-        float* zr = z.data() + r * p_pad;
+        float* zr = z + r * p_pad;
         for (int64_t j = 0; j < pw; ++j) zr[j] += bias2[j];
         const float s = inv_norm(simd().dot1(zr, zr, pw));
         for (int64_t t = 0; t < k; ++t)
