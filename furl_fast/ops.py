@@ -163,6 +163,8 @@ def _check_size(op: str, name: str, t: torch.Tensor, dim: int, size: int, what: 
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype == torch.float32 and t.is_contiguous():
+        return t
     return t.detach().to(torch.float32).contiguous()
 
 
@@ -203,7 +205,9 @@ def mlp_cosine_reward(
     backend = _native_backend(op, emb.device)
     if backend is None:
         return reference.mlp_cosine_reward(emb.detach(), w1, b1, w2, b2, target.detach())
-    targets = _f32(target).reshape(-1, p)
+    targets = _f32(target)
+    if not two_d:
+        targets = targets.view(1, p)
     out = torch.empty((n, targets.shape[0]), dtype=torch.float32, device=emb.device)
     args = (_capsule(emb.contiguous()), _capsule(_f32(w1)), _capsule(_f32(b1)), _capsule(_f32(w2)),
             _capsule(_f32(b2)), _capsule(targets), _capsule(out))
@@ -211,7 +215,7 @@ def mlp_cosine_reward(
         _native._C.mlp_cosine_reward_cpu(*args, num_threads or 0)
     else:
         _native._C.mlp_cosine_reward_cuda(*args, _stream(emb.device))
-    return out[:, 0] if target.dim() == 1 else out
+    return out if two_d else out.view(n)
 
 
 def _check_img_text(op: str, img_emb: torch.Tensor, text_emb: torch.Tensor) -> None:

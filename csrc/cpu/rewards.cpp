@@ -226,6 +226,7 @@ FURL_AVX2 void micro_kernel_avx2(int64_t depth, const float* a, const float* b, 
   } else {
     c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
   }
+#pragma GCC unroll 4
   for (int64_t k = 0; k < depth; ++k, a += kMR, b += ldb) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
     __m256 av = _mm256_broadcast_ss(a + 0);
@@ -331,10 +332,12 @@ inline float inv_norm(float sumsq) { return 1.f / std::max(std::sqrt(sumsq), kNo
 
 // Grow-only scratch owned by the calling (Python) thread: a training loop calls these ops every step,
 // and reusing the same pages avoids faulting in fresh ones (a large share of the time at small N).
+// Returned 64-byte aligned, so packed 16-float panel rows never straddle two cache lines.
 float* scratch(size_t floats) {
   thread_local std::vector<float> buf;
-  if (buf.size() < floats) buf.resize(floats);
-  return buf.data();
+  if (buf.size() < floats + 16) buf.resize(floats + 16);
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(buf.data());
+  return reinterpret_cast<float*>((addr + 63) & ~uintptr_t{63});
 }
 
 // The right-hand operand of a GEMM, a row-major (depth, cols) float matrix, packed into panels of
