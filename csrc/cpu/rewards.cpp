@@ -340,6 +340,19 @@ float* scratch(size_t floats) {
   return reinterpret_cast<float*>((addr + 63) & ~uintptr_t{63});
 }
 
+// Hands out blocks one at a time from a shared counter to `threads` workers: fn(worker, block).
+// On a loaded machine a descheduled thread then does not hold back a fixed share of the work (the
+// caller's thread takes over what is left).
+template <typename Fn>
+void parallel_blocks(int64_t blocks, int threads, Fn&& fn) {
+  std::atomic<int64_t> next{0};
+  std::atomic<int> worker_ids{0};
+  parallel_for(threads, threads, 1, [&](int64_t, int64_t) {
+    const int worker = worker_ids++;
+    for (int64_t b = next++; b < blocks; b = next++) fn(worker, b);
+  });
+}
+
 // The right-hand operand of a GEMM, a row-major (depth, cols) float matrix, packed into panels of
 // 16 columns ([panel][k][16], zero-padded past cols) so the micro-kernel reads it contiguously.
 // Read in place instead, rows 4 KiB apart (w1 with H = 1024) would all map to a few L1 sets and
@@ -412,16 +425,20 @@ template <typename Fn>
 void for_row_quads(const TensorView& img, int num_threads, Fn&& fn) {
   const int64_t n = img.shape[0], d = img.shape[1];
   const int64_t quads = (n + 3) / 4;
-  // At least ~256 K multiply-adds per thread before another thread is worth starting.
-  const int64_t min_quads = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(d, 1));
-  parallel_for(quads, num_threads, min_quads, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(4 * d);
-    const float* rows[4] = {buf.data(), buf.data() + d, buf.data() + 2 * d, buf.data() + 3 * d};
-    for (int64_t q = begin; q < end; ++q) {
+  // Work items of ~256 K multiply-adds (several quads for narrow rows); start a second thread only
+  // when there are at least two.
+  const int64_t per_item = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(4 * d, 1));
+  const int64_t items = (quads + per_item - 1) / per_item;
+  const int threads = static_cast<int>(std::min<int64_t>(resolve_threads(num_threads), items));
+  std::vector<std::vector<float>> bufs(threads, std::vector<float>(4 * d));
+  parallel_blocks(items, threads, [&](int worker, int64_t item) {
+    float* buf = bufs[worker].data();
+    const float* rows[4];
+    for (int64_t q = item * per_item; q < std::min(quads, (item + 1) * per_item); ++q) {
       const int64_t first = q * 4, count = std::min<int64_t>(4, n - first);
       for (int r = 0; r < 4; ++r) {
-        if (r < count) load_row(img, first + r, buf.data() + r * d);
-        rows[r] = buf.data() + (r < count ? r : 0) * d;
+        if (r < count) load_row(img, first + r, buf + r * d);
+        rows[r] = buf + (r < count ? r : 0) * d;
       }
       fn(first, count, rows);
     }
@@ -450,41 +467,38 @@ void mlp_cosine_reward_cpu(const TensorView& emb, const TensorView& w1, const Te
   const float* bias1 = b1.ptr<float>();
   const float* bias2 = b2.ptr<float>();
   float* o = out.ptr<float>();
-  std::atomic<int> next_worker{0};
 
-  parallel_for(blocks, threads, 1, [&](int64_t begin, int64_t end) {
-    float* rows = buf + tails + next_worker++ * per_worker;  // each worker calls this lambda once
+  parallel_blocks(blocks, threads, [&](int worker, int64_t blk) {
+    float* rows = buf + tails + worker * per_worker;
     float* a_packed = rows + (convert ? kRowBlock * d : 0);
     float* hidden = a_packed + kRowBlock * d;
     float* h_packed = hidden + kRowBlock * h_pad;
     float* z = h_packed + kRowBlock * h;
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t first = blk * kRowBlock, count = std::min(kRowBlock, n - first);
-      const int64_t row_panels = (count + kMR - 1) / kMR;
-      if (convert) {
-        for (int64_t r = 0; r < count; ++r) load_row(emb, first + r, rows + r * d);
-        pack_rows(rows, count, d, d, a_packed);
-      } else {
-        pack_rows(emb.ptr<float>() + first * d, count, d, d, a_packed);
+    const int64_t first = blk * kRowBlock, count = std::min(kRowBlock, n - first);
+    const int64_t row_panels = (count + kMR - 1) / kMR;
+    if (convert) {
+      for (int64_t r = 0; r < count; ++r) load_row(emb, first + r, rows + r * d);
+      pack_rows(rows, count, d, d, a_packed);
+    } else {
+      pack_rows(emb.ptr<float>() + first * d, count, d, d, a_packed);
+    }
+    gemm(a_packed, row_panels, w1op, hidden, h_pad);
+    for (int64_t r = 0; r < count; ++r) {
+      float* hr = hidden + r * h_pad;
+      // max(x, 0) written as a select so NaN propagates like torch.relu (std::max would drop it).
+      for (int64_t j = 0; j < h; ++j) {
+        const float v = hr[j] + bias1[j];
+        hr[j] = v < 0.f ? 0.f : v;
       }
-      gemm(a_packed, row_panels, w1op, hidden, h_pad);
-      for (int64_t r = 0; r < count; ++r) {
-        float* hr = hidden + r * h_pad;
-        // max(x, 0) written as a select so NaN propagates like torch.relu (std::max would drop it).
-        for (int64_t j = 0; j < h; ++j) {
-          const float v = hr[j] + bias1[j];
-          hr[j] = v < 0.f ? 0.f : v;
-        }
-      }
-      pack_rows(hidden, count, h, h_pad, h_packed);
-      gemm(h_packed, row_panels, w2op, z, p_pad);
-      for (int64_t r = 0; r < count; ++r) {
-        float* zr = z + r * p_pad;
-        for (int64_t j = 0; j < pw; ++j) zr[j] += bias2[j];
-        const float s = inv_norm(simd().dot1(zr, zr, pw));
-        for (int64_t t = 0; t < k; ++t)
-          o[(first + r) * k + t] = simd().dot1(zr, &t_hat[t * pw], pw) * s;
-      }
+    }
+    pack_rows(hidden, count, h, h_pad, h_packed);
+    gemm(h_packed, row_panels, w2op, z, p_pad);
+    for (int64_t r = 0; r < count; ++r) {
+      float* zr = z + r * p_pad;
+      for (int64_t j = 0; j < pw; ++j) zr[j] += bias2[j];
+      const float s = inv_norm(simd().dot1(zr, zr, pw));
+      for (int64_t t = 0; t < k; ++t)
+        o[(first + r) * k + t] = simd().dot1(zr, &t_hat[t * pw], pw) * s;
     }
   });
 }
