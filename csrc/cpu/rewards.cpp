@@ -2,7 +2,7 @@
 //
 // Performance notes. mlp_cosine_reward is dominated by emb @ w1 (N x D x H). The eager PyTorch chain
 // runs it as one big GEMM that writes the (N, H) hidden activations to memory, then reads them back
-// for bias + relu, the second layer and the cosine. Here each thread takes blocks of kRowBlock rows,
+// for bias + relu, the second layer and the cosine. Here each thread takes blocks of 24-96 rows,
 // runs the first layer with a register-blocked 6 x 16 micro-kernel over packed operands (w1 packed
 // once per call into 16-column panels, the row block packed and converted to float32), and finishes
 // bias + relu + second layer + cosine while the block's hidden rows are still in L2.
@@ -13,9 +13,15 @@
 // that compilers auto-vectorise) used elsewhere.
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cmath>
+#include <condition_variable>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "furl_fast/parallel.h"
@@ -148,7 +154,7 @@ inline float bf16_bits_to_float(uint16_t b) {
 
 constexpr int kMR = 6;   // micro-kernel rows
 constexpr int kNR = 16;  // micro-kernel columns (two 8-float vectors)
-constexpr int64_t kRowBlock = 48;  // rows per block: 8 micro-panels; packed A block <= L2
+constexpr int64_t kMaxRowBlock = 96;  // rows per block at most: a packed float block <= 384 KiB (L2)
 constexpr int64_t kKc = 256;       // depth slice: a 256 x 16 w1 slice (16 KiB) stays in L1
 
 // C[6 x 16] (row stride ldc) = (accumulate ? C : 0) + sum over k < depth of A[k][0..6] (x) B[k][0..16]
@@ -340,15 +346,111 @@ float* scratch(size_t floats) {
   return reinterpret_cast<float*>((addr + 63) & ~uintptr_t{63});
 }
 
-// Hands out blocks one at a time from a shared counter to `threads` workers: fn(worker, block).
-// On a loaded machine a descheduled thread then does not hold back a fixed share of the work (the
-// caller's thread takes over what is left).
+// A persistent pool of helper threads for these ops. Starting threads per call (parallel_for) costs
+// tens of microseconds, and on a loaded machine a new thread may not run for milliseconds, which at
+// N = 256 (~1 ms of work) made a second thread useless. Here the caller always works (worker 0);
+// helpers join only while the job is open, so a helper that wakes late finds the job closed and the
+// caller never waits for a thread that has not started. Work is shared through atomic counters inside
+// fn, so any split gives the same, bit-identical result.
+class HelperPool {
+ public:
+  static HelperPool& instance() {
+    static HelperPool pool(resolve_threads(0) - 1);
+    return pool;
+  }
+
+  // Runs fn(worker) on the calling thread (worker 0) and on up to `helpers` pool threads (workers
+  // 1..helpers) that join before the caller is done; returns when every joined worker is done.
+  void run(int helpers, const std::function<void(int)>& fn) {
+    std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
+    if (!busy.owns_lock() || helpers <= 0 || threads_.empty()) {  // busy: another Python thread
+      fn(0);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      fn_ = &fn;
+      max_id_ = helpers;
+      next_id_ = 1;
+      state_.store(0);
+      ++generation_;
+    }
+    wake_.notify_all();
+    std::exception_ptr error;
+    try {
+      fn(0);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    state_.fetch_or(kClosed);  // from here on no helper joins
+    while ((state_.load(std::memory_order_acquire) & ~kClosed) != 0) std::this_thread::yield();
+    if (!error) error = helper_error_;
+    helper_error_ = nullptr;
+    if (error) std::rethrow_exception(error);
+  }
+
+  ~HelperPool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+
+ private:
+  static constexpr int64_t kClosed = int64_t{1} << 40;  // state_: closed flag | joined workers
+
+  explicit HelperPool(int helpers) {
+    for (int i = 0; i < helpers; ++i) threads_.emplace_back([this] { loop(); });
+  }
+
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* fn = nullptr;
+      int id = 0;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+        if (next_id_ > max_id_) continue;
+        int64_t s = state_.load();
+        while (!(s & kClosed) && !state_.compare_exchange_weak(s, s + 1)) {
+        }
+        if (s & kClosed) continue;
+        id = next_id_++;
+        fn = fn_;
+      }
+      try {
+        (*fn)(id);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        helper_error_ = std::current_exception();
+      }
+      state_.fetch_sub(1, std::memory_order_release);
+    }
+  }
+
+  std::mutex run_mutex_;  // one job at a time
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::vector<std::thread> threads_;
+  const std::function<void(int)>* fn_ = nullptr;
+  int max_id_ = 0, next_id_ = 1;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+  std::atomic<int64_t> state_{0};
+  std::exception_ptr helper_error_;
+};
+
+// Calls fn(worker, block) for every block in [0, blocks), handed out one at a time to up to
+// `threads` workers.
 template <typename Fn>
 void parallel_blocks(int64_t blocks, int threads, Fn&& fn) {
   std::atomic<int64_t> next{0};
-  std::atomic<int> worker_ids{0};
-  parallel_for(threads, threads, 1, [&](int64_t, int64_t) {
-    const int worker = worker_ids++;
+  HelperPool::instance().run(threads - 1, [&](int worker) {
     for (int64_t b = next++; b < blocks; b = next++) fn(worker, b);
   });
 }
@@ -363,19 +465,32 @@ struct RightOperand {
   int64_t panels() const { return (cols + kNR - 1) / kNR; }
 };
 
-int64_t packed_size(int64_t depth, int64_t cols) { return (cols + kNR - 1) / kNR * kNR * depth; }
 
-RightOperand right_operand(const float* m, int64_t depth, int64_t cols, float* packed) {
-  const int64_t panels = (cols + kNR - 1) / kNR;
-  for (int64_t j = 0; j < panels; ++j) {
-    const int64_t width = std::min<int64_t>(kNR, cols - j * kNR);
-    for (int64_t k = 0; k < depth; ++k) {
-      float* dst = packed + (j * depth + k) * kNR;
-      std::memcpy(dst, m + k * cols + j * kNR, width * sizeof(float));
-      for (int64_t c = width; c < kNR; ++c) dst[c] = 0.f;
+// Packs panel j of a (depth, cols) matrix into dst[j * depth * kNR ...].
+void pack_panel(const float* m, int64_t depth, int64_t cols, int64_t j, float* dst) {
+  const int64_t width = std::min<int64_t>(kNR, cols - j * kNR);
+  for (int64_t k = 0; k < depth; ++k) {
+    float* row = dst + (j * depth + k) * kNR;
+    std::memcpy(row, m + k * cols + j * kNR, width * sizeof(float));
+    for (int64_t c = width; c < kNR; ++c) row[c] = 0.f;
+  }
+}
+
+// Rows per block for n rows on `threads` workers: a multiple of kMR that minimises the critical path
+// (the busiest worker's micro-panels), preferring about 8 micro-panels per block. N = 256 on 2
+// threads gets 4 blocks of 66 rows (22 + 21 micro-panels) rather than 48-row blocks (24 + 19).
+int64_t row_block_for(int64_t n, int threads) {
+  const int64_t panels = (n + kMR - 1) / kMR;
+  int64_t best = 8, best_cost = INT64_MAX;
+  for (int64_t pb = 4; pb <= kMaxRowBlock / kMR; ++pb) {
+    const int64_t blocks = (panels + pb - 1) / pb;
+    const int64_t cost = (blocks + threads - 1) / threads * std::min(pb, panels);
+    if (cost < best_cost || (cost == best_cost && std::abs(pb - 8) < std::abs(best - 8))) {
+      best = pb;
+      best_cost = cost;
     }
   }
-  return {packed, depth, cols};
+  return best * kMR;
 }
 
 // Packs rows [0, rows) of a float (rows, depth) matrix with row stride ld into micro-panels of
@@ -453,52 +568,71 @@ void mlp_cosine_reward_cpu(const TensorView& emb, const TensorView& w1, const Te
   check_mlp_cosine_args("mlp_cosine_reward_cpu", emb, w1, b1, w2, b2, target, out, DeviceKind::kCPU);
   const int64_t n = emb.shape[0], d = emb.shape[1], h = w1.shape[1], pw = w2.shape[1];
   const int64_t k = target.shape[0];
-  const int64_t h_pad = (h + kNR - 1) / kNR * kNR, p_pad = (pw + kNR - 1) / kNR * kNR;
+  const int64_t h_panels = (h + kNR - 1) / kNR, p_panels = (pw + kNR - 1) / kNR;
+  const int64_t h_pad = h_panels * kNR, p_pad = p_panels * kNR;
   const bool convert = emb.dtype != DType::kFloat32;
-  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
-  const int threads = static_cast<int>(std::min<int64_t>(resolve_threads(p.num_threads), blocks));
+  const int threads = static_cast<int>(
+      std::min<int64_t>(resolve_threads(p.num_threads), (n + kMR - 1) / kMR));
+  const int64_t rb = row_block_for(n, threads);
+  const int64_t blocks = (n + rb - 1) / rb;
   // Per worker: the block's rows as float32 (half inputs only), packed rows, hidden, packed hidden, z.
-  const int64_t per_worker = (convert ? kRowBlock * d : 0) + kRowBlock * (d + h_pad + h + p_pad);
-  const int64_t tails = packed_size(d, h) + packed_size(h, pw);
-  float* const buf = scratch(tails + threads * per_worker);
-  const RightOperand w1op = right_operand(w1.ptr<float>(), d, h, buf);
-  const RightOperand w2op = right_operand(w2.ptr<float>(), h, pw, buf + packed_size(d, h));
+  const int64_t per_worker = (convert ? rb * d : 0) + rb * (d + h_pad + h + p_pad);
+  const int64_t w1_size = h_pad * d, w2_size = p_pad * h;
+  float* const buf = scratch(w1_size + w2_size + threads * per_worker);
+  float* const w1p = buf;
+  float* const w2p = buf + w1_size;
+  const RightOperand w1op{w1p, d, h}, w2op{w2p, h, pw};
   const std::vector<float> t_hat = normalised_rows(target, true);
   const float* bias1 = b1.ptr<float>();
   const float* bias2 = b2.ptr<float>();
   float* o = out.ptr<float>();
+  std::atomic<int64_t> next_panel{0}, panels_done{0}, next_block{0};
 
-  parallel_blocks(blocks, threads, [&](int worker, int64_t blk) {
-    float* rows = buf + tails + worker * per_worker;
-    float* a_packed = rows + (convert ? kRowBlock * d : 0);
-    float* hidden = a_packed + kRowBlock * d;
-    float* h_packed = hidden + kRowBlock * h_pad;
-    float* z = h_packed + kRowBlock * h;
-    const int64_t first = blk * kRowBlock, count = std::min(kRowBlock, n - first);
-    const int64_t row_panels = (count + kMR - 1) / kMR;
-    if (convert) {
-      for (int64_t r = 0; r < count; ++r) load_row(emb, first + r, rows + r * d);
-      pack_rows(rows, count, d, d, a_packed);
-    } else {
-      pack_rows(emb.ptr<float>() + first * d, count, d, d, a_packed);
+  HelperPool::instance().run(threads - 1, [&](int worker) {
+    // Phase 1: pack w1 and w2 panels, shared out like the blocks; then wait for the last one.
+    const int64_t total_panels = h_panels + p_panels;
+    for (int64_t j = next_panel++; j < total_panels; j = next_panel++) {
+      if (j < h_panels)
+        pack_panel(w1.ptr<float>(), d, h, j, w1p);
+      else
+        pack_panel(w2.ptr<float>(), h, pw, j - h_panels, w2p);
+      panels_done.fetch_add(1, std::memory_order_release);
     }
-    gemm(a_packed, row_panels, w1op, hidden, h_pad);
-    for (int64_t r = 0; r < count; ++r) {
-      float* hr = hidden + r * h_pad;
-      // max(x, 0) written as a select so NaN propagates like torch.relu (std::max would drop it).
-      for (int64_t j = 0; j < h; ++j) {
-        const float v = hr[j] + bias1[j];
-        hr[j] = v < 0.f ? 0.f : v;
+    while (panels_done.load(std::memory_order_acquire) < total_panels) std::this_thread::yield();
+
+    // Phase 2: row blocks.
+    float* rows = buf + w1_size + w2_size + worker * per_worker;
+    float* a_packed = rows + (convert ? rb * d : 0);
+    float* hidden = a_packed + rb * d;
+    float* h_packed = hidden + rb * h_pad;
+    float* z = h_packed + rb * h;
+    for (int64_t blk = next_block++; blk < blocks; blk = next_block++) {
+      const int64_t first = blk * rb, count = std::min(rb, n - first);
+      const int64_t row_panels = (count + kMR - 1) / kMR;
+      if (convert) {
+        for (int64_t r = 0; r < count; ++r) load_row(emb, first + r, rows + r * d);
+        pack_rows(rows, count, d, d, a_packed);
+      } else {
+        pack_rows(emb.ptr<float>() + first * d, count, d, d, a_packed);
       }
-    }
-    pack_rows(hidden, count, h, h_pad, h_packed);
-    gemm(h_packed, row_panels, w2op, z, p_pad);
-    for (int64_t r = 0; r < count; ++r) {
-      float* zr = z + r * p_pad;
-      for (int64_t j = 0; j < pw; ++j) zr[j] += bias2[j];
-      const float s = inv_norm(simd().dot1(zr, zr, pw));
-      for (int64_t t = 0; t < k; ++t)
-        o[(first + r) * k + t] = simd().dot1(zr, &t_hat[t * pw], pw) * s;
+      gemm(a_packed, row_panels, w1op, hidden, h_pad);
+      for (int64_t r = 0; r < count; ++r) {
+        float* hr = hidden + r * h_pad;
+        // max(x, 0) written as a select so NaN propagates like torch.relu (std::max would drop it).
+        for (int64_t j = 0; j < h; ++j) {
+          const float v = hr[j] + bias1[j];
+          hr[j] = v < 0.f ? 0.f : v;
+        }
+      }
+      pack_rows(hidden, count, h, h_pad, h_packed);
+      gemm(h_packed, row_panels, w2op, z, p_pad);
+      for (int64_t r = 0; r < count; ++r) {
+        float* zr = z + r * p_pad;
+        for (int64_t j = 0; j < pw; ++j) zr[j] += bias2[j];
+        const float s = inv_norm(simd().dot1(zr, zr, pw));
+        for (int64_t t = 0; t < k; ++t)
+          o[(first + r) * k + t] = simd().dot1(zr, &t_hat[t * pw], pw) * s;
+      }
     }
   });
 }
