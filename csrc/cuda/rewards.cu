@@ -280,13 +280,13 @@ int grid_for_rows(int64_t n) {
 }
 
 template <TextHead kHead>
-void launch_text(const TensorView& img, const TensorView& text, const TensorView& out,
-                 const TextParams& tp, cudaStream_t stream) {
+void launch_text(const char* op, const TensorView& img, const TensorView& text,
+                 const TensorView& out, const TextParams& tp, cudaStream_t stream) {
   const int grid = grid_for_rows(tp.n);
-  const size_t smem = static_cast<size_t>(tp.k) * sizeof(float);
+  const size_t smem = static_cast<size_t>(tp.k) * sizeof(float);  // one inverse norm per text
   if (smem > 48 * 1024)
-    throw ValueError("text_emb: at most 12288 texts are supported by the CUDA kernels, got " +
-                     std::to_string(tp.k) + ".");
+    throw ValueError(std::string(op) + ": argument 'text_emb' has " + std::to_string(tp.k) +
+                     " rows; the CUDA kernel supports at most 12288.");
   switch (img.dtype) {
     case DType::kFloat32:
       text_similarity_kernel<float, kHead><<<grid, kThreads, smem, stream>>>(
@@ -390,9 +390,9 @@ void clip_similarity_cuda(const TensorView& img, const TensorView& text, const T
   const TextParams tp = text_params(img, text);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   if (p.normalize)
-    launch_text<TextHead::kSimilarity>(img, text, out, tp, s);
+    launch_text<TextHead::kSimilarity>("clip_similarity_cuda", img, text, out, tp, s);
   else
-    launch_text<TextHead::kSimilarityUnnormalised>(img, text, out, tp, s);
+    launch_text<TextHead::kSimilarityUnnormalised>("clip_similarity_cuda", img, text, out, tp, s);
 }
 
 void softmax_goal_reward_cuda(const TensorView& img, const TensorView& text, const TensorView& out,
@@ -405,7 +405,8 @@ void softmax_goal_reward_cuda(const TensorView& img, const TensorView& text, con
   tp.inv_temperature = 1.f / p.temperature;
   tp.has_threshold = p.has_threshold;
   tp.threshold = p.threshold;
-  launch_text<TextHead::kSoftmaxGoal>(img, text, out, tp, reinterpret_cast<cudaStream_t>(stream));
+  launch_text<TextHead::kSoftmaxGoal>("softmax_goal_reward_cuda", img, text, out, tp,
+                                      reinterpret_cast<cudaStream_t>(stream));
 }
 
 void goal_baseline_reward_cuda(const TensorView& img, const TensorView& goal,
