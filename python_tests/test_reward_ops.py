@@ -343,6 +343,46 @@ def test_softmax_goal_monotone_in_goal_similarity(others, goal_cos, temperature)
     torch.testing.assert_close(p, reference.softmax_goal_reward(img, text, 0, temperature=temperature))
 
 
+# ---- threads and processes -----------------------------------------------------------------------
+
+
+def test_concurrent_callers_get_identical_results():
+    """Python threads call the ops at once (the GIL is released); each result is bit-identical."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    args = mlp_inputs(300, 512, 257, 3, seed=15)
+    img, text = text_inputs(300, 512, 11, seed=16)
+    expected = (ops.mlp_cosine_reward(*args), ops.clip_similarity(img, text))
+    with ThreadPoolExecutor(4) as pool:
+        futures = [
+            pool.submit(lambda: (ops.mlp_cosine_reward(*args), ops.clip_similarity(img, text)))
+            for _ in range(8)
+        ]
+        for f in futures:
+            got = f.result()
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def _child_mlp(queue, args):
+    queue.put(ops.mlp_cosine_reward(*args).tolist())  # a plain list: no shared-memory handoff
+
+
+def test_ops_work_in_a_forked_child():
+    """The CPU helper threads do not survive fork(); a child must still compute (and exit) cleanly."""
+    import multiprocessing as mp
+
+    args = mlp_inputs(200, 512, 256, 1, seed=17)
+    expected = ops.mlp_cosine_reward(*args)  # starts the parent's helper threads
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_mlp, args=(queue, args))
+    child.start()
+    got = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert torch.equal(torch.tensor(got), expected)
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 
 

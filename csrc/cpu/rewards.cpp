@@ -24,6 +24,8 @@
 #include <thread>
 #include <vector>
 
+#include <unistd.h>
+
 #include "furl_fast/parallel.h"
 #include "furl_fast/rewards.h"
 
@@ -354,16 +356,24 @@ float* scratch(size_t floats) {
 // fn, so any split gives the same, bit-identical result.
 class HelperPool {
  public:
+  // One pool per process, started on first use. A child made by fork() has none of its parent's
+  // threads, so it starts its own. Pools are never destroyed: the helpers are detached and sleep, so
+  // neither exit nor fork ever joins a thread (joining a parent's thread in a child is undefined).
   static HelperPool& instance() {
-    static HelperPool pool(resolve_threads(0) - 1);
-    return pool;
+    static std::atomic<HelperPool*> current{nullptr};
+    HelperPool* pool = current.load(std::memory_order_acquire);
+    if (pool != nullptr && pool->pid_ == getpid()) return *pool;
+    auto* fresh = new HelperPool(resolve_threads(0) - 1);
+    if (current.compare_exchange_strong(pool, fresh, std::memory_order_acq_rel)) return *fresh;
+    fresh->stop();  // another thread won the race: retire ours (its helpers exit)
+    return *pool;
   }
 
   // Runs fn(worker) on the calling thread (worker 0) and on up to `helpers` pool threads (workers
   // 1..helpers) that join before the caller is done; returns when every joined worker is done.
   void run(int helpers, const std::function<void(int)>& fn) {
     std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
-    if (!busy.owns_lock() || helpers <= 0 || threads_.empty()) {  // busy: another Python thread
+    if (!busy.owns_lock() || helpers <= 0 || helpers_ == 0) {  // busy: another Python thread
       fn(0);
       return;
     }
@@ -389,20 +399,19 @@ class HelperPool {
     if (error) std::rethrow_exception(error);
   }
 
-  ~HelperPool() {
+  void stop() {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stop_ = true;
     }
     wake_.notify_all();
-    for (auto& t : threads_) t.join();
   }
 
  private:
   static constexpr int64_t kClosed = int64_t{1} << 40;  // state_: closed flag | joined workers
 
-  explicit HelperPool(int helpers) {
-    for (int i = 0; i < helpers; ++i) threads_.emplace_back([this] { loop(); });
+  explicit HelperPool(int helpers) : pid_(getpid()), helpers_(helpers) {
+    for (int i = 0; i < helpers; ++i) std::thread([this] { loop(); }).detach();
   }
 
   void loop() {
@@ -436,7 +445,8 @@ class HelperPool {
   std::mutex run_mutex_;  // one job at a time
   std::mutex mutex_;
   std::condition_variable wake_;
-  std::vector<std::thread> threads_;
+  const pid_t pid_;
+  const int helpers_;
   const std::function<void(int)>* fn_ = nullptr;
   int max_id_ = 0, next_id_ = 1;
   uint64_t generation_ = 0;
