@@ -546,13 +546,14 @@ std::vector<float> normalised_rows(const TensorView& t, bool normalise) {
 
 // Visits the rows of an (N, D) embedding in groups of 4 converted to float32, in parallel:
 // fn(first_row, count, rows) with rows[0..3] pointing at D floats (rows past count repeat row 0).
+// dots_per_row: how many length-D dot products fn computes per row (sets the work-item size).
 template <typename Fn>
-void for_row_quads(const TensorView& img, int num_threads, Fn&& fn) {
+void for_row_quads(const TensorView& img, int64_t dots_per_row, int num_threads, Fn&& fn) {
   const int64_t n = img.shape[0], d = img.shape[1];
   const int64_t quads = (n + 3) / 4;
-  // Work items of ~256 K multiply-adds (several quads for narrow rows); start a second thread only
-  // when there are at least two.
-  const int64_t per_item = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(4 * d, 1));
+  // Work items of at least ~64 K multiply-adds (several quads when rows are cheap): below that,
+  // handing work to a helper costs more than it saves.
+  const int64_t per_item = std::max<int64_t>(1, (1 << 16) / (4 * d * dots_per_row));
   const int64_t items = (quads + per_item - 1) / per_item;
   const int threads = static_cast<int>(std::min<int64_t>(resolve_threads(num_threads), items));
   std::vector<std::vector<float>> bufs(threads, std::vector<float>(4 * d));
@@ -654,7 +655,7 @@ void clip_similarity_cpu(const TensorView& img, const TensorView& text, const Te
   const std::vector<float> t_hat = normalised_rows(text, p.normalize);
   float* o = out.ptr<float>();
   const Simd& s = simd();
-  for_row_quads(img, p.num_threads, [&](int64_t first, int64_t count, const float* const* rows) {
+  for_row_quads(img, k + 1, p.num_threads, [&](int64_t first, int64_t count, const float* const* rows) {
     float scale[4] = {1.f, 1.f, 1.f, 1.f}, dots[4];
     if (p.normalize)
       for (int r = 0; r < 4; ++r) scale[r] = inv_norm(s.dot1(rows[r], rows[r], d));
@@ -682,7 +683,7 @@ void goal_baseline_reward_cpu(const TensorView& img, const TensorView& goal,
   const float a = p.alpha;
   const float c_s = a * a * uu + 2.f * a * (1.f - a), c_v = (1.f - a) * (1.f - a);
   float* o = out.ptr<float>();
-  for_row_quads(img, p.num_threads, [&](int64_t first, int64_t count, const float* const* rows) {
+  for_row_quads(img, 3, p.num_threads, [&](int64_t first, int64_t count, const float* const* rows) {
     float xg[4], xd[4];
     s.dots4(rows, g, d, xg);
     s.dots4(rows, dir.data(), d, xd);
@@ -706,7 +707,7 @@ void softmax_goal_reward_cpu(const TensorView& img, const TensorView& text, cons
   float* o = out.ptr<float>();
   const Simd& s = simd();
   const float inv_temp = 1.f / p.temperature;
-  for_row_quads(img, p.num_threads, [&](int64_t first, int64_t count, const float* const* rows) {
+  for_row_quads(img, k + 1, p.num_threads, [&](int64_t first, int64_t count, const float* const* rows) {
     std::vector<float> logits(4 * k);
     float scale[4], dots[4];
     for (int r = 0; r < 4; ++r) scale[r] = inv_norm(s.dot1(rows[r], rows[r], d)) * inv_temp;
