@@ -144,7 +144,9 @@ def _check_floating(
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: '{name}' must be a torch.Tensor, got {type(t).__name__}.")
     if like is None and t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: '{name}' must have dtype float32, float16 or bfloat16, got {t.dtype}.")
+        raise TypeError(
+            f"{op}: '{name}' must have dtype float32, float16 or bfloat16, got {t.dtype}."
+        )
     if not t.is_floating_point():
         raise TypeError(f"{op}: '{name}' must be a floating-point tensor, got {t.dtype}.")
     if t.dim() != ndim:
@@ -152,7 +154,9 @@ def _check_floating(
     if t.numel() == 0:
         raise ValueError(f"{op}: '{name}' must not be empty, got shape {tuple(t.shape)}.")
     if like is not None and t.device != like.device:
-        raise ValueError(f"{op}: '{name}' is on {t.device} but the embeddings are on {like.device}.")
+        raise ValueError(
+            f"{op}: '{name}' is on {t.device} but the embeddings are on {like.device}."
+        )
 
 
 def _check_size(op: str, name: str, t: torch.Tensor, dim: int, size: int, what: str) -> None:
@@ -209,8 +213,15 @@ def mlp_cosine_reward(
     if not two_d:
         targets = targets.view(1, p)
     out = torch.empty((n, targets.shape[0]), dtype=torch.float32, device=emb.device)
-    args = (_capsule(emb.contiguous()), _capsule(_f32(w1)), _capsule(_f32(b1)), _capsule(_f32(w2)),
-            _capsule(_f32(b2)), _capsule(targets), _capsule(out))
+    args = (
+        _capsule(emb.contiguous()),
+        _capsule(_f32(w1)),
+        _capsule(_f32(b1)),
+        _capsule(_f32(w2)),
+        _capsule(_f32(b2)),
+        _capsule(targets),
+        _capsule(out),
+    )
     if backend == "cpu":
         _native._C.mlp_cosine_reward_cpu(*args, num_threads or 0)
     else:
@@ -221,7 +232,9 @@ def mlp_cosine_reward(
 def _check_img_text(op: str, img_emb: torch.Tensor, text_emb: torch.Tensor) -> None:
     _check_floating(op, "img_emb", img_emb, 2, "(N, D)")
     _check_floating(op, "text_emb", text_emb, 2, "(K, D)", img_emb)
-    _check_size(op, "text_emb", text_emb, 1, img_emb.shape[1], "D, the embedding width of 'img_emb'")
+    _check_size(
+        op, "text_emb", text_emb, 1, img_emb.shape[1], "D, the embedding width of 'img_emb'"
+    )
 
 
 def clip_similarity(
@@ -241,8 +254,15 @@ def clip_similarity(
     backend = _native_backend(op, img_emb.device)
     if backend is None:
         return reference.clip_similarity(img_emb.detach(), text_emb.detach(), normalize=normalize)
-    out = torch.empty((img_emb.shape[0], text_emb.shape[0]), dtype=torch.float32, device=img_emb.device)
-    args = (_capsule(img_emb.contiguous()), _capsule(_f32(text_emb)), _capsule(out), bool(normalize))
+    out = torch.empty(
+        (img_emb.shape[0], text_emb.shape[0]), dtype=torch.float32, device=img_emb.device
+    )
+    args = (
+        _capsule(img_emb.contiguous()),
+        _capsule(_f32(text_emb)),
+        _capsule(out),
+        bool(normalize),
+    )
     if backend == "cpu":
         _native._C.clip_similarity_cpu(*args, num_threads or 0)
     else:
@@ -277,11 +297,17 @@ def goal_baseline_reward(
         raise ValueError(f"{op}: 'alpha' must be a number in [0, 1], got {alpha!r}.")
     backend = _native_backend(op, img_emb.device)
     if backend is None:
-        return reference.goal_baseline_reward(img_emb.detach(), goal_emb.detach(), baseline_emb.detach(),
-                                              float(alpha))
+        return reference.goal_baseline_reward(
+            img_emb.detach(), goal_emb.detach(), baseline_emb.detach(), float(alpha)
+        )
     out = torch.empty((img_emb.shape[0],), dtype=torch.float32, device=img_emb.device)
-    args = (_capsule(img_emb.contiguous()), _capsule(_f32(goal_emb)), _capsule(_f32(baseline_emb)),
-            _capsule(out), float(alpha))
+    args = (
+        _capsule(img_emb.contiguous()),
+        _capsule(_f32(goal_emb)),
+        _capsule(_f32(baseline_emb)),
+        _capsule(out),
+        float(alpha),
+    )
     if backend == "cpu":
         _native._C.goal_baseline_reward_cpu(*args, num_threads or 0)
     else:
@@ -309,18 +335,37 @@ def softmax_goal_reward(
     _check_img_text(op, img_emb, text_emb)
     k = text_emb.shape[0]
     if isinstance(goal_index, bool) or not isinstance(goal_index, int) or not 0 <= goal_index < k:
-        raise ValueError(f"{op}: 'goal_index' must be an int in [0, {k}) (a row of 'text_emb'), got {goal_index!r}.")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(
+            f"{op}: 'goal_index' must be an int in [0, {k}) (a row of 'text_emb'), got {goal_index!r}."
+        )
+    if (
+        not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
         raise ValueError(f"{op}: 'temperature' must be a finite number > 0, got {temperature!r}.")
-    if threshold is not None and (not isinstance(threshold, (int, float)) or not math.isfinite(threshold)):
+    if threshold is not None and (
+        not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
+    ):
         raise ValueError(f"{op}: 'threshold' must be a finite number or None, got {threshold!r}.")
     backend = _native_backend(op, img_emb.device)
     if backend is None:
-        return reference.softmax_goal_reward(img_emb.detach(), text_emb.detach(), goal_index,
-                                             temperature=float(temperature), threshold=threshold)
+        return reference.softmax_goal_reward(
+            img_emb.detach(),
+            text_emb.detach(),
+            goal_index,
+            temperature=float(temperature),
+            threshold=threshold,
+        )
     out = torch.empty((img_emb.shape[0],), dtype=torch.float32, device=img_emb.device)
-    args = (_capsule(img_emb.contiguous()), _capsule(_f32(text_emb)), _capsule(out), goal_index,
-            float(temperature), None if threshold is None else float(threshold))
+    args = (
+        _capsule(img_emb.contiguous()),
+        _capsule(_f32(text_emb)),
+        _capsule(out),
+        goal_index,
+        float(temperature),
+        None if threshold is None else float(threshold),
+    )
     if backend == "cpu":
         _native._C.softmax_goal_reward_cpu(*args, num_threads or 0)
     else:

@@ -89,7 +89,9 @@ def mlp_cosine_reward(
     return cos[:, 0] if target.dim() == 1 else cos
 
 
-def clip_similarity(img_emb: torch.Tensor, text_emb: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+def clip_similarity(
+    img_emb: torch.Tensor, text_emb: torch.Tensor, *, normalize: bool = True
+) -> torch.Tensor:
     """img_emb (N, D), text_emb (K, D) -> (N, K): cosine similarities (normalize) or dot products."""
     dt = img_emb.dtype
     text = text_emb.to(dt)

@@ -151,7 +151,9 @@ def test_mlp_cosine_nan_propagates():
     emb, w1, b1, w2, b2, target = mlp_inputs(13, 512, 257, 3, seed=6)
     emb[4, 0] = float("nan")
     out = ops.mlp_cosine_reward(emb, w1, b1, w2, b2, target)
-    torch.testing.assert_close(out, reference.mlp_cosine_reward(emb, w1, b1, w2, b2, target), equal_nan=True)
+    torch.testing.assert_close(
+        out, reference.mlp_cosine_reward(emb, w1, b1, w2, b2, target), equal_nan=True
+    )
     assert out[4].isnan().all() and not out[torch.arange(13) != 4].isnan().any()
 
 
@@ -164,7 +166,9 @@ def test_clip_similarity_float32(n, d, k):
     out = ops.clip_similarity(img, text)
     assert out.shape == (n, k) and out.dtype == torch.float32
     torch.testing.assert_close(out, reference.clip_similarity(img, text))
-    torch.testing.assert_close(out, torch.nn.functional.cosine_similarity(img[:, None], text[None], dim=-1))
+    torch.testing.assert_close(
+        out, torch.nn.functional.cosine_similarity(img[:, None], text[None], dim=-1)
+    )
     # Unnormalised: rows of unit scale (as CLIP embeddings are); with unit-variance entries the dot
     # products reach ~30 and float32 summation order alone differs by more than assert_close's atol.
     img_u, text_u = img / math.sqrt(d), text / math.sqrt(d)
@@ -180,7 +184,9 @@ def test_clip_similarity_half(n, d, k, dtype):
     img, text = text_inputs(n, d, k, seed=n + d + k + 1)
     img = img.to(dtype)
     ref64 = reference.clip_similarity(img.double(), text.double())
-    assert_half_within_2x(ops.clip_similarity(img, text), reference.clip_similarity(img, text), ref64)
+    assert_half_within_2x(
+        ops.clip_similarity(img, text), reference.clip_similarity(img, text), ref64
+    )
 
 
 def test_clip_similarity_zero_and_nan():
@@ -230,9 +236,13 @@ def test_goal_baseline_equals_explicit_projection(alpha):
     goal, base = goal_inputs(d, seed=9)
     x = torch.nn.functional.normalize(img.double(), dim=-1)
     g, dvec = goal.double(), (goal - base).double()
-    proj = alpha * torch.outer(dvec, dvec) / dvec.dot(dvec) + (1 - alpha) * torch.eye(d, dtype=torch.float64)
+    proj = alpha * torch.outer(dvec, dvec) / dvec.dot(dvec) + (1 - alpha) * torch.eye(
+        d, dtype=torch.float64
+    )
     expected = 1 - 0.5 * ((x - g) @ proj).square().sum(-1)
-    torch.testing.assert_close(reference.goal_baseline_reward(img.double(), g, base.double(), alpha), expected)
+    torch.testing.assert_close(
+        reference.goal_baseline_reward(img.double(), g, base.double(), alpha), expected
+    )
     torch.testing.assert_close(ops.goal_baseline_reward(img, goal, base, alpha), expected.float())
 
 
@@ -246,7 +256,9 @@ def test_goal_baseline_alpha0_is_affine_cosine():
     torch.testing.assert_close(ops.goal_baseline_reward(img, goal, base, 0.0), expected)
     # ... and with a single normalised goal prompt it is the cosine itself.
     unit = goal / gnorm
-    torch.testing.assert_close(ops.goal_baseline_reward(img, unit, base, 0.0), ops.clip_similarity(img, unit[None])[:, 0])
+    torch.testing.assert_close(
+        ops.goal_baseline_reward(img, unit, base, 0.0), ops.clip_similarity(img, unit[None])[:, 0]
+    )
 
 
 def test_goal_baseline_degenerate_inputs():
@@ -340,7 +352,9 @@ def test_softmax_goal_monotone_in_goal_similarity(others, goal_cos, temperature)
     img = torch.tensor(rows)
     p = ops.softmax_goal_reward(img, text, 0, temperature=temperature)
     assert (p[1:] >= p[:-1] - 1e-6).all(), p
-    torch.testing.assert_close(p, reference.softmax_goal_reward(img, text, 0, temperature=temperature))
+    torch.testing.assert_close(
+        p, reference.softmax_goal_reward(img, text, 0, temperature=temperature)
+    )
 
 
 # ---- threads and processes -----------------------------------------------------------------------
@@ -388,7 +402,7 @@ def test_ops_work_in_a_forked_child():
 
 def _mlp_args(**over):
     emb, w1, b1, w2, b2, target = mlp_inputs(4, 32, 16, 1, seed=0)
-    args = dict(emb=emb, w1=w1, b1=b1, w2=w2, b2=b2, target=target)
+    args = {"emb": emb, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "target": target}
     args.update(over)
     return args
 
@@ -396,19 +410,19 @@ def _mlp_args(**over):
 @pytest.mark.parametrize(
     "over,exc,match",
     [
-        (dict(w1=torch.randn(31, 16)), ValueError, "'w1'.*D"),
-        (dict(b1=torch.randn(15)), ValueError, "'b1'"),
-        (dict(w2=torch.randn(17, P)), ValueError, "'w2'"),
-        (dict(b2=torch.randn(P + 1)), ValueError, "'b2'"),
-        (dict(target=torch.randn(P - 1)), ValueError, "'target'"),
-        (dict(target=torch.randn(2, 2, P)), ValueError, "'target'"),
-        (dict(emb=torch.randn(32)), ValueError, "'emb' must have shape"),
-        (dict(emb=torch.randn(0, 32)), ValueError, "'emb' must not be empty"),
-        (dict(emb=torch.ones(4, 32, dtype=torch.int64)), TypeError, "'emb'.*int64"),
-        (dict(emb=torch.ones(4, 32, dtype=torch.float64)), TypeError, "'emb'.*float64"),
-        (dict(w1=torch.ones(32, 16, dtype=torch.int32)), TypeError, "'w1'.*floating"),
-        (dict(target=[0.0] * P), TypeError, "'target' must be a torch.Tensor"),
-        (dict(b1=torch.randn(16, device="meta")), ValueError, "'b1' is on meta"),
+        ({"w1": torch.randn(31, 16)}, ValueError, "'w1'.*D"),
+        ({"b1": torch.randn(15)}, ValueError, "'b1'"),
+        ({"w2": torch.randn(17, P)}, ValueError, "'w2'"),
+        ({"b2": torch.randn(P + 1)}, ValueError, "'b2'"),
+        ({"target": torch.randn(P - 1)}, ValueError, "'target'"),
+        ({"target": torch.randn(2, 2, P)}, ValueError, "'target'"),
+        ({"emb": torch.randn(32)}, ValueError, "'emb' must have shape"),
+        ({"emb": torch.randn(0, 32)}, ValueError, "'emb' must not be empty"),
+        ({"emb": torch.ones(4, 32, dtype=torch.int64)}, TypeError, "'emb'.*int64"),
+        ({"emb": torch.ones(4, 32, dtype=torch.float64)}, TypeError, "'emb'.*float64"),
+        ({"w1": torch.ones(32, 16, dtype=torch.int32)}, TypeError, "'w1'.*floating"),
+        ({"target": [0.0] * P}, TypeError, "'target' must be a torch.Tensor"),
+        ({"b1": torch.randn(16, device="meta")}, ValueError, "'b1' is on meta"),
     ],
 )
 def test_mlp_cosine_bad_input(over, exc, match):
@@ -466,7 +480,9 @@ def test_native_entry_points_validate_on_their_own():
     with pytest.raises(ValueError, match="'out'.*size 3 in dimension 1"):
         c.clip_similarity_cpu(cap(img), cap(text), cap(torch.empty(4, 2)), True)
     with pytest.raises(ValueError, match="'img_emb' must be contiguous"):
-        c.clip_similarity_cpu(cap(img.t().contiguous().t()), cap(text), cap(torch.empty(4, 3)), True)
+        c.clip_similarity_cpu(
+            cap(img.t().contiguous().t()), cap(text), cap(torch.empty(4, 3)), True
+        )
     with pytest.raises(TypeError, match="'text_emb' must have dtype float32"):
         c.clip_similarity_cpu(cap(img), cap(text.double()), cap(torch.empty(4, 3)), True)
     with pytest.raises(TypeError, match="'out' must be a DLPack capsule"):
@@ -522,7 +538,10 @@ def test_cuda_similarity_heads(cuda, n, d, k, dtype):
     img = img.to(dtype)
     goal, base = goal_inputs(d, seed=d, device=cuda)
     cases = [
-        (lambda x: ops.clip_similarity(x, text), lambda x: reference.clip_similarity(x, text.to(x.dtype))),
+        (
+            lambda x: ops.clip_similarity(x, text),
+            lambda x: reference.clip_similarity(x, text.to(x.dtype)),
+        ),
         (
             lambda x: ops.softmax_goal_reward(x, text, k - 1, temperature=0.05),
             lambda x: reference.softmax_goal_reward(x, text.to(x.dtype), k - 1, temperature=0.05),

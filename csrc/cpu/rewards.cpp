@@ -112,7 +112,8 @@ void check_softmax_goal_params(const char* op, const SoftmaxGoalParams& p, int64
                      std::to_string(num_texts) + ") (a row of 'text_emb'), got " +
                      std::to_string(p.goal_index) + ".");
   if (!(p.temperature > 0.f) || !std::isfinite(p.temperature))
-    throw ValueError(std::string(op) + ": argument 'temperature' must be a finite number > 0, got " +
+    throw ValueError(std::string(op) +
+                     ": argument 'temperature' must be a finite number > 0, got " +
                      std::to_string(p.temperature) + ".");
   if (p.has_threshold && !std::isfinite(p.threshold))
     throw ValueError(std::string(op) + ": argument 'threshold' must be finite.");
@@ -527,7 +528,7 @@ void gemm(const float* a, int64_t row_panels, const RightOperand& b, float* c, i
     for (int64_t j = 0; j < b.panels(); ++j) {
       const float* bj = b.data + (j * depth + k0) * kNR;
       for (int64_t i = 0; i < row_panels; ++i)
-        kernel(kc, a + i * kMR * depth + k0 * kMR, bj, kNR, c + i * kMR * ldc + j * kNR, ldc, k0 > 0);
+        kernel(kc, a + (i * depth + k0) * kMR, bj, kNR, c + i * kMR * ldc + j * kNR, ldc, k0 > 0);
     }
   }
 }
@@ -576,7 +577,8 @@ void for_row_quads(const TensorView& img, int64_t dots_per_row, int num_threads,
 void mlp_cosine_reward_cpu(const TensorView& emb, const TensorView& w1, const TensorView& b1,
                            const TensorView& w2, const TensorView& b2, const TensorView& target,
                            const TensorView& out, const MlpCosineParams& p) {
-  check_mlp_cosine_args("mlp_cosine_reward_cpu", emb, w1, b1, w2, b2, target, out, DeviceKind::kCPU);
+  check_mlp_cosine_args("mlp_cosine_reward_cpu", emb, w1, b1, w2, b2, target, out,
+                        DeviceKind::kCPU);
   const int64_t n = emb.shape[0], d = emb.shape[1], h = w1.shape[1], pw = w2.shape[1];
   const int64_t k = target.shape[0];
   const int64_t h_panels = (h + kNR - 1) / kNR, p_panels = (pw + kNR - 1) / kNR;
@@ -655,7 +657,8 @@ void clip_similarity_cpu(const TensorView& img, const TensorView& text, const Te
   const std::vector<float> t_hat = normalised_rows(text, p.normalize);
   float* o = out.ptr<float>();
   const Simd& s = simd();
-  for_row_quads(img, k + 1, p.num_threads, [&](int64_t first, int64_t count, const float* const* rows) {
+  for_row_quads(img, k + 1, p.num_threads, [&](int64_t first, int64_t count,
+                                               const float* const* rows) {
     float scale[4] = {1.f, 1.f, 1.f, 1.f}, dots[4];
     if (p.normalize)
       for (int r = 0; r < 4; ++r) scale[r] = inv_norm(s.dot1(rows[r], rows[r], d));
@@ -683,7 +686,8 @@ void goal_baseline_reward_cpu(const TensorView& img, const TensorView& goal,
   const float a = p.alpha;
   const float c_s = a * a * uu + 2.f * a * (1.f - a), c_v = (1.f - a) * (1.f - a);
   float* o = out.ptr<float>();
-  for_row_quads(img, 3, p.num_threads, [&](int64_t first, int64_t count, const float* const* rows) {
+  for_row_quads(img, 3, p.num_threads, [&](int64_t first, int64_t count,
+                                           const float* const* rows) {
     float xg[4], xd[4];
     s.dots4(rows, g, d, xg);
     s.dots4(rows, dir.data(), d, xd);
@@ -707,7 +711,8 @@ void softmax_goal_reward_cpu(const TensorView& img, const TensorView& text, cons
   float* o = out.ptr<float>();
   const Simd& s = simd();
   const float inv_temp = 1.f / p.temperature;
-  for_row_quads(img, k + 1, p.num_threads, [&](int64_t first, int64_t count, const float* const* rows) {
+  for_row_quads(img, k + 1, p.num_threads, [&](int64_t first, int64_t count,
+                                               const float* const* rows) {
     std::vector<float> logits(4 * k);
     float scale[4], dots[4];
     for (int r = 0; r < 4; ++r) scale[r] = inv_norm(s.dot1(rows[r], rows[r], d)) * inv_temp;

@@ -224,7 +224,8 @@ __global__ void __launch_bounds__(kThreads)
       s = fmaf(v, v, s);
     }
     s = warp_sum(s);
-    if (lane == 0) inv_text_norm[t] = kHead == TextHead::kSimilarityUnnormalised ? 1.f : inv_norm(s);
+    if (lane == 0)
+      inv_text_norm[t] = kHead == TextHead::kSimilarityUnnormalised ? 1.f : inv_norm(s);
   }
   __syncthreads();
 
@@ -276,7 +277,8 @@ int grid_for_rows(int64_t n) {
   cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
              "cudaDeviceGetAttribute");
   // Enough resident warps to saturate memory bandwidth, few enough blocks to amortise set-up.
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kWarps - 1) / kWarps, sms * 8)));
+  const int64_t blocks = std::min<int64_t>((n + kWarps - 1) / kWarps, int64_t{sms} * 8);
+  return static_cast<int>(std::max<int64_t>(1, blocks));
 }
 
 template <TextHead kHead>
