@@ -157,6 +157,20 @@ def test_mlp_cosine_nan_propagates():
     assert out[4].isnan().all() and not out[torch.arange(13) != 4].isnan().any()
 
 
+def test_mlp_cosine_matches_furl_reward_model():
+    """The fused op on FuRLReward.fused_params() equals the reward model's own PyTorch path."""
+    from furl_fast.rewards.furl import FuRLReward
+
+    torch.manual_seed(18)
+    model = FuRLReward(1024, torch.randn(1024))
+    img = torch.randn(300, 1024)
+    torch.testing.assert_close(ops.mlp_cosine_reward(img, *model.fused_params()), model.reward(img))
+    half = img.half()  # the model upcasts to float32 first; the op reads float16 in place
+    torch.testing.assert_close(
+        ops.mlp_cosine_reward(half, *model.fused_params()), model.reward(half)
+    )
+
+
 # ---- clip_similarity ----------------------------------------------------------------------------
 
 
