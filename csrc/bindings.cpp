@@ -14,6 +14,7 @@
 #include "furl_fast/dlpack.h"
 #include "furl_fast/preprocess.h"
 #include "furl_fast/replay_tensors.h"
+#include "furl_fast/rewards.h"
 #include "furl_fast/tensor.h"
 
 namespace py = pybind11;
@@ -198,6 +199,143 @@ std::unique_ptr<ReplayHandle> make_replay(py::dict layout_args, py::dict cols, b
 
 }  // namespace
 
+// ---- Reward heads (issue 3): mlp_cosine_reward, clip_similarity, goal_baseline_reward,
+// softmax_goal_reward. Each has a _cpu entry (num_threads) and, in CUDA builds, a _cuda entry
+// (stream). Every tensor is a DLPack capsule; outputs are preallocated float32 tensors. ----
+namespace {
+
+void register_reward_ops(py::module_& m) {
+  m.def(
+      "mlp_cosine_reward_cpu",
+      [](py::object emb, py::object w1, py::object b1, py::object w2, py::object b2,
+         py::object target, py::object out, int num_threads) {
+        const char* op = "mlp_cosine_reward_cpu";
+        const TensorView e = tensor_arg(emb, op, "emb"), a1 = tensor_arg(w1, op, "w1"),
+                         c1 = tensor_arg(b1, op, "b1"), a2 = tensor_arg(w2, op, "w2"),
+                         c2 = tensor_arg(b2, op, "b2"), t = tensor_arg(target, op, "target"),
+                         o = tensor_arg(out, op, "out");
+        MlpCosineParams p;
+        p.num_threads = num_threads;
+        py::gil_scoped_release release;
+        mlp_cosine_reward_cpu(e, a1, c1, a2, c2, t, o, p);
+      },
+      py::arg("emb"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
+      py::arg("target"), py::arg("out"), py::arg("num_threads") = 0);
+  m.def(
+      "clip_similarity_cpu",
+      [](py::object img, py::object text, py::object out, bool normalize, int num_threads) {
+        const char* op = "clip_similarity_cpu";
+        const TensorView i = tensor_arg(img, op, "img_emb"), t = tensor_arg(text, op, "text_emb"),
+                         o = tensor_arg(out, op, "out");
+        ClipSimilarityParams p;
+        p.normalize = normalize;
+        p.num_threads = num_threads;
+        py::gil_scoped_release release;
+        clip_similarity_cpu(i, t, o, p);
+      },
+      py::arg("img_emb"), py::arg("text_emb"), py::arg("out"), py::arg("normalize"),
+      py::arg("num_threads") = 0);
+  m.def(
+      "goal_baseline_reward_cpu",
+      [](py::object img, py::object goal, py::object baseline, py::object out, float alpha,
+         int num_threads) {
+        const char* op = "goal_baseline_reward_cpu";
+        const TensorView i = tensor_arg(img, op, "img_emb"), g = tensor_arg(goal, op, "goal_emb"),
+                         b = tensor_arg(baseline, op, "baseline_emb"),
+                         o = tensor_arg(out, op, "out");
+        GoalBaselineParams p;
+        p.alpha = alpha;
+        p.num_threads = num_threads;
+        py::gil_scoped_release release;
+        goal_baseline_reward_cpu(i, g, b, o, p);
+      },
+      py::arg("img_emb"), py::arg("goal_emb"), py::arg("baseline_emb"), py::arg("out"),
+      py::arg("alpha"), py::arg("num_threads") = 0);
+  m.def(
+      "softmax_goal_reward_cpu",
+      [](py::object img, py::object text, py::object out, int64_t goal_index, float temperature,
+         std::optional<float> threshold, int num_threads) {
+        const char* op = "softmax_goal_reward_cpu";
+        const TensorView i = tensor_arg(img, op, "img_emb"), t = tensor_arg(text, op, "text_emb"),
+                         o = tensor_arg(out, op, "out");
+        SoftmaxGoalParams p;
+        p.goal_index = goal_index;
+        p.temperature = temperature;
+        p.has_threshold = threshold.has_value();
+        p.threshold = threshold.value_or(0.f);
+        p.num_threads = num_threads;
+        py::gil_scoped_release release;
+        softmax_goal_reward_cpu(i, t, o, p);
+      },
+      py::arg("img_emb"), py::arg("text_emb"), py::arg("out"), py::arg("goal_index"),
+      py::arg("temperature"), py::arg("threshold"), py::arg("num_threads") = 0);
+
+#ifdef FURL_FAST_WITH_CUDA
+  m.def(
+      "mlp_cosine_reward_cuda",
+      [](py::object emb, py::object w1, py::object b1, py::object w2, py::object b2,
+         py::object target, py::object out, uintptr_t stream) {
+        const char* op = "mlp_cosine_reward_cuda";
+        const TensorView e = tensor_arg(emb, op, "emb"), a1 = tensor_arg(w1, op, "w1"),
+                         c1 = tensor_arg(b1, op, "b1"), a2 = tensor_arg(w2, op, "w2"),
+                         c2 = tensor_arg(b2, op, "b2"), t = tensor_arg(target, op, "target"),
+                         o = tensor_arg(out, op, "out");
+        py::gil_scoped_release release;
+        mlp_cosine_reward_cuda(e, a1, c1, a2, c2, t, o, stream);
+      },
+      py::arg("emb"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
+      py::arg("target"), py::arg("out"), py::arg("stream"));
+  m.def(
+      "clip_similarity_cuda",
+      [](py::object img, py::object text, py::object out, bool normalize, uintptr_t stream) {
+        const char* op = "clip_similarity_cuda";
+        const TensorView i = tensor_arg(img, op, "img_emb"), t = tensor_arg(text, op, "text_emb"),
+                         o = tensor_arg(out, op, "out");
+        ClipSimilarityParams p;
+        p.normalize = normalize;
+        py::gil_scoped_release release;
+        clip_similarity_cuda(i, t, o, p, stream);
+      },
+      py::arg("img_emb"), py::arg("text_emb"), py::arg("out"), py::arg("normalize"),
+      py::arg("stream"));
+  m.def(
+      "goal_baseline_reward_cuda",
+      [](py::object img, py::object goal, py::object baseline, py::object out, float alpha,
+         uintptr_t stream) {
+        const char* op = "goal_baseline_reward_cuda";
+        const TensorView i = tensor_arg(img, op, "img_emb"), g = tensor_arg(goal, op, "goal_emb"),
+                         b = tensor_arg(baseline, op, "baseline_emb"),
+                         o = tensor_arg(out, op, "out");
+        GoalBaselineParams p;
+        p.alpha = alpha;
+        py::gil_scoped_release release;
+        goal_baseline_reward_cuda(i, g, b, o, p, stream);
+      },
+      py::arg("img_emb"), py::arg("goal_emb"), py::arg("baseline_emb"), py::arg("out"),
+      py::arg("alpha"), py::arg("stream"));
+  m.def(
+      "softmax_goal_reward_cuda",
+      [](py::object img, py::object text, py::object out, int64_t goal_index, float temperature,
+         std::optional<float> threshold, uintptr_t stream) {
+        const char* op = "softmax_goal_reward_cuda";
+        const TensorView i = tensor_arg(img, op, "img_emb"), t = tensor_arg(text, op, "text_emb"),
+                         o = tensor_arg(out, op, "out");
+        SoftmaxGoalParams p;
+        p.goal_index = goal_index;
+        p.temperature = temperature;
+        p.has_threshold = threshold.has_value();
+        p.threshold = threshold.value_or(0.f);
+        py::gil_scoped_release release;
+        softmax_goal_reward_cuda(i, t, o, p, stream);
+      },
+      py::arg("img_emb"), py::arg("text_emb"), py::arg("out"), py::arg("goal_index"),
+      py::arg("temperature"), py::arg("threshold"), py::arg("stream"));
+#endif
+}
+
+}  // namespace
+// ---- end of reward heads ----
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "furl_fast native core (CPU and CUDA kernels, replay buffer)";
   py::register_exception<TypeError>(m, "NativeTypeError", PyExc_TypeError);
@@ -348,4 +486,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stream"));
 #endif
   // ---- end replay buffer ----------------------------------------------------------------------
+
+  register_reward_ops(m);  // reward heads (issue 3)
 }

@@ -68,3 +68,95 @@ def random_shift(frames: torch.Tensor, shifts: torch.Tensor, pad: int = 4) -> to
     xs = (torch.arange(width, device=frames.device) + shifts[:, 0:1] - pad).clamp(0, width - 1)
     rows = torch.gather(frames, 2, ys[:, None, :, None].expand(-1, frames.shape[1], -1, width))
     return torch.gather(rows, 3, xs[:, None, None, :].expand(-1, frames.shape[1], height, -1))
+
+
+# ---- Reward heads (issue 3) ----------------------------------------------------------------------
+# Each runs in the embedding's dtype (the eager chain a user would write): float16 / bfloat16 inputs
+# compute in that dtype, float64 in float64 (the test oracle); the other tensors are cast to it.
+# Outputs are float32 (float64 for float64 embeddings). The native kernels accumulate in float32.
+
+NORM_EPS = 1e-6
+"""Cosine similarity is a.b / (max(|a|, NORM_EPS) * max(|b|, NORM_EPS)): a zero vector has similarity
+0 with everything, never NaN. 1e-6 (not 1e-8) so that the rule also holds in float16."""
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    """Rows divided by max(|row|, NORM_EPS)."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_EPS)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, W) x (K, W) -> (N, K) cosine similarities."""
+    return _normalise(a) @ _normalise(b).T
+
+
+def mlp_cosine_reward(
+    emb: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    target: torch.Tensor,
+) -> torch.Tensor:
+    """FuRL's fuzzy reward: cos(relu(emb @ w1 + b1) @ w2 + b2, target).
+
+    emb (N, D); w1 (D, H) (nn.Linear.weight transposed); b1 (H,); w2 (H, P); b2 (P,);
+    target (P,) -> (N,), or (K, P) -> (N, K).
+    """
+    dt = emb.dtype
+    z = torch.relu(emb @ w1.to(dt) + b1.to(dt)) @ w2.to(dt) + b2.to(dt)
+    cos = _cosine(z, target.to(dt).reshape(-1, target.shape[-1])).to(_out_dtype(dt))
+    return cos[:, 0] if target.dim() == 1 else cos
+
+
+def clip_similarity(
+    img_emb: torch.Tensor, text_emb: torch.Tensor, *, normalize: bool = True
+) -> torch.Tensor:
+    """img_emb (N, D), text_emb (K, D) -> (N, K): cosine similarities (normalize) or dot products."""
+    dt = img_emb.dtype
+    text = text_emb.to(dt)
+    sim = _cosine(img_emb, text) if normalize else img_emb @ text.T
+    return sim.to(_out_dtype(dt))
+
+
+def goal_baseline_reward(
+    img_emb: torch.Tensor, goal_emb: torch.Tensor, baseline_emb: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """VLM-RM reward 1 - 0.5 |(x - g) P|^2, P = alpha u u^T + (1 - alpha) I, u = d / max(|d|, eps).
+
+    img_emb (N, D); goal_emb g and baseline_emb b: (D,), already averaged over the prompts (the mean
+    of the L2-normalised prompt embeddings, not re-normalised); x = img_emb / max(|img_emb|, eps),
+    d = g - b. Returns (N,). (x - g) P is applied as a rank-one update, never as a D x D matrix.
+    """
+    dt = img_emb.dtype
+    g, b = goal_emb.to(dt), baseline_emb.to(dt)
+    d = g - b
+    u = d / torch.linalg.vector_norm(d).clamp_min(NORM_EPS)
+    v = _normalise(img_emb) - g
+    vp = alpha * (v @ u)[:, None] * u + (1.0 - alpha) * v
+    return (1.0 - 0.5 * vp.square().sum(-1)).to(_out_dtype(dt))
+
+
+def softmax_goal_reward(
+    img_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    goal_index: int,
+    *,
+    temperature: float,
+    threshold: float | None = None,
+) -> torch.Tensor:
+    """Baumli et al.: p = softmax_k(cos(img, text_k) / temperature)[goal_index], or 1[p > threshold].
+
+    img_emb (N, D), text_emb (K, D) (the goal prompt and the negatives) -> (N,), a probability or
+    0./1.; NaN stays NaN in the binary reward.
+    """
+    dt = img_emb.dtype
+    p = torch.softmax(_cosine(img_emb, text_emb.to(dt)) / temperature, dim=-1)[:, goal_index]
+    p = p.to(_out_dtype(dt))
+    if threshold is None:
+        return p
+    return torch.where(p.isnan(), p, (p > threshold).to(p.dtype))
