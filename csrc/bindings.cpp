@@ -5,12 +5,16 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 
 #include "furl_fast/cuda_runtime_info.h"
 #include "furl_fast/dlpack.h"
 #include "furl_fast/preprocess.h"
+#include "furl_fast/replay_tensors.h"
+#include "furl_fast/rewards.h"
 #include "furl_fast/tensor.h"
 
 namespace py = pybind11;
@@ -121,7 +125,216 @@ py::dict build_info() {
   return d;
 }
 
+
+// ---- replay buffer (csrc/replay/) -------------------------------------------------------------
+
+std::optional<TensorView> optional_tensor(const py::object& obj, const char* op, const char* name) {
+  if (obj.is_none()) return std::nullopt;
+  return tensor_arg(obj, op, name);
+}
+
+const TensorView* ptr_or_null(const std::optional<TensorView>& t) { return t ? &*t : nullptr; }
+
+// Owns the native buffer and the DLPack capsules of its columns: the columns' memory (torch
+// tensors) stays alive for as long as this object does.
+struct ReplayHandle {
+  std::unique_ptr<ReplayTensors> impl;
+  py::list columns;
+};
+
+DType replay_embedding_dtype(const std::string& name) {
+  if (name == "float32") return DType::kFloat32;
+  if (name == "float16") return DType::kFloat16;
+  throw TypeError("ReplayBuffer: 'embedding_dtype' must be float32 or float16, got " + name + ".");
+}
+
+std::unique_ptr<ReplayHandle> make_replay(py::dict layout_args, py::dict cols, bool fresh,
+                                          uint64_t seed) {
+  ReplayLayout l;
+  l.capacity = layout_args["capacity"].cast<int64_t>();
+  l.num_envs = layout_args["num_envs"].cast<int64_t>();
+  l.frame_stack = layout_args["frame_stack"].cast<int64_t>();
+  l.n_step = layout_args["n_step"].cast<int64_t>();
+  l.gamma = layout_args["gamma"].cast<double>();
+  l.action_dim = layout_args["action_dim"].cast<int64_t>();
+  l.pixels = layout_args["pixels"].cast<bool>();
+  l.channels = layout_args["channels"].cast<int64_t>();
+  l.height = layout_args["height"].cast<int64_t>();
+  l.width = layout_args["width"].cast<int64_t>();
+  l.embedding_dim = layout_args["embedding_dim"].cast<int64_t>();
+  l.embedding_dtype = replay_embedding_dtype(layout_args["embedding_dtype"].cast<std::string>());
+  l.shift_pad = layout_args["shift_pad"].cast<int64_t>();
+  const std::string device = layout_args["device"].cast<std::string>();
+  if (device != "cpu" && device != "cuda")
+    throw ValueError("ReplayBuffer: 'device' must be cpu or cuda, got " + device + ".");
+  l.device = device == "cpu" ? DeviceKind::kCPU : DeviceKind::kCUDA;
+  auto handle = std::make_unique<ReplayHandle>();
+  const auto col = [&](const char* name) {
+    if (!cols.contains(name))
+      throw ValueError(std::string("ReplayBuffer: storage column '") + name + "' is missing.");
+    py::object capsule = cols[name];
+    handle->columns.append(capsule);
+    return tensor_arg(capsule, "ReplayBuffer", name);
+  };
+  ReplayColumnViews v;
+  v.frames = col("frames");
+  v.actions = col("actions");
+  v.rewards = col("rewards");
+  v.goal_distances = col("goal_distances");
+  v.flags = col("flags");
+  v.prev = col("prev");
+  v.next = col("next");
+  v.episodes = col("episodes");
+  v.steps = col("steps");
+  v.valid_pos = col("valid_pos");
+  v.valid_list = col("valid_list");
+  v.state = col("state");
+  std::optional<TensorView> emb;
+  if (l.embedding_dim > 0) emb = col("embeddings");
+  v.embeddings = ptr_or_null(emb);
+  py::gil_scoped_release release;  // a fresh buffer initialises, a loaded one checks, O(capacity)
+  handle->impl = std::make_unique<ReplayTensors>(l, v, fresh, seed);
+  return handle;
+}
+
 }  // namespace
+
+// ---- Reward heads (issue 3): mlp_cosine_reward, clip_similarity, goal_baseline_reward,
+// softmax_goal_reward. Each has a _cpu entry (num_threads) and, in CUDA builds, a _cuda entry
+// (stream). Every tensor is a DLPack capsule; outputs are preallocated float32 tensors. ----
+namespace {
+
+void register_reward_ops(py::module_& m) {
+  m.def(
+      "mlp_cosine_reward_cpu",
+      [](py::object emb, py::object w1, py::object b1, py::object w2, py::object b2,
+         py::object target, py::object out, int num_threads) {
+        const char* op = "mlp_cosine_reward_cpu";
+        const TensorView e = tensor_arg(emb, op, "emb"), a1 = tensor_arg(w1, op, "w1"),
+                         c1 = tensor_arg(b1, op, "b1"), a2 = tensor_arg(w2, op, "w2"),
+                         c2 = tensor_arg(b2, op, "b2"), t = tensor_arg(target, op, "target"),
+                         o = tensor_arg(out, op, "out");
+        MlpCosineParams p;
+        p.num_threads = num_threads;
+        py::gil_scoped_release release;
+        mlp_cosine_reward_cpu(e, a1, c1, a2, c2, t, o, p);
+      },
+      py::arg("emb"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
+      py::arg("target"), py::arg("out"), py::arg("num_threads") = 0);
+  m.def(
+      "clip_similarity_cpu",
+      [](py::object img, py::object text, py::object out, bool normalize, int num_threads) {
+        const char* op = "clip_similarity_cpu";
+        const TensorView i = tensor_arg(img, op, "img_emb"), t = tensor_arg(text, op, "text_emb"),
+                         o = tensor_arg(out, op, "out");
+        ClipSimilarityParams p;
+        p.normalize = normalize;
+        p.num_threads = num_threads;
+        py::gil_scoped_release release;
+        clip_similarity_cpu(i, t, o, p);
+      },
+      py::arg("img_emb"), py::arg("text_emb"), py::arg("out"), py::arg("normalize"),
+      py::arg("num_threads") = 0);
+  m.def(
+      "goal_baseline_reward_cpu",
+      [](py::object img, py::object goal, py::object baseline, py::object out, float alpha,
+         int num_threads) {
+        const char* op = "goal_baseline_reward_cpu";
+        const TensorView i = tensor_arg(img, op, "img_emb"), g = tensor_arg(goal, op, "goal_emb"),
+                         b = tensor_arg(baseline, op, "baseline_emb"),
+                         o = tensor_arg(out, op, "out");
+        GoalBaselineParams p;
+        p.alpha = alpha;
+        p.num_threads = num_threads;
+        py::gil_scoped_release release;
+        goal_baseline_reward_cpu(i, g, b, o, p);
+      },
+      py::arg("img_emb"), py::arg("goal_emb"), py::arg("baseline_emb"), py::arg("out"),
+      py::arg("alpha"), py::arg("num_threads") = 0);
+  m.def(
+      "softmax_goal_reward_cpu",
+      [](py::object img, py::object text, py::object out, int64_t goal_index, float temperature,
+         std::optional<float> threshold, int num_threads) {
+        const char* op = "softmax_goal_reward_cpu";
+        const TensorView i = tensor_arg(img, op, "img_emb"), t = tensor_arg(text, op, "text_emb"),
+                         o = tensor_arg(out, op, "out");
+        SoftmaxGoalParams p;
+        p.goal_index = goal_index;
+        p.temperature = temperature;
+        p.has_threshold = threshold.has_value();
+        p.threshold = threshold.value_or(0.f);
+        p.num_threads = num_threads;
+        py::gil_scoped_release release;
+        softmax_goal_reward_cpu(i, t, o, p);
+      },
+      py::arg("img_emb"), py::arg("text_emb"), py::arg("out"), py::arg("goal_index"),
+      py::arg("temperature"), py::arg("threshold"), py::arg("num_threads") = 0);
+
+#ifdef FURL_FAST_WITH_CUDA
+  m.def(
+      "mlp_cosine_reward_cuda",
+      [](py::object emb, py::object w1, py::object b1, py::object w2, py::object b2,
+         py::object target, py::object out, uintptr_t stream) {
+        const char* op = "mlp_cosine_reward_cuda";
+        const TensorView e = tensor_arg(emb, op, "emb"), a1 = tensor_arg(w1, op, "w1"),
+                         c1 = tensor_arg(b1, op, "b1"), a2 = tensor_arg(w2, op, "w2"),
+                         c2 = tensor_arg(b2, op, "b2"), t = tensor_arg(target, op, "target"),
+                         o = tensor_arg(out, op, "out");
+        py::gil_scoped_release release;
+        mlp_cosine_reward_cuda(e, a1, c1, a2, c2, t, o, stream);
+      },
+      py::arg("emb"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
+      py::arg("target"), py::arg("out"), py::arg("stream"));
+  m.def(
+      "clip_similarity_cuda",
+      [](py::object img, py::object text, py::object out, bool normalize, uintptr_t stream) {
+        const char* op = "clip_similarity_cuda";
+        const TensorView i = tensor_arg(img, op, "img_emb"), t = tensor_arg(text, op, "text_emb"),
+                         o = tensor_arg(out, op, "out");
+        ClipSimilarityParams p;
+        p.normalize = normalize;
+        py::gil_scoped_release release;
+        clip_similarity_cuda(i, t, o, p, stream);
+      },
+      py::arg("img_emb"), py::arg("text_emb"), py::arg("out"), py::arg("normalize"),
+      py::arg("stream"));
+  m.def(
+      "goal_baseline_reward_cuda",
+      [](py::object img, py::object goal, py::object baseline, py::object out, float alpha,
+         uintptr_t stream) {
+        const char* op = "goal_baseline_reward_cuda";
+        const TensorView i = tensor_arg(img, op, "img_emb"), g = tensor_arg(goal, op, "goal_emb"),
+                         b = tensor_arg(baseline, op, "baseline_emb"),
+                         o = tensor_arg(out, op, "out");
+        GoalBaselineParams p;
+        p.alpha = alpha;
+        py::gil_scoped_release release;
+        goal_baseline_reward_cuda(i, g, b, o, p, stream);
+      },
+      py::arg("img_emb"), py::arg("goal_emb"), py::arg("baseline_emb"), py::arg("out"),
+      py::arg("alpha"), py::arg("stream"));
+  m.def(
+      "softmax_goal_reward_cuda",
+      [](py::object img, py::object text, py::object out, int64_t goal_index, float temperature,
+         std::optional<float> threshold, uintptr_t stream) {
+        const char* op = "softmax_goal_reward_cuda";
+        const TensorView i = tensor_arg(img, op, "img_emb"), t = tensor_arg(text, op, "text_emb"),
+                         o = tensor_arg(out, op, "out");
+        SoftmaxGoalParams p;
+        p.goal_index = goal_index;
+        p.temperature = temperature;
+        p.has_threshold = threshold.has_value();
+        p.threshold = threshold.value_or(0.f);
+        py::gil_scoped_release release;
+        softmax_goal_reward_cuda(i, t, o, p, stream);
+      },
+      py::arg("img_emb"), py::arg("text_emb"), py::arg("out"), py::arg("goal_index"),
+      py::arg("temperature"), py::arg("threshold"), py::arg("stream"));
+#endif
+}
+
+}  // namespace
+// ---- end of reward heads ----
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "furl_fast native core (CPU and CUDA kernels, replay buffer)";
@@ -160,4 +373,119 @@ PYBIND11_MODULE(_C, m) {
       py::arg("frames"), py::arg("out"), py::arg("crop"), py::arg("size"), py::arg("flip_vertical"),
       py::arg("bgr"), py::arg("interpolation"), py::arg("mean"), py::arg("std"), py::arg("stream"));
 #endif
+
+  // ---- replay buffer (csrc/replay/; facade furl_fast/replay.py) ---------------------------------
+  py::class_<ReplayHandle>(m, "ReplayCore")
+      .def(py::init(&make_replay), py::arg("layout"), py::arg("columns"), py::arg("fresh"),
+           py::arg("seed"))
+      .def("__len__", [](const ReplayHandle& h) { return h.impl->size(); })
+      .def("episode_open", [](const ReplayHandle& h, int64_t env) { return h.impl->episode_open(env); })
+      .def("truncate_episode", [](ReplayHandle& h, int64_t env) { h.impl->truncate_episode(env); })
+      .def(
+          "start_episode",
+          [](ReplayHandle& h, int64_t env, py::object obs, py::object embedding, uintptr_t stream) {
+            const TensorView o = tensor_arg(obs, "start_episode", "obs");
+            const auto e = optional_tensor(embedding, "start_episode", "embedding");
+            py::gil_scoped_release release;
+            h.impl->start_episode(env, o, ptr_or_null(e), stream);
+          },
+          py::arg("env"), py::arg("obs"), py::arg("embedding"), py::arg("stream") = 0)
+      .def(
+          "add",
+          [](ReplayHandle& h, int64_t env, py::object obs, py::object action, double reward,
+             bool terminated, bool truncated, bool success, py::object embedding,
+             double goal_distance, uintptr_t stream) {
+            const TensorView o = tensor_arg(obs, "add", "next_obs");
+            const TensorView a = tensor_arg(action, "add", "action");
+            const auto e = optional_tensor(embedding, "add", "embedding");
+            py::gil_scoped_release release;
+            h.impl->add(env, o, a, reward, terminated, truncated, success, ptr_or_null(e),
+                        goal_distance, stream);
+          },
+          py::arg("env"), py::arg("next_obs"), py::arg("action"), py::arg("reward"),
+          py::arg("terminated"), py::arg("truncated"), py::arg("success"), py::arg("embedding"),
+          py::arg("goal_distance"), py::arg("stream") = 0)
+      .def(
+          "add_batch",
+          [](ReplayHandle& h, py::object obs, py::object actions, py::object rewards,
+             py::object terminated, py::object truncated, py::object success,
+             py::object embeddings, py::object goal_distances, py::object reset_obs,
+             py::object reset_embeddings, uintptr_t stream) {
+            const char* op = "add_batch";
+            const TensorView o = tensor_arg(obs, op, "next_obs");
+            const TensorView a = tensor_arg(actions, op, "action");
+            const TensorView r = tensor_arg(rewards, op, "reward");
+            const TensorView te = tensor_arg(terminated, op, "terminated");
+            const TensorView tr = tensor_arg(truncated, op, "truncated");
+            const TensorView su = tensor_arg(success, op, "success");
+            const TensorView g = tensor_arg(goal_distances, op, "goal_distance");
+            const auto e = optional_tensor(embeddings, op, "embedding");
+            const auto ro = optional_tensor(reset_obs, op, "reset_obs");
+            const auto re = optional_tensor(reset_embeddings, op, "reset_embedding");
+            py::gil_scoped_release release;
+            h.impl->add_batch(o, a, r, te, tr, su, ptr_or_null(e), g, ptr_or_null(ro),
+                              ptr_or_null(re), stream);
+          },
+          py::arg("next_obs"), py::arg("action"), py::arg("reward"), py::arg("terminated"),
+          py::arg("truncated"), py::arg("success"), py::arg("embedding"), py::arg("goal_distance"),
+          py::arg("reset_obs"), py::arg("reset_embedding"), py::arg("stream") = 0)
+      .def(
+          "sample",
+          [](ReplayHandle& h, int64_t batch, bool augment, py::object indices, py::object shifts,
+             py::dict outputs, int num_threads) {
+            const auto idx = optional_tensor(indices, "gather", "indices");
+            const auto sh = optional_tensor(shifts, "gather", "shifts");
+            static const char* kNames[] = {"obs", "next_obs", "embedding", "next_embedding",
+                                           "obs_slots", "next_slots", "shifts", "action", "reward",
+                                           "discount", "goal_distance", "success", "indices",
+                                           "episodes", "steps"};
+            std::array<std::optional<TensorView>, 15> views;
+            for (const auto& item : outputs) {
+              const std::string key = py::str(item.first);
+              size_t i = 0;
+              while (i < views.size() && key != kNames[i]) ++i;
+              if (i == views.size()) throw ValueError("sample: unknown output '" + key + "'.");
+              views[i] = optional_tensor(py::reinterpret_borrow<py::object>(item.second), "sample",
+                                         kNames[i]);
+            }
+            ReplayOutViews o;
+            const TensorView** slots[] = {&o.obs, &o.next_obs, &o.embedding, &o.next_embedding,
+                                          &o.obs_slots, &o.next_slots, &o.shifts, &o.action,
+                                          &o.reward, &o.discount, &o.goal_distance, &o.success,
+                                          &o.indices, &o.episodes, &o.steps};
+            for (size_t i = 0; i < views.size(); ++i) *slots[i] = ptr_or_null(views[i]);
+            py::gil_scoped_release release;
+            h.impl->sample(batch, augment, ptr_or_null(idx), ptr_or_null(sh), o, num_threads);
+          },
+          py::arg("batch_size"), py::arg("augment"), py::arg("indices"), py::arg("shifts"),
+          py::arg("outputs"), py::arg("num_threads") = 0)
+      .def(
+          "earlier",
+          [](const ReplayHandle& h, py::object indices, int64_t k, py::object out) {
+            const TensorView i = tensor_arg(indices, "earlier", "indices");
+            const TensorView o = tensor_arg(out, "earlier", "out");
+            py::gil_scoped_release release;
+            h.impl->earlier(i, k, o);
+          },
+          py::arg("indices"), py::arg("k"), py::arg("out"));
+
+#ifdef FURL_FAST_WITH_CUDA
+  m.def(
+      "replay_gather_frames_cuda",
+      [](py::object frames, py::object slots, py::object shifts, py::object out, int64_t pad,
+         uintptr_t stream) {
+        const char* op = "replay_gather_frames_cuda";
+        const TensorView f = tensor_arg(frames, op, "frames");
+        const TensorView s = tensor_arg(slots, op, "slots");
+        const TensorView sh = tensor_arg(shifts, op, "shifts");
+        const TensorView o = tensor_arg(out, op, "out");
+        py::gil_scoped_release release;
+        replay_gather_frames_cuda(f, s, sh, o, pad, stream);
+      },
+      py::arg("frames"), py::arg("slots"), py::arg("shifts"), py::arg("out"), py::arg("pad"),
+      py::arg("stream"));
+#endif
+  // ---- end replay buffer ----------------------------------------------------------------------
+
+  register_reward_ops(m);  // reward heads (issue 3)
 }

@@ -66,18 +66,41 @@ struct BFloat16 { uint16_t bits; };
 inline void store(Half* p, float v) { p->bits = float_to_half_bits(v); }
 inline void store(BFloat16* p, float v) { p->bits = float_to_bfloat16_bits(v); }
 
+// Horizontal pass of one output row, channel by channel so each output plane is written
+// sequentially. TAPS > 0 fixes the tap count at compile time (2: bilinear upsampling, 4: bicubic
+// upsampling — FuRL's 192 -> 224) so the inner loop unrolls; 0 handles any count.
+template <int TAPS, typename OutT>
+void horizontal_pass(const float* row, const TapTable& tx, int64_t s, const float* scale,
+                     const float* shift, bool bgr, OutT* plane) {
+  const int taps = TAPS > 0 ? TAPS : tx.taps;
+  const int64_t* index = tx.index.data();
+  const float* weight = tx.weight.data();
+  for (int c = 0; c < 3; ++c) {
+    const float* src = row + (bgr ? 2 - c : c);
+    OutT* dst = plane + c * s * s;
+    for (int64_t ox = 0; ox < s; ++ox) {
+      float acc = 0.f;
+      for (int k = 0; k < taps; ++k) acc += weight[ox * taps + k] * src[index[ox * taps + k]];
+      store(dst + ox, acc * scale[c] + shift[c]);
+    }
+  }
+}
+
 template <typename OutT>
 void run(const TensorView& frames, const TensorView& out, const PreprocessParams& p, int num_threads) {
   const int64_t n = frames.shape[0], h = frames.shape[1], w = frames.shape[2], s = p.size;
   const bool aa = preprocess_antialias(p);
   const bool cubic = p.interpolation == Interpolation::kBicubic;
   const TapTable ty = make_taps(make_axis(p.crop_height, s, aa, cubic), s);
-  const TapTable tx = make_taps(make_axis(p.crop_width, s, aa, cubic), s);
+  TapTable tx = make_taps(make_axis(p.crop_width, s, aa, cubic), s);
+  for (int64_t& i : tx.index) i *= 3;  // row buffer offsets of interleaved RGB
   float scale[3], shift[3];  // (v / 255 - mean) / std as one multiply-add
   for (int c = 0; c < 3; ++c) {
     scale[c] = 1.f / (255.f * p.std[c]);
     shift[c] = -p.mean[c] / p.std[c];
   }
+  const auto horizontal = tx.taps == 2 ? horizontal_pass<2, OutT>
+                          : tx.taps == 4 ? horizontal_pass<4, OutT> : horizontal_pass<0, OutT>;
   const uint8_t* src = frames.ptr<uint8_t>();
   OutT* dst = out.ptr<OutT>();
   const int64_t row_len = p.crop_width * 3;
@@ -99,19 +122,7 @@ void run(const TensorView& frames, const TensorView& out, const PreprocessParams
           for (int64_t i = 0; i < row_len; ++i) row[i] += wy * static_cast<float>(line[i]);
         }
       }
-      OutT* plane = dst + (b * 3 * s + oy) * s;
-      for (int64_t ox = 0; ox < s; ++ox) {
-        float acc[3] = {0.f, 0.f, 0.f};
-        for (int k = 0; k < tx.taps; ++k) {
-          const float wx = tx.weight[ox * tx.taps + k];
-          const float* px = row.data() + tx.index[ox * tx.taps + k] * 3;
-          acc[0] += wx * px[0];
-          acc[1] += wx * px[1];
-          acc[2] += wx * px[2];
-        }
-        for (int c = 0; c < 3; ++c)
-          store(plane + c * s * s + ox, acc[p.bgr ? 2 - c : c] * scale[c] + shift[c]);
-      }
+      horizontal(row.data(), tx, s, scale, shift, p.bgr, dst + (b * 3 * s + oy) * s);
     }
   });
 }

@@ -22,7 +22,7 @@ enum class Interpolation : int { kBilinear = 0, kBicubic = 1 };
 
 struct ResampleAxis {
   int64_t in_size;
-  float scale;  // in_size / out_size
+  double scale;  // in_size / out_size; used in float except for non-antialiased bicubic (below)
   bool antialias;
   bool cubic;
 };
@@ -37,7 +37,7 @@ struct Window {
 };
 
 FURL_HD ResampleAxis make_axis(int64_t in_size, int64_t out_size, bool antialias, bool cubic) {
-  return ResampleAxis{in_size, static_cast<float>(in_size) / static_cast<float>(out_size), antialias,
+  return ResampleAxis{in_size, static_cast<double>(in_size) / static_cast<double>(out_size), antialias,
                       cubic};
 }
 
@@ -55,11 +55,12 @@ FURL_HD float aa_filter(float x, bool cubic) {
 
 FURL_HD Window window_of(const ResampleAxis& ax, int64_t o) {
   Window w;
+  const float scale = static_cast<float>(ax.scale);
   if (ax.antialias) {
     const float interp_size = ax.cubic ? 4.f : 2.f;
-    const float support = ax.scale >= 1.f ? interp_size * 0.5f * ax.scale : interp_size * 0.5f;
-    w.center = ax.scale * (static_cast<float>(o) + 0.5f);
-    w.inv_scale = ax.scale >= 1.f ? 1.f / ax.scale : 1.f;
+    const float support = scale >= 1.f ? interp_size * 0.5f * scale : interp_size * 0.5f;
+    w.center = scale * (static_cast<float>(o) + 0.5f);
+    w.inv_scale = scale >= 1.f ? 1.f / scale : 1.f;
     int64_t lo = static_cast<int64_t>(w.center - support + 0.5f);
     if (lo < 0) lo = 0;
     int64_t hi = static_cast<int64_t>(w.center + support + 0.5f);
@@ -67,14 +68,17 @@ FURL_HD Window window_of(const ResampleAxis& ax, int64_t o) {
     w.first = lo;
     w.count = static_cast<int>(hi - lo);
   } else {
-    float src = ax.scale * (static_cast<float>(o) + 0.5f) - 0.5f;
     w.inv_scale = 1.f;
     if (ax.cubic) {
-      const float fl = floorf(src);
+      // The fractional offset t in double: in float (ATen's way) its rounding error moves the cubic
+      // weights by ~1e-5 of the pixel range, which is most of float32 bicubic's total error.
+      const double src_d = ax.scale * (static_cast<double>(o) + 0.5) - 0.5;
+      const double fl = floor(src_d);
       w.first = static_cast<int64_t>(fl) - 1;
-      w.center = src - fl;
+      w.center = static_cast<float>(src_d - fl);
       w.count = 4;
     } else {
+      float src = scale * (static_cast<float>(o) + 0.5f) - 0.5f;
       if (src < 0.f) src = 0.f;
       int64_t i0 = static_cast<int64_t>(floorf(src));
       if (i0 > ax.in_size - 1) i0 = ax.in_size - 1;

@@ -46,9 +46,11 @@ def make_vector_env(
     goal: Literal["fixed", "random"] = "fixed",
     context: str | None = "forkserver",
     autoreset_mode: gym.vector.AutoresetMode = gym.vector.AutoresetMode.NEXT_STEP,
+    asynchronous: bool = True,
     **env_kwargs: Any,
-) -> gym.vector.AsyncVectorEnv:
-    """num_envs copies of make_env(task, goal=goal, **env_kwargs), one per worker process.
+) -> gym.vector.VectorEnv:
+    """num_envs copies of make_env(task, goal=goal, **env_kwargs), one per worker process
+    (asynchronous=False: all in this process, gymnasium's SyncVectorEnv; same observations).
 
     Observations are batched: with vlm_frames=True (the default) a dict {"obs": (N, *obs_shape),
     "frame": (N, 256, 256, 3) uint8}, else the plain (N, *obs_shape) array; info["success"] is (N,)
@@ -69,4 +71,6 @@ def make_vector_env(
                            "(a rendered env) makes the workers hang; use 'forkserver' or 'spawn'.")
     seeds = [seed if goal == "fixed" else seed + i for i in range(num_envs)]
     fns = [partial(_make_worker_env, task, s, dict(env_kwargs, goal=goal)) for s in seeds]
+    if not asynchronous:
+        return gym.vector.SyncVectorEnv(fns, autoreset_mode=autoreset_mode)
     return gym.vector.AsyncVectorEnv(fns, context=context, autoreset_mode=autoreset_mode)

@@ -5,5 +5,6 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from furl_fast._native import build_info
+from furl_fast.replay import Batch, ReplayBuffer
 
-__all__ = ["__version__", "build_info"]
+__all__ = ["Batch", "ReplayBuffer", "__version__", "build_info"]

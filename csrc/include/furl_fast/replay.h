@@ -1,0 +1,200 @@
+// The replay buffer core: a FIFO ring of observation slots plus per-slot transition data, with
+// frame stacking, n-step returns and DrQ random shift done at sample time. Pure C++17: no Python,
+// no torch, no CUDA headers. Facade: furl_fast/replay.py; the CUDA gather lives in
+// csrc/cuda/replay_sample.cu.
+//
+// Storage model. Every observation an environment returns is written once, into one slot:
+//   start_episode(o_0), add(a_0, r_0, o_1), ..., add(a_{T-1}, r_{T-1}, o_T, done)
+// writes o_0 .. o_T into T + 1 slots. The transition (o_t, a_t, r_t, o_{t+1}) lives in the slot of o_t
+// and links to the slot of o_{t+1} by its sequence number (the global write count when it was
+// written; slot = seq % capacity). Slots of one episode are linked both ways (prev / next), so
+// episodes of several environments may interleave in the ring (vector envs). The final observation
+// o_T occupies a slot with no transition of its own.
+//
+// A slot is alive while seq >= written - capacity. A transition is *valid* (sampleable) when
+//   (1) its own slot and every frame of its frame stack are alive, and
+//   (2) its n-step window is complete: n transitions of the episode from it on are stored, or the
+//       episode ended (terminated or truncated) inside the window.
+// Valid transitions are kept in a dense list (swap-remove), so sampling is exact-uniform and O(1).
+// Overwriting the oldest slot removes its transition and the transitions of the next
+// frame_stack - 1 steps of its episode, whose stacks would read it: a stack never reads an
+// overwritten frame and never crosses into another episode.
+#pragma once
+
+#include <cstdint>
+#include <mutex>
+#include <shared_mutex>
+
+#include "furl_fast/tensor.h"
+
+namespace furl_fast {
+
+// Bits of ReplayColumns::flags; they describe the transition stored in the slot.
+enum ReplayFlag : uint8_t {
+  kReplayTerminated = 1,
+  kReplayTruncated = 2,
+  kReplaySuccess = 4,
+  kReplayHasNext = 8,  // the slot holds a transition (its next observation was written)
+};
+
+// Layout of the small int64 `state` column: header, then one entry per environment.
+enum ReplayState : int {
+  kStateWritten = 0,      // observations written so far (the next sequence number)
+  kStateNextEpisode = 1,  // the next episode id
+  kStateNumValid = 2,     // length of the valid list
+  kStateRng = 3,          // 4 words of xoshiro256** state (3..6)
+  kStateHeader = 8,       // per env e: state[kStateHeader + e] = seq of its latest observation, or -1
+};
+
+struct ReplayLayout {
+  int64_t capacity = 0;       // observation slots
+  int64_t num_envs = 1;
+  int64_t frame_stack = 1;
+  int64_t n_step = 1;
+  double gamma = 0.99;
+  int64_t action_dim = 0;
+  bool pixels = false;        // true: frames are uint8 (C, H, W); false: float32 state vectors (C,)
+  int64_t channels = 0, height = 1, width = 1;
+  int64_t embedding_dim = 0;  // 0: no embeddings stored
+  DType embedding_dtype = DType::kFloat32;
+  int64_t shift_pad = 4;      // DrQ random shift: replicate-pad 4, shifts in [0, 2 * pad]
+  DeviceKind device = DeviceKind::kCPU;  // where frames and embeddings live
+
+  int64_t frame_bytes() const { return channels * height * width * (pixels ? 1 : 4); }
+  int64_t embedding_bytes() const { return embedding_dim * dtype_size(embedding_dtype); }
+};
+
+// Column pointers, each with `capacity` rows. frames / embeddings are on layout.device, everything
+// else is host memory. The owner (the Python facade) keeps them alive while the core exists.
+struct ReplayColumns {
+  uint8_t* frames = nullptr;      // (capacity, frame_bytes)
+  uint8_t* embeddings = nullptr;  // (capacity, embedding_bytes) or null
+  float* actions = nullptr;       // (capacity, action_dim)
+  float* rewards = nullptr;
+  float* goal_distances = nullptr;  // NaN when not given
+  uint8_t* flags = nullptr;
+  int64_t* prev = nullptr;        // seq of the previous observation of the episode, -1 at its start
+  int64_t* next = nullptr;        // seq of the next observation, -1 while there is none
+  int64_t* episodes = nullptr;
+  int32_t* steps = nullptr;       // step in episode of the slot's observation
+  int32_t* valid_pos = nullptr;   // position in valid_list, -1 when not sampleable
+  int32_t* valid_list = nullptr;  // slots of the valid transitions (first state[kStateNumValid])
+  int64_t* state = nullptr;       // kStateHeader + num_envs words
+};
+
+// Copies one frame / embedding into device-side storage (memcpy on CPU, cudaMemcpy on CUDA).
+struct ReplayCopier {
+  void (*fn)(void* dst, const void* src, int64_t bytes, void* ctx) = nullptr;
+  void* ctx = nullptr;
+  void operator()(void* dst, const void* src, int64_t bytes) const { fn(dst, src, bytes, ctx); }
+};
+
+struct ReplayStep {
+  const void* obs = nullptr;        // the observation the step returned (frame_bytes)
+  const void* embedding = nullptr;  // its embedding (embedding_bytes) or null
+  const float* action = nullptr;    // action_dim
+  float reward = 0.f;
+  bool terminated = false, truncated = false, success = false;
+  float goal_distance = 0.f;
+};
+
+// What sample() writes; null pointers are skipped. Shapes for batch B and stack F:
+// obs / next_obs (B, F * frame) in frame layout; obs_slots / next_slots (B, F) int64 (oldest first);
+// shifts (B, 4) int32 = (obs x, obs y, next x, next y); the rest (B,) or (B, width).
+struct ReplaySampleOut {
+  uint8_t* obs = nullptr;
+  uint8_t* next_obs = nullptr;
+  uint8_t* embedding = nullptr;
+  uint8_t* next_embedding = nullptr;
+  int64_t* obs_slots = nullptr;
+  int64_t* next_slots = nullptr;
+  int32_t* shifts = nullptr;
+  float* action = nullptr;
+  float* reward = nullptr;
+  float* discount = nullptr;
+  float* goal_distance = nullptr;
+  bool* success = nullptr;
+  int64_t* indices = nullptr;
+  int64_t* episodes = nullptr;
+  int64_t* steps = nullptr;
+};
+
+class ReplayCore {
+ public:
+  // Checks the layout; fresh = true initialises the columns (seeded RNG), fresh = false checks that
+  // the columns hold a consistent state (after loading a file) so that no index can go out of range.
+  ReplayCore(const ReplayLayout& layout, const ReplayColumns& columns, ReplayCopier copier,
+             bool fresh, uint64_t seed);
+
+  const ReplayLayout& layout() const { return layout_; }
+
+  void start_episode(int64_t env, const void* obs, const void* embedding);
+  void add(int64_t env, const ReplayStep& step);
+  // Vector envs: add(e, steps[e]) for e in [0, n); an env whose step ended its episode is restarted
+  // with reset_obs[e] / reset_embeddings[e] when reset_obs is given. Everything is checked first.
+  void add_batch(int64_t n, const ReplayStep* steps, const uint8_t* reset_obs,
+                 const uint8_t* reset_embeddings);
+
+  int64_t size() const;  // number of valid transitions
+  bool episode_open(int64_t env) const;
+  // Ends env's open episode as if its last step had been truncated (bootstrap from the observation
+  // it returned); an episode with no step yet keeps its first observation as an orphan slot. For
+  // resuming a run whose environments cannot be restored mid-episode. No-op when none is open.
+  void truncate_episode(int64_t env);
+
+  // Fills `out` for `batch` transitions. indices: given ones (checked) or null to draw uniformly from
+  // the valid transitions; shifts: given (B, 4) in [0, 2 * pad] or null to draw them when augment is
+  // set (else no shift). Frames are gathered on the CPU only when out.obs / out.next_obs are set.
+  void sample(int64_t batch, bool augment, const int64_t* indices, const int32_t* shifts,
+              const ReplaySampleOut& out, int num_threads);
+
+  // For each valid index: the transition k steps earlier in the same episode, clamped to the
+  // earliest transition of that episode that is still sampleable.
+  void earlier(int64_t n, const int64_t* indices, int64_t k, int64_t* out) const;
+
+ private:
+  bool alive(int64_t seq) const;
+  int64_t slot_of(int64_t seq) const { return seq % layout_.capacity; }
+  bool stack_alive(int64_t slot) const;
+  void make_valid(int64_t slot);
+  void remove_valid(int64_t slot);
+  void write_observation(int64_t env, int64_t prev_seq, int64_t episode, int32_t step,
+                         const void* obs, const void* embedding);
+  void check_add(int64_t env) const;
+  void add_locked(int64_t env, const ReplayStep& step);
+  void start_locked(int64_t env, const void* obs, const void* embedding);
+  void check_index(int64_t i, int64_t index, const char* op, const char* arg) const;
+  void check_state() const;
+  uint64_t next_random();
+  int64_t uniform(int64_t n);
+
+  ReplayLayout layout_;
+  ReplayColumns c_;
+  ReplayCopier copy_;
+  // Adds take it exclusively, samples shared: a gather never sees a slot half rewritten.
+  mutable std::shared_mutex mutex_;
+  // Draws (RNG, writing indices) are serialised separately so concurrent samples stay well-defined.
+  std::mutex rng_mutex_;
+};
+
+// The CPU gather with the fused shift: out (F * C, H, W) <- the frames of `slots` (F,), each
+// C x H x W elements of elem_bytes, shifted by (sx, sy) with replicate padding `pad` when `shift`
+// (uint8 frames only).
+void replay_gather_stack_cpu(const uint8_t* frames, const int64_t* slots, int64_t frame_stack,
+                             int64_t channels, int64_t height, int64_t width, int64_t elem_bytes,
+                             int64_t pad, int32_t sx, int32_t sy, bool shift, uint8_t* out);
+
+#ifdef FURL_FAST_WITH_CUDA
+// csrc/cuda/replay_sample.cu. frames (capacity, C, H, W) uint8 on the device; slots (B, F) int64 and
+// shifts (B, 2) int32 on the device; out (B, F * C, H, W) uint8. Slots outside [0, capacity) give
+// zeros (never an out-of-bounds read). Runs on `stream`.
+void replay_gather_frames_cuda(const TensorView& frames, const TensorView& slots,
+                               const TensorView& shifts, const TensorView& out, int64_t pad,
+                               uintptr_t stream);
+// Host or device -> device copy on `stream` of GPU `device`, synchronised so the source may be
+// freed at once.
+void replay_copy_to_device_cuda(void* dst, const void* src, int64_t bytes, int device,
+                                uintptr_t stream);
+#endif
+
+}  // namespace furl_fast

@@ -1,0 +1,63 @@
+// The tensor boundary of the replay buffer: takes TensorViews (from DLPack), checks every one of them
+// (dtype, shape, device, contiguity, writability) and calls ReplayCore with plain pointers.
+// bindings.cpp only turns capsules into TensorViews and releases the GIL.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "furl_fast/replay.h"
+#include "furl_fast/tensor.h"
+
+namespace furl_fast {
+
+struct ReplayColumnViews {
+  TensorView frames, actions, rewards, goal_distances, flags, prev, next, episodes, steps,
+      valid_pos, valid_list, state;
+  const TensorView* embeddings = nullptr;  // required when embedding_dim > 0
+};
+
+// Optional outputs of sample(); null ones are not written. See ReplaySampleOut for the shapes.
+struct ReplayOutViews {
+  const TensorView *obs = nullptr, *next_obs = nullptr, *embedding = nullptr,
+                   *next_embedding = nullptr, *obs_slots = nullptr, *next_slots = nullptr,
+                   *shifts = nullptr, *action = nullptr, *reward = nullptr, *discount = nullptr,
+                   *goal_distance = nullptr, *success = nullptr, *indices = nullptr,
+                   *episodes = nullptr, *steps = nullptr;
+};
+
+class ReplayTensors {
+ public:
+  ReplayTensors(const ReplayLayout& layout, const ReplayColumnViews& columns, bool fresh,
+                uint64_t seed);
+
+  void start_episode(int64_t env, const TensorView& obs, const TensorView* embedding,
+                     uintptr_t stream);
+  void add(int64_t env, const TensorView& obs, const TensorView& action, double reward,
+           bool terminated, bool truncated, bool success, const TensorView* embedding,
+           double goal_distance, uintptr_t stream);
+  // obs (N, *obs_shape), actions (N, A) float32, rewards / goal_distances (N,) float32,
+  // terminated / truncated / success (N,) bool, embeddings (N, D), reset_obs like obs.
+  void add_batch(const TensorView& obs, const TensorView& actions, const TensorView& rewards,
+                 const TensorView& terminated, const TensorView& truncated,
+                 const TensorView& success, const TensorView* embeddings,
+                 const TensorView& goal_distances, const TensorView* reset_obs,
+                 const TensorView* reset_embeddings, uintptr_t stream);
+  void sample(int64_t batch, bool augment, const TensorView* indices, const TensorView* shifts,
+              const ReplayOutViews& out, int num_threads);
+  void earlier(const TensorView& indices, int64_t k, const TensorView& out) const;
+  int64_t size() const { return core_->size(); }
+  bool episode_open(int64_t env) const { return core_->episode_open(env); }
+  void truncate_episode(int64_t env) { core_->truncate_episode(env); }
+
+ private:
+  void check_obs(const char* op, const char* arg, const TensorView& obs, int64_t batch) const;
+  void check_embedding(const char* op, const char* arg, const TensorView* e, int64_t batch) const;
+
+  ReplayLayout layout_;
+  uintptr_t stream_ = 0;  // the caller's CUDA stream for the copy of the current add
+  int device_index_ = 0;  // GPU of the frames in GPU mode
+  std::unique_ptr<ReplayCore> core_;
+};
+
+}  // namespace furl_fast

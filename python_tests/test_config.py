@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import tyro
+
+from furl_fast.config import PRESETS, Config, FuRLConfig, SACConfig, VLMConfig
+
+
+def _replace(cfg: Config, **kw) -> Config:
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_defaults_and_presets_validate():
+    for cfg in PRESETS.values():
+        cfg.validate()
+    cfg = Config()
+    cfg.validate(known_tasks={"drawer-open-v3"})
+    assert cfg.algo == "furl" and cfg.rho == 0.05 and cfg.sac.tau == 0.01 and cfg.furl.lag == 10
+
+
+def test_paper_preset_matches_the_spec():
+    paper = PRESETS["paper"]
+    assert paper.total_steps == 1_000_000 and paper.warmup_steps == 10_000
+    assert paper.eval_every == 100_000 and paper.batch_size == 256
+    assert paper.resolved_buffer_size == 500_000
+    assert _replace(paper, algo="sac").resolved_buffer_size == 1_000_000
+    assert paper.resolved_eval_episodes == 1
+    assert _replace(paper, goal="random").resolved_eval_episodes == 10
+    s, f = paper.sac, paper.furl
+    assert (s.actor_lr, s.critic_lr, s.alpha_lr, s.gamma, s.init_alpha) == (1e-4, 1e-4, 1e-4, 0.99, 1.0)
+    assert s.hidden_dims == (256, 256) and s.target_entropy is None
+    assert (f.head_hidden, f.head_out, f.head_lr, f.pair_batch) == (256, 64, 1e-4, 256)
+    assert (f.phase_a_gap, f.phase_a_margin, f.phase_b_margin) == (0.25, 0.1, 0.1)
+    assert (f.positive_capacity, f.negative_capacity, f.relay_stop_positives) == (20_000, 20_000, 2_500)
+    assert f.relay_k_choices == (50, 100, 150, 200) and f.relay_noise_std == 0.2
+    assert (paper.vlm.model, paper.vlm.pretrained, paper.vlm.bgr) == ("RN50", "openai", False)
+
+
+def test_resolved_reward_per_algo():
+    assert Config(algo="furl").resolved_reward == "furl"
+    assert Config(algo="vlm").resolved_reward == "cosine"
+    assert Config(algo="relay", reward="binary").resolved_reward == "binary"
+    assert Config(algo="sac").resolved_reward is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"algo": "ppo"}, "algo='ppo' is unknown; use one of 'sac', 'vlm', 'relay', 'furl'"),
+        ({"agent": "td3"}, "agent='td3' is unknown"),
+        ({"goal": "moving"}, "goal='moving' is unknown"),
+        ({"rho": -0.1}, "rho=-0.1 must be >= 0"),
+        ({"batch_size": 512, "buffer_size": 100}, "lower --batch-size or raise --buffer-size"),
+        ({"warmup_steps": 5000, "total_steps": 5000}, "warmup_steps=5000 must be < total_steps=5000"),
+        ({"device": "tpu"}, "device='tpu' is unknown; use auto, cpu, cuda or cuda:N"),
+        ({"num_envs": 0}, "num_envs=0 must be > 0"),
+        ({"algo": "vlm", "reward": "furl"}, "use --algo furl"),
+        ({"algo": "furl", "reward": "cosine"}, "use --algo vlm or --algo relay"),
+        ({"sac": SACConfig(tau=0.0)}, "sac.tau=0.0 must be in (0, 1]"),
+        ({"sac": SACConfig(gamma=1.5)}, "sac.gamma=1.5 must be in (0, 1]"),
+        ({"furl": FuRLConfig(relay_k_choices=())}, "furl.relay_k_choices=() must be a non-empty"),
+        ({"furl": FuRLConfig(phase_b_margin=-1.0)}, "furl.phase_b_margin=-1.0 must be >= 0"),
+        ({"vlm": VLMConfig(precision="fp8")}, "vlm.precision='fp8' is unknown"),
+    ],
+)
+def test_validation_errors_say_what_to_change(changes, message):
+    with pytest.raises(ValueError) as err:
+        _replace(Config(), **changes).validate()
+    assert message in str(err.value)
+
+
+def test_unknown_task_through_the_hook_and_all_problems_at_once():
+    _replace(Config(), task="fly-v3").validate()  # without known tasks the task is not checked
+    cfg = _replace(Config(), task="fly-v3", rho=-1.0)
+    with pytest.raises(ValueError) as err:
+        cfg.validate(known_tasks=["drawer-open-v3", "reach-v3"])
+    text = str(err.value)
+    assert "task='fly-v3' is unknown; use one of drawer-open-v3, reach-v3" in text
+    assert "rho=-1.0" in text
+
+
+def test_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().seed = 3  # type: ignore[misc]
+
+
+def test_tyro_parses_nested_overrides_on_a_preset():
+    cfg = tyro.cli(
+        Config,
+        default=PRESETS["paper"],
+        args=["--algo", "sac", "--seed", "3", "--sac.tau", "0.02", "--vlm.model", "ViT-B-32",
+              "--furl.relay-k-choices", "10", "20", "--buffer-size", "5000"],
+    )
+    assert cfg.algo == "sac" and cfg.seed == 3 and cfg.sac.tau == 0.02 and cfg.vlm.model == "ViT-B-32"
+    assert cfg.furl.relay_k_choices == (10, 20) and cfg.buffer_size == 5000
+    assert cfg.total_steps == 1_000_000  # untouched fields keep the preset's values
+
+
+def test_tyro_help_shows_field_docstrings(capsys):
+    with pytest.raises(SystemExit):
+        tyro.cli(Config, args=["--help"])
+    out = capsys.readouterr().out
+    assert "Weight of the VLM reward" in out
+    assert "Polyak rate of the target critics" in out

@@ -1,0 +1,1 @@
+"""RL agents: SAC (state) and relay RL scheduling."""

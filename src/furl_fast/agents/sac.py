@@ -1,0 +1,272 @@
+"""Soft actor-critic as FuRL uses it (/work/shared/spec/furl.md, "SAC").
+
+Actor obs -> 256 -> 256 (ReLU) -> mean and std = softplus(.) + 1e-3, tanh-squashed Gaussian; twin
+critics (obs, act) -> 256 -> 256 -> 1; learned temperature (init 1.0, target entropy -act_dim / 2);
+Polyak tau 0.01 after every critic step. All three losses come from the pre-update networks, and one
+backward pass + one Adam step updates everything: the actor loss reads the critics through detached
+weights, so its gradient reaches the actor only.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from furl_fast.config import SACConfig
+
+__all__ = ["SAC", "Actor", "TwinCritic", "squashed_gaussian_log_prob"]
+
+_LOG_2PI = math.log(2 * math.pi)
+_LOG_2 = math.log(2.0)
+
+
+def _mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(in_dim, h), nn.ReLU()]
+        in_dim = h
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+def squashed_gaussian_log_prob(
+    eps: torch.Tensor, pre_tanh: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """log pi(a | s) of a = tanh(u), u = mean + std * eps.
+
+    eps, pre_tanh (= u), std: (B, A) float. Returns (B,).
+    Gaussian log-density minus the tanh log-det sum log(1 - tanh(u)^2), written as
+    2 (log 2 - u - softplus(-2u)) so it stays finite when |u| is large.
+    """
+    gauss = -0.5 * eps.square() - std.log() - 0.5 * _LOG_2PI
+    log_det = 2.0 * (_LOG_2 - pre_tanh - F.softplus(-2.0 * pre_tanh))
+    return (gauss - log_det).sum(-1)
+
+
+class Actor(nn.Module):
+    """obs (B, obs_dim) -> tanh-squashed Gaussian over (B, act_dim) actions in [-1, 1]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], std_min: float):
+        super().__init__()
+        self.net = _mlp(obs_dim, hidden, 2 * act_dim)
+        self.std_min = std_min
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (mean, std) of the pre-tanh Gaussian, each (B, act_dim)."""
+        mean, raw_std = self.net(obs).chunk(2, dim=-1)
+        return mean, F.softplus(raw_std) + self.std_min
+
+    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterised sample: (action (B, act_dim), log_prob (B,))."""
+        mean, std = self(obs)
+        eps = torch.randn_like(mean)
+        u = mean + std * eps
+        return torch.tanh(u), squashed_gaussian_log_prob(eps, u, std)
+
+
+class TwinCritic(nn.Module):
+    """num_q independent Q-networks (obs, act) -> hidden -> 1, evaluated as one batched matmul per
+    layer (weights stacked on a leading axis) instead of num_q separate small matmuls.
+
+    Initialised like nn.Linear (uniform +-1/sqrt(fan_in) for weights and biases).
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], num_q: int = 2):
+        super().__init__()
+        dims = [obs_dim + act_dim, *hidden, 1]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for d_in, d_out in itertools.pairwise(dims):
+            bound = 1.0 / math.sqrt(d_in)
+            self.weights.append(nn.Parameter(torch.empty(num_q, d_in, d_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(num_q, 1, d_out).uniform_(-bound, bound)))
+        self.num_q = num_q
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor, detach: bool = False) -> torch.Tensor:
+        """obs (B, obs_dim), act (B, act_dim) -> Q-values (num_q, B).
+
+        detach=True reads the weights without recording gradients for them (gradients still flow to
+        obs and act): how the actor loss uses the critics.
+        """
+        x = torch.cat([obs, act], dim=-1)
+        h = x.unsqueeze(0).expand(self.num_q, *x.shape)
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if detach:
+                w, b = w.detach(), b.detach()
+            h = torch.baddbmm(b, h, w)
+            if i < last:
+                h = torch.relu(h)
+        return h.squeeze(-1)
+
+
+def _adam(groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Adam:
+    # Fused Adam on CUDA is one kernel for every parameter; foreach batches the CPU math.
+    if device.type == "cuda":
+        return torch.optim.Adam(groups, fused=True)
+    return torch.optim.Adam(groups, foreach=True)
+
+
+class SAC:
+    """Soft actor-critic agent.
+
+    obs_dim: width of the state, or of the encoder's features when an encoder is given.
+    act_dim: action width (actions live in [-1, 1]).
+    encoder: optional module mapping raw observations to (B, obs_dim) features (DrQ: pixels), with an
+    `input_shape` attribute (one unbatched observation's shape). It is trained by the critic loss
+    only (critic learning rate); the actor reads its features detached, and next observations go
+    through it without gradient (DrQ-v2).
+    metric_prefix: inserted into metric names, e.g. "relay_" -> "losses/relay_critic".
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, config: SACConfig | None = None,
+                 device: torch.device | str = "cpu", encoder: nn.Module | None = None,
+                 metric_prefix: str = ""):
+        if obs_dim <= 0 or act_dim <= 0:
+            raise ValueError(f"SAC: obs_dim and act_dim must be positive, got {obs_dim}, {act_dim}.")
+        self.config = config = config or SACConfig()
+        self.device = torch.device(device)
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.metric_prefix = metric_prefix
+        hidden = tuple(config.hidden_dims)
+        self.encoder = None if encoder is None else encoder.to(self.device)
+        self.actor = Actor(obs_dim, act_dim, hidden, config.std_min).to(self.device)
+        self.critic = TwinCritic(obs_dim, act_dim, hidden).to(self.device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.log_alpha = nn.Parameter(
+            torch.tensor(math.log(config.init_alpha), dtype=torch.float32, device=self.device)
+        )
+        self.target_entropy = (
+            -act_dim / 2.0 if config.target_entropy is None else float(config.target_entropy)
+        )
+        critic_params = list(self.critic.parameters())
+        if self.encoder is not None:
+            critic_params += list(self.encoder.parameters())
+        # One optimiser, three parameter groups: Adam is per-parameter, so this equals three
+        # optimisers, at the cost of one fused step instead of three.
+        self.optimizer = _adam(
+            [
+                {"params": list(self.actor.parameters()), "lr": config.actor_lr},
+                {"params": critic_params, "lr": config.critic_lr},
+                {"params": [self.log_alpha], "lr": config.alpha_lr},
+            ],
+            self.device,
+        )
+        self._critic_params = list(self.critic.parameters())
+        self._target_params = list(self.critic_target.parameters())
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """Current temperature, 0-dim float32 tensor (no host sync)."""
+        return self.log_alpha.detach().exp()
+
+    def _features(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs if self.encoder is None else self.encoder(obs)
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor | np.ndarray, deterministic: bool = False) -> torch.Tensor:
+        """obs: (B, obs_dim) or (obs_dim,) float (with an encoder: its input, batched or single)
+        -> actions (B, act_dim) or (act_dim,) float32 in [-1, 1] on the agent's device;
+        deterministic=True gives tanh(mean) (evaluation)."""
+        obs = torch.as_tensor(obs, device=self.device)
+        if self.encoder is None:
+            obs = obs.float()
+            single = obs.dim() == 1
+        else:
+            single = obs.dim() == len(self.encoder.input_shape)
+        if single:
+            obs = obs.unsqueeze(0)
+        features = self._features(obs)
+        if features.dim() != 2 or features.shape[1] != self.obs_dim:
+            raise ValueError(f"SAC.act: obs must have shape (B, {self.obs_dim}), got {tuple(obs.shape)}.")
+        if deterministic:
+            action = torch.tanh(self.actor(features)[0])
+        else:
+            action = self.actor.sample(features)[0]
+        return action[0] if single else action
+
+    def update(self, batch: Mapping[str, torch.Tensor] | Any, log: bool = False) -> dict[str, Any]:
+        """One gradient step of critics (and encoder), actor and temperature, then Polyak-average
+        the target critics.
+
+        batch: a mapping or an object with attributes (e.g. furl_fast.replay.Batch) holding
+        obs (B, obs_dim), action (B, act_dim), reward (B,), discount (B,) = gamma^n * (1 -
+        terminated), next_obs (B, obs_dim), float32 on the agent's device (with an encoder, obs and
+        next_obs are the encoder's input, e.g. (B, C, H, W) uint8).
+        Returns losses/* and charts/* metrics: 0-dim tensors (no host sync) unless log=True, then
+        Python floats (one sync for all of them).
+        """
+        get = batch.__getitem__ if isinstance(batch, Mapping) else partial(getattr, batch)
+        obs, action, next_obs = get("obs"), get("action"), get("next_obs")
+        reward, discount = get("reward").reshape(-1), get("discount").reshape(-1)
+        alpha = self.log_alpha.detach().exp()
+
+        features = self._features(obs)  # the critic loss trains the encoder through these
+        with torch.no_grad():
+            next_features = self._features(next_obs)
+            next_action, next_log_prob = self.actor.sample(next_features)
+            next_q = self.critic_target(next_features, next_action).min(dim=0).values
+            target = reward + discount * (next_q - alpha * next_log_prob)
+        q = self.critic(features, action)
+        critic_loss = (q - target).square().mean(dim=1).sum()
+
+        actor_features = features.detach()
+        new_action, log_prob = self.actor.sample(actor_features)
+        q_pi = self.critic(actor_features, new_action, detach=True).min(dim=0).values
+        actor_loss = (alpha * log_prob - q_pi).mean()
+
+        entropy = -log_prob.detach().mean()
+        alpha_loss = self.log_alpha.exp() * (entropy - self.target_entropy)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        (critic_loss + actor_loss + alpha_loss).backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(self._target_params, self._critic_params, self.config.tau)
+
+        p = self.metric_prefix
+        metrics = {
+            f"losses/{p}critic": critic_loss.detach(),
+            f"losses/{p}actor": actor_loss.detach(),
+            f"losses/{p}alpha": alpha_loss.detach(),
+            f"charts/{p}alpha": alpha,
+            f"charts/{p}entropy": entropy,
+            f"charts/{p}q": q.detach().mean(),
+        }
+        if log:
+            return dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """Encoder (if any), networks, target critics, log_alpha and the optimiser state."""
+        return {
+            "encoder": None if self.encoder is None else self.encoder.state_dict(),
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "critic_target": self.critic_target.state_dict(),
+            "log_alpha": self.log_alpha.detach().clone(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state.get("encoder") is None) != (self.encoder is None):
+            raise ValueError("SAC.load_state_dict: the checkpoint and this agent disagree on having a "
+                             "pixel encoder (agent sac vs drq).")
+        if self.encoder is not None:
+            self.encoder.load_state_dict(state["encoder"])
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.critic_target.load_state_dict(state["critic_target"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        # Optimizer.load_state_dict keeps the given moment tensors: copy so two agents never share them.
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))

@@ -1,0 +1,317 @@
+"""Typed run configuration: nested frozen dataclasses with a docstring per field (tyro shows them as
+the CLI help). `Config()` is the laptop-friendly default; `PRESETS["paper"]` holds the FuRL paper's
+settings (/work/shared/spec/furl.md). Call `Config.validate()` before any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Literal
+
+ALGOS = ("sac", "vlm", "relay", "furl")
+AGENTS = ("sac", "drq")
+REWARDS = ("furl", "cosine", "goal_baseline", "binary", "code")
+GOALS = ("fixed", "random")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class SACConfig:
+    """Soft actor-critic (both the FuRL agent and the relay agent)."""
+
+    hidden_dims: tuple[int, ...] = (256, 256)
+    """Hidden layer widths of the actor and of each of the twin critics."""
+    actor_lr: float = 1e-4
+    """Adam learning rate of the actor."""
+    critic_lr: float = 1e-4
+    """Adam learning rate of the twin critics."""
+    alpha_lr: float = 1e-4
+    """Adam learning rate of the entropy temperature log(alpha)."""
+    gamma: float = 0.99
+    """Discount factor (the replay buffer folds gamma^n * (1 - terminated) into each batch)."""
+    n_step: int = 1
+    """n-step returns computed by the replay buffer; FuRL uses 1-step TD."""
+    tau: float = 0.01
+    """Polyak rate of the target critics, applied after every critic step."""
+    init_alpha: float = 1.0
+    """Initial entropy temperature alpha."""
+    target_entropy: float | None = None
+    """Target policy entropy; None means -act_dim / 2 (the FuRL setting)."""
+    std_min: float = 1e-3
+    """Added to softplus(.) for the policy's standard deviation, so it never collapses to 0."""
+
+
+@dataclass(frozen=True)
+class DrQConfig:
+    """Pixel-based agent (agent=drq): DrQ-v2-style defaults (/work/shared/spec/furl.md, baselines)."""
+
+    image_size: int = 84
+    """Side of the square RGB observation the agent sees."""
+    frame_stack: int = 3
+    """Consecutive frames stacked along channels."""
+    action_repeat: int = 2
+    """Environment steps per agent action."""
+    shift_pad: int = 4
+    """Random-shift augmentation: replicate pad, then a random crop back to image_size."""
+    feature_dim: int = 50
+    """Width of the encoder's output (after Linear + LayerNorm + tanh), the actor's and critics' input."""
+
+
+@dataclass(frozen=True)
+class FuRLConfig:
+    """Reward alignment (the projection heads and their ranking losses) and relay RL."""
+
+    head_hidden: int = 256
+    """Hidden width of the image and text projection heads."""
+    head_out: int = 64
+    """Output width of the projection heads (the space the cosine reward is taken in)."""
+    head_lr: float = 1e-4
+    """Adam learning rate of the one optimiser over both heads."""
+    pair_batch: int = 256
+    """Samples per head update: replay embeddings in phase A, (positive, negative, lag) triples in B."""
+    phase_a_gap: float = 0.25
+    """Phase A: frame i must be closer to the goal image than frame j by this L2 distance to rank."""
+    phase_a_margin: float = 0.1
+    """Phase A: hinge margin on c_i - c_j."""
+    phase_b_margin: float = 0.1
+    """Phase B: hinge margin for positive vs negative and positive vs lag frame."""
+    lag: int = 10
+    """Phase B: the lag frame is this many steps earlier in the same episode as its positive."""
+    positive_capacity: int = 20_000
+    """Embedding buffer: positive frames kept (FIFO)."""
+    negative_capacity: int = 20_000
+    """Embedding buffer: negative frames kept (FIFO)."""
+    relay_stop_positives: int = 2_500
+    """Relay RL stops for good once this many positive frames have been stored."""
+    relay_k_choices: tuple[int, ...] = (50, 100, 150, 200)
+    """Relay RL: per episode, control alternates every K steps, K drawn from these."""
+    relay_noise_std: float = 0.2
+    """Relay RL: std of the Gaussian noise added to the relay agent's actions (then clipped)."""
+
+
+@dataclass(frozen=True)
+class VLMConfig:
+    """The frozen vision-language model that embeds frames and the task text."""
+
+    model: str = "RN50"
+    """open_clip architecture name (RN50 is the closest to the paper's LIV)."""
+    pretrained: str = "openai"
+    """open_clip pretrained tag, a local checkpoint path, or 'none' for random weights (meaningless
+    rewards; for tests and throughput only)."""
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """Encoder precision; auto = fp16 on CUDA, fp32 on CPU."""
+    bgr: bool = False
+    """Feed channels in BGR order like FuRL's release (a quirk kept for parity)."""
+    prompt: str | None = None
+    """Task description for the text encoder; None takes the task's prompt from the task table."""
+    cache_dir: str | None = None
+    """Where text embeddings are cached; None uses $FURL_FAST_CACHE or ~/.cache/furl_fast. (Downloaded
+    weights go to open_clip's own cache.)"""
+
+
+@dataclass(frozen=True)
+class Config:
+    """One training run."""
+
+    algo: Literal["sac", "vlm", "relay", "furl"] = "furl"
+    """sac: sparse reward only; vlm: + raw VLM reward; relay: raw VLM + relay RL; furl: aligned + relay."""
+    agent: Literal["sac", "drq"] = "sac"
+    """sac: state-based SAC; drq: pixel-based DrQ-v2-style SAC."""
+    reward: Literal["furl", "cosine", "goal_baseline", "binary", "code"] | None = None
+    """VLM reward family; None picks furl for algo=furl and cosine for vlm/relay (unused by sac)."""
+    task: str = "drawer-open-v3"
+    """Meta-World v3 task name."""
+    goal: Literal["fixed", "random"] = "fixed"
+    """fixed: hidden goal, same scene every reset; random: goal in the state, resampled each reset."""
+    seed: int = 0
+    """Seed of the environment, networks, replay sampling and relay schedule."""
+    total_steps: int = 100_000
+    """Environment steps to train for."""
+    warmup_steps: int = 2_000
+    """Uniform-random actions before learning starts."""
+    batch_size: int = 256
+    """Replay batch size of every SAC update."""
+    buffer_size: int | None = 100_000
+    """Replay capacity in transitions; None means the spec's 500,000 for furl, 1,000,000 otherwise."""
+    rho: float = 0.05
+    """Weight of the VLM reward: critic reward = (success - 1) + rho * vlm_reward."""
+    eval_every: int = 10_000
+    """Environment steps between evaluations of the deterministic policy."""
+    eval_episodes: int | None = None
+    """Episodes per evaluation; None means 1 for a fixed goal, 10 for random goals."""
+    checkpoint_every: int = 10_000
+    """Environment steps between checkpoints (also written on SIGINT/SIGTERM)."""
+    run_dir: str | None = None
+    """Run directory; None makes runs/<algo>-<task>-s<seed>-<time>."""
+    resume: str | None = None
+    """Run directory of an interrupted run to continue from its last checkpoint."""
+    device: str = "auto"
+    """auto (CUDA when available, else CPU), cpu, cuda or cuda:N."""
+    num_envs: int = 1
+    """Environments stepped in parallel."""
+    profile: bool = False
+    """Log per-phase timings (perf/*) at the cost of a host sync per step."""
+    sac: SACConfig = field(default_factory=SACConfig)
+    """SAC hyper-parameters."""
+    drq: DrQConfig = field(default_factory=DrQConfig)
+    """Pixel-agent settings (used when agent=drq)."""
+    furl: FuRLConfig = field(default_factory=FuRLConfig)
+    """Reward-alignment and relay hyper-parameters."""
+    vlm: VLMConfig = field(default_factory=VLMConfig)
+    """Vision-language model."""
+
+    @property
+    def resolved_reward(self) -> str | None:
+        """The reward family this run uses (None for algo=sac)."""
+        if self.algo == "sac":
+            return None
+        if self.reward is not None:
+            return self.reward
+        return "furl" if self.algo == "furl" else "cosine"
+
+    @property
+    def resolved_buffer_size(self) -> int:
+        if self.buffer_size is not None:
+            return self.buffer_size
+        return 500_000 if self.algo == "furl" else 1_000_000
+
+    @property
+    def resolved_eval_episodes(self) -> int:
+        if self.eval_episodes is not None:
+            return self.eval_episodes
+        return 1 if self.goal == "fixed" else 10
+
+    @property
+    def uses_relay(self) -> bool:
+        return self.algo in ("relay", "furl")
+
+    def validate(self, known_tasks: Collection[str] | None = None) -> None:
+        """Raises ValueError listing every problem, each with what to change.
+
+        known_tasks: the task names the environment module accepts (furl_fast.envs provides them);
+        None skips the task check. This is the hook through which unknown tasks are caught before
+        training starts.
+        """
+        problems = _problems(self, known_tasks)
+        if problems:
+            raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _one_of(name: str, value: object, allowed: Collection[object]) -> list[str]:
+    if value in allowed:
+        return []
+    return [f"{name}={value!r} is unknown; use one of {', '.join(map(repr, allowed))}."]
+
+
+def _positive(name: str, value: float) -> list[str]:
+    return [] if value > 0 else [f"{name}={value!r} must be > 0."]
+
+
+def _problems(cfg: Config, known_tasks: Collection[str] | None) -> list[str]:
+    p: list[str] = []
+    p += _one_of("algo", cfg.algo, ALGOS)
+    p += _one_of("agent", cfg.agent, AGENTS)
+    if cfg.reward is not None:
+        p += _one_of("reward", cfg.reward, REWARDS)
+    p += _one_of("goal", cfg.goal, GOALS)
+    if cfg.algo == "furl" and cfg.reward not in (None, "furl"):
+        p.append(f"algo=furl trains the aligned heads, so reward must be 'furl' (got {cfg.reward!r}); "
+                 "for a raw VLM reward use --algo vlm or --algo relay.")
+    if cfg.algo in ("vlm", "relay") and cfg.reward == "furl":
+        p.append(f"reward='furl' needs the aligned heads, which only algo=furl trains; use --algo furl "
+                 f"or a raw reward (cosine, goal_baseline, binary, code) with --algo {cfg.algo}.")
+    if known_tasks is not None and cfg.task not in known_tasks:
+        p.append(f"task={cfg.task!r} is unknown; use one of {', '.join(sorted(known_tasks))}.")
+    if cfg.seed < 0:
+        p.append(f"seed={cfg.seed} must be >= 0.")
+    p += _positive("total_steps", cfg.total_steps)
+    if cfg.warmup_steps < 0:
+        p.append(f"warmup_steps={cfg.warmup_steps} must be >= 0.")
+    elif cfg.warmup_steps >= cfg.total_steps > 0:
+        p.append(f"warmup_steps={cfg.warmup_steps} must be < total_steps={cfg.total_steps}, "
+                 "or no learning would happen.")
+    p += _positive("batch_size", cfg.batch_size)
+    if cfg.buffer_size is not None:
+        p += _positive("buffer_size", cfg.buffer_size)
+    if cfg.batch_size > cfg.resolved_buffer_size > 0:
+        p.append(f"batch_size={cfg.batch_size} is larger than the replay buffer "
+                 f"({cfg.resolved_buffer_size}); lower --batch-size or raise --buffer-size.")
+    if cfg.rho < 0:
+        p.append(f"rho={cfg.rho} must be >= 0 (it weighs the VLM reward; 0 turns it off).")
+    p += _positive("eval_every", cfg.eval_every)
+    if cfg.eval_episodes is not None:
+        p += _positive("eval_episodes", cfg.eval_episodes)
+    p += _positive("checkpoint_every", cfg.checkpoint_every)
+    p += _positive("num_envs", cfg.num_envs)
+    dev = cfg.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        p.append(f"device={dev!r} is unknown; use auto, cpu, cuda or cuda:N.")
+
+    s = cfg.sac
+    if not s.hidden_dims or any(h <= 0 for h in s.hidden_dims):
+        p.append(f"sac.hidden_dims={s.hidden_dims} must be a non-empty list of positive widths.")
+    for name in ("actor_lr", "critic_lr", "alpha_lr", "init_alpha", "std_min", "n_step"):
+        p += _positive(f"sac.{name}", getattr(s, name))
+    if not 0 < s.gamma <= 1:
+        p.append(f"sac.gamma={s.gamma} must be in (0, 1].")
+    if not 0 < s.tau <= 1:
+        p.append(f"sac.tau={s.tau} must be in (0, 1].")
+
+    d = cfg.drq
+    for name in ("frame_stack", "action_repeat", "feature_dim"):
+        p += _positive(f"drq.{name}", getattr(d, name))
+    if d.image_size < 16:
+        p.append(f"drq.image_size={d.image_size} must be >= 16 (the encoder's convolutions need room).")
+    if d.shift_pad < 0:
+        p.append(f"drq.shift_pad={d.shift_pad} must be >= 0.")
+
+    f = cfg.furl
+    for name in ("head_hidden", "head_out", "head_lr", "pair_batch", "lag", "positive_capacity",
+                 "negative_capacity"):
+        p += _positive(f"furl.{name}", getattr(f, name))
+    for name in ("phase_a_gap", "phase_a_margin", "phase_b_margin", "relay_noise_std",
+                 "relay_stop_positives"):
+        if getattr(f, name) < 0:
+            p.append(f"furl.{name}={getattr(f, name)} must be >= 0.")
+    if not f.relay_k_choices or any(k <= 0 for k in f.relay_k_choices):
+        p.append(f"furl.relay_k_choices={f.relay_k_choices} must be a non-empty list of positive "
+                 "segment lengths.")
+    if f.lag >= f.positive_capacity > 0:
+        p.append(f"furl.lag={f.lag} must be smaller than furl.positive_capacity={f.positive_capacity}.")
+
+    p += _one_of("vlm.precision", cfg.vlm.precision, PRECISIONS)
+    if not cfg.vlm.model:
+        p.append("vlm.model must name an open_clip architecture, e.g. RN50 or ViT-B-32.")
+    if not cfg.vlm.pretrained:
+        p.append("vlm.pretrained must be a pretrained tag, a checkpoint path, or 'none'.")
+    return p
+
+
+def _paper() -> Config:
+    """The FuRL paper's settings (spec: 1M steps, 10k warm-up, replay 500k for FuRL / 1M baselines)."""
+    return dataclasses.replace(
+        Config(),
+        total_steps=1_000_000,
+        warmup_steps=10_000,
+        buffer_size=None,
+        eval_every=100_000,
+        checkpoint_every=50_000,
+    )
+
+
+PRESETS: dict[str, Config] = {
+    # Runs on a CPU in hours, not days: fewer steps and a smaller buffer, same algorithm.
+    "laptop": Config(),
+    "paper": _paper(),
+}
+
+
+def resolve_device(name: str):
+    """'auto' -> cuda when a GPU is usable, else cpu; anything else as given. Returns torch.device."""
+    import torch  # kept local: the config module stays importable (and fast) without torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

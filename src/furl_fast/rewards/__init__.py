@@ -1,0 +1,1 @@
+"""Reward models on top of VLM embeddings (FuRL aligned heads, ...)."""

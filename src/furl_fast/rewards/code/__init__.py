@@ -1,0 +1,55 @@
+"""Code as reward (VLM-CaR, Venuto et al., ICML 2024).
+
+A VLM writes one checker program `done(frame, state) -> bool` per sub-task of a task (client.py);
+the programs run in a sandboxed worker process (sandbox.py); a program set is accepted only if it
+completes on all expert rollouts and not on random ones (verifier.py); the accepted set gives a dense,
+per-episode stateful reward (reward.py). Reference sets for a few Meta-World tasks
+(reference_programs.py) make the whole path usable without any VLM service.
+"""
+
+from __future__ import annotations
+
+from furl_fast.rewards.code.client import (
+    GenerationError,
+    GenerationResult,
+    VLMClient,
+    VLMConfig,
+    encode_png,
+    generate_program_set,
+    parse_program_set,
+)
+from furl_fast.rewards.code.program_set import ProgramSet, progress_from_done
+from furl_fast.rewards.code.reference_programs import REFERENCE_PROGRAM_SETS, reference_program_set
+from furl_fast.rewards.code.reward import CodeReward
+from furl_fast.rewards.code.sandbox import RunResult, Sandbox, SandboxLimits, check_source
+from furl_fast.rewards.code.verifier import (
+    ProgramReport,
+    VerificationReport,
+    VerifierConfig,
+    evaluate_programs,
+    verify,
+)
+
+__all__ = [
+    "REFERENCE_PROGRAM_SETS",
+    "CodeReward",
+    "GenerationError",
+    "GenerationResult",
+    "ProgramReport",
+    "ProgramSet",
+    "RunResult",
+    "Sandbox",
+    "SandboxLimits",
+    "VLMClient",
+    "VLMConfig",
+    "VerificationReport",
+    "VerifierConfig",
+    "check_source",
+    "encode_png",
+    "evaluate_programs",
+    "generate_program_set",
+    "parse_program_set",
+    "progress_from_done",
+    "reference_program_set",
+    "verify",
+]

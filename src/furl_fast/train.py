@@ -1,0 +1,589 @@
+"""`python -m furl_fast.train`: FuRL and its baselines (sac, vlm, relay) on sparse-reward Meta-World.
+
+    python -m furl_fast.train --algo furl --task drawer-open --seed 0
+    python -m furl_fast.train --preset paper --algo sac --task reach
+    python -m furl_fast.train --resume runs/furl-drawer-open-s0-20261121-101500
+
+Every field of furl_fast.config.Config is a flag (see --help); --preset picks the defaults (laptop:
+CPU-friendly, the default; paper: the FuRL paper's settings). A run directory holds config.json,
+metrics.csv, TensorBoard events (tb/), evaluation videos (videos/), eval.json and checkpoints/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from furl_fast import ops
+from furl_fast.config import PRESETS, Config, resolve_device
+
+logger = logging.getLogger("furl_fast.train")
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "state.pt"
+
+
+# ---- configuration ---------------------------------------------------------------------------
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(cls: type, data: dict[str, Any]):
+    """Rebuilds (nested) frozen dataclasses from config_to_dict's output; lists become tuples."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        field_type = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(field_type):
+            value = config_from_dict(field_type, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """--preset NAME chooses the defaults, tyro parses every Config field on top of them."""
+    import tyro
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS), default="laptop")
+    known, rest = pre.parse_known_args(argv)
+    description = (__doc__ or "") + f"\n--preset {{{','.join(sorted(PRESETS))}}}: the defaults (laptop)."
+    return tyro.cli(Config, default=PRESETS[known.preset], args=rest, description=description)
+
+
+def check_config(cfg: Config) -> None:
+    """Everything that can be checked before any work starts; raises ValueError saying what to change."""
+    from furl_fast.envs import TASKS
+
+    cfg.validate(known_tasks=set(TASKS) | {f"{t}-v3" for t in TASKS})
+    if cfg.algo != "sac":
+        from furl_fast.vlm import task_prompt
+
+        task_prompt(cfg.task, cfg.vlm.prompt)  # tasks outside MT10 need --vlm.prompt
+    if cfg.agent == "drq":
+        raise ValueError("--agent drq is not wired into the training loop yet (issue 7); use --agent sac.")
+    if cfg.resolved_reward not in (None, "furl", "cosine"):
+        raise ValueError(f"--reward {cfg.resolved_reward} is not available in the training loop yet; "
+                         "use --reward cosine (vlm/relay) or furl (furl).")
+
+
+# ---- environment steps -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Transition:
+    """One vector step, with autoreset already unpacked. N = num_envs."""
+
+    next_obs: np.ndarray  # (N, *obs_shape): what each step returned (final obs for ended episodes)
+    next_frames: np.ndarray | None  # (N, H, W, 3) uint8 matching next_obs
+    reward: np.ndarray  # (N,) sparse reward
+    terminated: np.ndarray  # (N,) bool
+    truncated: np.ndarray  # (N,) bool
+    success: np.ndarray  # (N,) bool
+    reset_obs: np.ndarray  # (N, *obs_shape): the observations to act on next
+    reset_frames: np.ndarray | None
+
+
+def split_obs(obs: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """Vector-env observation -> (states, frames or None)."""
+    if isinstance(obs, dict):
+        return np.asarray(obs["obs"]), np.asarray(obs["frame"])
+    return np.asarray(obs), None
+
+
+def vector_step(envs, actions: np.ndarray) -> Transition:
+    """envs.step with gymnasium's SAME_STEP autoreset: ended envs report their final observation and
+    info under final_obs / final_info, and return the reset observation."""
+    obs, reward, terminated, truncated, info = envs.step(actions)
+    states, frames = split_obs(obs)
+    done = np.logical_or(terminated, truncated)
+    success = np.asarray(info["success"], dtype=bool).copy()
+    next_states, next_frames = states.copy(), None if frames is None else frames.copy()
+    for i in np.flatnonzero(done):
+        final_states, final_frames = split_obs(info["final_obs"][i])
+        next_states[i] = final_states
+        if next_frames is not None:
+            next_frames[i] = final_frames
+        success[i] = bool(info["final_info"]["success"][i])
+    return Transition(next_states, next_frames, np.asarray(reward, np.float32), np.asarray(terminated),
+                      np.asarray(truncated), success, states, frames)
+
+
+# ---- the trainer -----------------------------------------------------------------------------
+
+
+class Trainer:
+    """Owns everything a run needs and the loop that drives it; see the module docstring."""
+
+    def __init__(self, cfg: Config, run_dir: Path, encoder=None):
+        from furl_fast.agents.relay import RelaySchedule
+        from furl_fast.agents.sac import SAC
+        from furl_fast.envs import make_env, make_vector_env
+        from furl_fast.replay import ReplayBuffer
+
+        self.cfg, self.run_dir = cfg, run_dir
+        self.device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        self.uses_vlm = cfg.algo != "sac"
+
+        self.encoder, self.text_emb, self.furl = encoder, None, None
+        if self.uses_vlm:
+            from furl_fast.vlm import task_prompt
+
+            prompt = task_prompt(cfg.task, cfg.vlm.prompt)
+            self.text_emb = self.encoder.encode_text([prompt])[0].float()
+            logger.info("task prompt: %r", prompt)
+
+        import gymnasium as gym
+
+        self.envs = make_vector_env(cfg.task, cfg.num_envs, seed=cfg.seed, goal=cfg.goal,
+                                    vlm_frames=self.uses_vlm, asynchronous=cfg.num_envs > 1,
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        self.eval_env = make_env(cfg.task, seed=cfg.seed, goal=cfg.goal, vlm_frames=False)
+        obs_dim = self.envs.single_observation_space["obs"].shape[0] if self.uses_vlm else \
+            self.envs.single_observation_space.shape[0]
+        act_dim = self.envs.single_action_space.shape[0]
+        self.act_low, self.act_high = self.envs.single_action_space.low, self.envs.single_action_space.high
+
+        self.agent = SAC(obs_dim, act_dim, cfg.sac, self.device)
+        self.relay_agent = SAC(obs_dim, act_dim, cfg.sac, self.device, metric_prefix="relay_") \
+            if cfg.uses_relay else None
+        self.schedule = RelaySchedule.from_config(cfg.furl, num_envs=cfg.num_envs, seed=cfg.seed) \
+            if cfg.uses_relay else None
+        if cfg.algo == "furl":
+            from furl_fast.rewards.furl import FuRLReward
+
+            self.furl = FuRLReward(self.encoder.embed_dim, self.text_emb, cfg.furl, self.device,
+                                   seed=cfg.seed)
+            self.furl.set_goal(self.goal_embedding())
+
+        # Capacity counts observation slots: each 500-step episode also stores its final observation.
+        capacity = cfg.resolved_buffer_size + cfg.resolved_buffer_size // 500 + 2 * cfg.num_envs
+        self.buffer = ReplayBuffer(capacity, (obs_dim,), act_dim,
+                                   embedding_dim=self.encoder.embed_dim if self.uses_vlm else 0,
+                                   embedding_dtype=torch.float16, n_step=cfg.sac.n_step,
+                                   gamma=cfg.sac.gamma, num_envs=cfg.num_envs,
+                                   device=self.device, seed=cfg.seed)
+        self.step = 0
+        self.episodes = 0
+        self.relay_positives = 0  # algo=relay: positive frames counted as the embedding buffer would
+        self.last_eval_step = -1
+        self.recent_success: deque[float] = deque(maxlen=20)
+        self.timings: dict[str, float] = {}
+
+    # -- pieces --------------------------------------------------------------------------------
+
+    def goal_embedding(self) -> torch.Tensor:
+        """FuRL's goal image: the first success frame of the scripted expert (same seed and goal
+        setting as training), through the same 256 x 256 render and preprocessing as every frame."""
+        from furl_fast.envs import expert_rollout
+
+        rollout = expert_rollout(self.cfg.task, self.cfg.seed, goal=self.cfg.goal)
+        index = rollout.first_success()
+        if index is None:
+            raise RuntimeError(f"the scripted expert did not solve {self.cfg.task} with seed "
+                               f"{self.cfg.seed}, so FuRL has no goal image; try another seed.")
+        return self.encode(rollout.frames[index : index + 1])[0].float()
+
+    def encode(self, frames: np.ndarray) -> torch.Tensor:
+        """(N, H, W, 3) uint8 -> (N, D) embeddings on the training device."""
+        with self.timed("encode"):
+            return self.encoder.encode_frames(frames).to(self.device)
+
+    def vlm_reward(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, D) embeddings -> (B,) float32 VLM reward: aligned heads (furl) or raw cosine."""
+        if self.furl is not None:
+            return ops.mlp_cosine_reward(emb, *self.furl.fused_params())
+        return ops.clip_similarity(emb, self.text_emb.unsqueeze(0).to(emb.dtype))[:, 0]
+
+    def timed(self, name: str):
+        return _Timer(self.timings, name, self.cfg.profile and self.device.type == "cuda")
+
+    def random_actions(self, n: int) -> np.ndarray:
+        return np.random.uniform(self.act_low, self.act_high, (n, len(self.act_low))).astype(np.float32)
+
+    def policy_actions(self, states: np.ndarray) -> np.ndarray:
+        obs = torch.as_tensor(states, dtype=torch.float32, device=self.device)
+        actions = self.agent.act(obs).cpu().numpy()
+        if self.schedule is not None and self.schedule.enabled:
+            relay_on = self.schedule.relay_mask()
+            relay = self.relay_agent.act(obs).cpu().numpy() if relay_on.any() else None
+            actions = self.schedule.choose_actions(actions, relay)
+        return actions
+
+    def update(self, log: bool) -> dict[str, Any]:
+        cfg = self.cfg
+        with self.timed("buffer"):
+            batch = self.buffer.sample(cfg.batch_size)
+            batch = batch._replace(**{k: v.to(self.device, non_blocking=True) for k, v in
+                                      batch._asdict().items() if isinstance(v, torch.Tensor)})
+        metrics: dict[str, Any] = {}
+        with self.timed("update"):
+            reward = batch.reward
+            if self.uses_vlm:
+                # Heads as they are before this step's update (spec: pre-update reward).
+                vlm = self.vlm_reward(batch.next_embedding)
+                reward = batch.reward + cfg.rho * vlm
+                if log:
+                    metrics["charts/vlm_reward"] = vlm.mean()
+            metrics.update(self.agent.update(batch._replace(reward=reward), log=log))
+            if self.relay_agent is not None and self.schedule.enabled:
+                metrics.update(self.relay_agent.update(batch, log=log))  # sparse reward only
+            if self.furl is not None:
+                metrics.update(self.furl.update(batch.next_embedding, log=log))
+        return metrics
+
+    # -- episodes ------------------------------------------------------------------------------
+
+    def start_episodes(self, states: np.ndarray, frames: np.ndarray | None, env_ids) -> None:
+        embs = self.encode(frames[env_ids]) if self.uses_vlm else None
+        for k, e in enumerate(env_ids):
+            self.buffer.start_episode(states[e], embedding=None if embs is None else embs[k], env=int(e))
+            self.ep_return[e], self.ep_success[e] = 0.0, []
+            self.ep_embs[e] = [] if embs is None else [embs[k]]
+        if self.schedule is not None:
+            self.schedule.begin_episode(env_ids)
+
+    def finish_episode(self, e: int) -> dict[str, float]:
+        success = np.asarray(self.ep_success[e], dtype=bool)
+        self.episodes += 1
+        self.recent_success.append(float(success[-1]))
+        if self.furl is not None:
+            self.furl.add_episode(torch.stack(self.ep_embs[e]), success)
+        if self.schedule is not None:
+            positives = self.furl.buffer.positives_added if self.furl is not None else self.relay_positives
+            self.schedule.observe_positives(positives)
+        return {"charts/episode_return": self.ep_return[e], "charts/episode_success": float(success[-1]),
+                "charts/episode_ever_success": float(success.any()), "charts/episodes": self.episodes}
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self, stop_flag: list[int]) -> int:
+        """Trains until total_steps (returns 0) or a signal (checkpoints, returns 128 + signum)."""
+        from tqdm import tqdm
+
+        from furl_fast.metrics import MetricsWriter
+
+        cfg, n = self.cfg, self.cfg.num_envs
+        writer = MetricsWriter(self.run_dir, resume_step=self.step if self.step > 0 else None)
+        self.ep_return = [0.0] * n
+        self.ep_success: list[list[bool]] = [[] for _ in range(n)]
+        self.ep_embs: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        for e in range(n):  # a resumed run's interrupted episodes end where the checkpoint was
+            self.buffer.truncate_episode(e)
+        obs, _ = self.envs.reset(seed=cfg.seed + self.episodes)
+        states, frames = split_obs(obs)
+        self.start_episodes(states, frames, np.arange(n))
+        bar = tqdm(total=cfg.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=None, desc=f"{cfg.algo} {cfg.task}")
+        log_every = max(1000, n)
+        t_start, step_start = time.perf_counter(), self.step
+        try:
+            while self.step < cfg.total_steps:
+                if stop_flag:
+                    self.save_checkpoint()
+                    print(f"\nstopped by signal {stop_flag[0]} at step {self.step}; checkpoint saved. "
+                          f"Resume with: python -m furl_fast.train --resume {self.run_dir}", flush=True)
+                    return 128 + stop_flag[0]
+                with self.timed("act"):
+                    actions = self.random_actions(n) if self.step < cfg.warmup_steps else \
+                        self.policy_actions(states)
+                with self.timed("env"):
+                    tr = vector_step(self.envs, actions)
+                self.add_to_buffer(tr, actions)
+                self.step += n
+                log = self.step // log_every != (self.step - n) // log_every
+                metrics: dict[str, Any] = {}
+                for e in np.flatnonzero(np.logical_or(tr.terminated, tr.truncated)):
+                    writer.log(self.step, self.finish_episode(int(e)))
+                done_ids = np.flatnonzero(np.logical_or(tr.terminated, tr.truncated))
+                if done_ids.size:
+                    self.start_episodes(tr.reset_obs, tr.reset_frames, done_ids)
+                if self.schedule is not None:
+                    self.schedule.step()
+                states = tr.reset_obs
+                if self.step >= cfg.warmup_steps:
+                    for k in range(n):  # one update per environment step
+                        metrics = self.update(log=log and k == n - 1)
+                if log:
+                    elapsed = time.perf_counter() - t_start
+                    metrics = {k: float(v) for k, v in metrics.items()}
+                    metrics["perf/steps_per_second"] = (self.step - step_start) / max(elapsed, 1e-9)
+                    if cfg.profile:
+                        metrics.update({f"perf/{k}_seconds": v for k, v in self.timings.items()})
+                        print(self.profile_line(), flush=True)
+                        self.timings.clear()
+                    writer.log(self.step, metrics)
+                    bar.set_postfix(episodes=self.episodes, success=f"{self.recent_rate():.2f}",
+                                    sps=f"{metrics['perf/steps_per_second']:.0f}")
+                bar.update(n)
+                if self.step // cfg.eval_every != (self.step - n) // cfg.eval_every:
+                    writer.log(self.step, self.evaluate())
+                if self.step // cfg.checkpoint_every != (self.step - n) // cfg.checkpoint_every:
+                    self.save_checkpoint()
+            if self.last_eval_step != self.step:
+                writer.log(self.step, self.evaluate())
+            self.save_checkpoint()
+            return 0
+        finally:
+            bar.close()
+            writer.close()
+
+    def add_to_buffer(self, tr: Transition, actions: np.ndarray) -> None:
+        done = np.logical_or(tr.terminated, tr.truncated)
+        embs = self.encode(tr.next_frames) if self.uses_vlm else None
+        with self.timed("buffer"):
+            for e in range(self.cfg.num_envs):
+                self.buffer.add(tr.next_obs[e], actions[e], float(tr.reward[e]), bool(tr.terminated[e]),
+                                bool(tr.truncated[e]), success=bool(tr.success[e]),
+                                embedding=None if embs is None else embs[e], env=e)
+                self.ep_return[e] += float(tr.reward[e])
+                self.ep_success[e].append(bool(tr.success[e]))
+                if embs is not None:
+                    self.ep_embs[e].append(embs[e])
+        if self.furl is None and self.schedule is not None:
+            from furl_fast.rewards.furl import label_episode
+
+            for e in np.flatnonzero(done):
+                self.relay_positives += label_episode(np.asarray(self.ep_success[e]))
+
+    def recent_rate(self) -> float:
+        return sum(self.recent_success) / len(self.recent_success) if self.recent_success else 0.0
+
+    def profile_line(self) -> str:
+        total = sum(self.timings.values()) or 1.0
+        parts = ", ".join(f"{k} {v:.2f}s ({100 * v / total:.0f}%)" for k, v in
+                          sorted(self.timings.items(), key=lambda kv: -kv[1]))
+        return f"[profile] step {self.step}: {parts}"
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Deterministic policy (tanh of the mean): success at the last step (the paper's measure) and
+        whether it ever succeeded; the first episode is recorded as a video."""
+        cfg = self.cfg
+        last, ever, returns = [], [], []
+        for k in range(cfg.resolved_eval_episodes):
+            env = self.eval_env
+            seed = cfg.seed if cfg.goal == "fixed" else cfg.seed + 100_000 + self.step + k
+            state, _ = env.reset(seed=seed)
+            frames = [env.render()] if k == 0 else None
+            total, successes = 0.0, []
+            for _ in range(env.unwrapped.max_episode_steps):
+                obs = torch.as_tensor(state, dtype=torch.float32, device=self.device).unsqueeze(0)
+                action = self.agent.act(obs, deterministic=True).cpu().numpy()[0]
+                state, reward, terminated, truncated, info = env.step(action)
+                total += float(reward)
+                successes.append(bool(info["success"]))
+                if frames is not None:
+                    frames.append(env.render())
+                if terminated or truncated:
+                    break
+            last.append(float(successes[-1]))
+            ever.append(float(any(successes)))
+            returns.append(total)
+            if frames is not None:
+                write_video(self.run_dir / "videos" / f"eval_step{self.step:08d}", frames)
+        self.last_eval_step = self.step
+        result = {"eval/success": float(np.mean(last)), "eval/ever_success": float(np.mean(ever)),
+                  "eval/return": float(np.mean(returns)), "eval/episodes": float(len(last))}
+        atomic_write_text(self.run_dir / "eval.json", json.dumps({"step": self.step, **result}, indent=2))
+        return result
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Atomic: the replay buffer goes to a new file first, then state.pt (which names it) replaces
+        the previous one, then older replay files are removed. A crash at any point leaves a
+        consistent (state.pt, replay file) pair."""
+        ckpt = self.run_dir / CHECKPOINT_DIR
+        ckpt.mkdir(parents=True, exist_ok=True)
+        replay_name = f"replay-{self.step:010d}.bin"
+        self.buffer.save(ckpt / replay_name)
+        state = {
+            "step": self.step, "episodes": self.episodes, "replay": replay_name,
+            "relay_positives": self.relay_positives, "last_eval_step": self.last_eval_step,
+            "recent_success": list(self.recent_success),
+            "agent": self.agent.state_dict(),
+            "relay_agent": None if self.relay_agent is None else self.relay_agent.state_dict(),
+            "schedule": None if self.schedule is None else self.schedule.state_dict(),
+            "furl": None if self.furl is None else self.furl.state_dict(),
+            "rng": rng_state(),
+        }
+        tmp = ckpt / (STATE_FILE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, ckpt / STATE_FILE)
+        for old in ckpt.glob("replay-*.bin"):
+            if old.name != replay_name:
+                old.unlink()
+        return ckpt / STATE_FILE
+
+    def load_checkpoint(self) -> None:
+        ckpt = self.run_dir / CHECKPOINT_DIR
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+        self.buffer.restore(ckpt / state["replay"])
+        self.step, self.episodes = state["step"], state["episodes"]
+        self.relay_positives, self.last_eval_step = state["relay_positives"], state["last_eval_step"]
+        self.recent_success.extend(state["recent_success"])
+        self.agent.load_state_dict(state["agent"])
+        if self.relay_agent is not None:
+            self.relay_agent.load_state_dict(state["relay_agent"])
+            self.schedule.load_state_dict(state["schedule"])
+        if self.furl is not None:
+            self.furl.load_state_dict(state["furl"])
+        set_rng_state(state["rng"])
+
+    def close(self) -> None:
+        self.envs.close()
+        self.eval_env.close()
+
+
+class _Timer:
+    """Adds the wall time of a with-block to timings[name] (syncing the GPU first when asked)."""
+
+    def __init__(self, timings: dict[str, float], name: str, sync: bool):
+        self.timings, self.name, self.sync = timings, name, sync
+
+    def __enter__(self):
+        if self.sync:
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.sync:
+            torch.cuda.synchronize()
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_video(stem: Path, frames: list[np.ndarray], fps: int = 30) -> Path:
+    """mp4 through imageio-ffmpeg, or a GIF when no ffmpeg can be found."""
+    import imageio
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path = stem.with_suffix(".mp4")
+        imageio.mimwrite(path, frames, fps=fps, macro_block_size=1)
+    except Exception as exc:  # no ffmpeg backend: a GIF needs none
+        logger.warning("mp4 writing failed (%s); writing a GIF instead", exc)
+        path = stem.with_suffix(".gif")
+        imageio.mimwrite(path, frames, duration=1000 / fps)
+    return path
+
+
+def default_run_dir(cfg: Config) -> Path:
+    task = cfg.task.removesuffix("-v3")
+    return Path("runs") / f"{cfg.algo}-{task}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare(cfg: Config) -> tuple[Config, Path, bool]:
+    """Resolves the run directory; a resumed run takes its saved configuration."""
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+        if not (run_dir / CHECKPOINT_DIR / STATE_FILE).exists():
+            raise ValueError(f"--resume {run_dir}: no checkpoint there ({CHECKPOINT_DIR}/{STATE_FILE}); "
+                             "give the run directory of an interrupted run.")
+        saved = config_from_dict(Config, json.loads((run_dir / "config.json").read_text()))
+        return dataclasses.replace(saved, resume=str(run_dir), run_dir=str(run_dir)), run_dir, True
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    if (run_dir / CHECKPOINT_DIR / STATE_FILE).exists():
+        raise ValueError(f"--run-dir {run_dir} already holds a run; continue it with --resume {run_dir} "
+                         "or choose another directory.")
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+    return cfg, run_dir, False
+
+
+def load_vlm(cfg: Config):
+    """The frozen VLM; fails fast (RuntimeError / FileNotFoundError / ValueError) without weights."""
+    from furl_fast.vlm import load_encoder
+
+    return load_encoder(cfg.vlm.model, cfg.vlm.pretrained, device=resolve_device(cfg.device),
+                        precision=cfg.vlm.precision, bgr=cfg.vlm.bgr, cache_dir=cfg.vlm.cache_dir)
+
+
+def train(cfg: Config) -> int:
+    """Runs (or resumes) one training run; returns the process exit code (2: bad configuration)."""
+    try:
+        cfg, run_dir, resuming = prepare(cfg)
+        check_config(cfg)
+        encoder = load_vlm(cfg) if cfg.algo != "sac" else None
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        # Say what to change before any work starts (the weights message says how to pass a checkpoint).
+        print(f"furl_fast.train: {exc}", file=sys.stderr)
+        return 2
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2))
+    trainer = Trainer(cfg, run_dir, encoder)
+    stop: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: stop.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if resuming:
+            trainer.load_checkpoint()
+            logger.info("resumed %s at step %d", run_dir, trainer.step)
+        code = trainer.run(stop)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        trainer.close()
+    if code == 0:
+        print(f"done: {trainer.step} steps, run directory {run_dir}")
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(train(parse_config(argv)))
+
+
+if __name__ == "__main__":
+    main()
