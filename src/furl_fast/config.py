@@ -107,7 +107,8 @@ class VLMConfig:
     prompt: str | None = None
     """Task description for the text encoder; None takes the task's prompt from the task table."""
     cache_dir: str | None = None
-    """Where downloaded weights are cached; None uses open_clip's default."""
+    """Where text embeddings are cached; None uses $FURL_FAST_CACHE or ~/.cache/furl_fast. (Downloaded
+    weights go to open_clip's own cache.)"""
 
 
 @dataclass(frozen=True)

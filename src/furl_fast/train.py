@@ -75,6 +75,10 @@ def check_config(cfg: Config) -> None:
     from furl_fast.envs import TASKS
 
     cfg.validate(known_tasks=set(TASKS) | {f"{t}-v3" for t in TASKS})
+    if cfg.algo != "sac":
+        from furl_fast.vlm import task_prompt
+
+        task_prompt(cfg.task, cfg.vlm.prompt)  # tasks outside MT10 need --vlm.prompt
     if cfg.agent == "drq":
         raise ValueError("--agent drq is not wired into the training loop yet (issue 7); use --agent sac.")
     if cfg.resolved_reward not in (None, "furl", "cosine"):
@@ -130,7 +134,7 @@ def vector_step(envs, actions: np.ndarray) -> Transition:
 class Trainer:
     """Owns everything a run needs and the loop that drives it; see the module docstring."""
 
-    def __init__(self, cfg: Config, run_dir: Path):
+    def __init__(self, cfg: Config, run_dir: Path, encoder=None):
         from furl_fast.agents.relay import RelaySchedule
         from furl_fast.agents.sac import SAC
         from furl_fast.envs import make_env, make_vector_env
@@ -141,20 +145,19 @@ class Trainer:
         seed_everything(cfg.seed)
         self.uses_vlm = cfg.algo != "sac"
 
-        # The VLM first: a missing checkpoint must fail before anything slow starts.
-        self.encoder = self.text_emb = self.furl = None
+        self.encoder, self.text_emb, self.furl = encoder, None, None
         if self.uses_vlm:
-            from furl_fast.vlm import load_encoder, task_prompt
+            from furl_fast.vlm import task_prompt
 
-            self.encoder = load_encoder(cfg.vlm.model, cfg.vlm.pretrained, device=str(self.device),
-                                        precision=cfg.vlm.precision, bgr=cfg.vlm.bgr)
             prompt = task_prompt(cfg.task, cfg.vlm.prompt)
             self.text_emb = self.encoder.encode_text([prompt])[0].float()
             logger.info("task prompt: %r", prompt)
 
+        import gymnasium as gym
+
         self.envs = make_vector_env(cfg.task, cfg.num_envs, seed=cfg.seed, goal=cfg.goal,
                                     vlm_frames=self.uses_vlm, asynchronous=cfg.num_envs > 1,
-                                    autoreset_mode="same_step")
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
         self.eval_env = make_env(cfg.task, seed=cfg.seed, goal=cfg.goal, vlm_frames=False)
         obs_dim = self.envs.single_observation_space["obs"].shape[0] if self.uses_vlm else \
             self.envs.single_observation_space.shape[0]
@@ -538,18 +541,28 @@ def prepare(cfg: Config) -> tuple[Config, Path, bool]:
     return cfg, run_dir, False
 
 
+def load_vlm(cfg: Config):
+    """The frozen VLM; fails fast (RuntimeError / FileNotFoundError / ValueError) without weights."""
+    from furl_fast.vlm import load_encoder
+
+    return load_encoder(cfg.vlm.model, cfg.vlm.pretrained, device=resolve_device(cfg.device),
+                        precision=cfg.vlm.precision, bgr=cfg.vlm.bgr, cache_dir=cfg.vlm.cache_dir)
+
+
 def train(cfg: Config) -> int:
     """Runs (or resumes) one training run; returns the process exit code (2: bad configuration)."""
     try:
         cfg, run_dir, resuming = prepare(cfg)
         check_config(cfg)
-    except ValueError as exc:  # say what to change, before any work starts, without a traceback
+        encoder = load_vlm(cfg) if cfg.algo != "sac" else None
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        # Say what to change before any work starts (the weights message says how to pass a checkpoint).
         print(f"furl_fast.train: {exc}", file=sys.stderr)
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resuming:
         atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2))
-    trainer = Trainer(cfg, run_dir)
+    trainer = Trainer(cfg, run_dir, encoder)
     stop: list[int] = []
     previous = {s: signal.signal(s, lambda signum, _frame: stop.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}

@@ -1,0 +1,330 @@
+"""open_clip encoders behind one small interface: load_encoder() -> Encoder with encode_frames (uint8
+frames in, embeddings out, preprocessing fused on the device) and encode_text (cached on disk)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import open_clip
+import torch
+
+from furl_fast import ops
+
+logger = logging.getLogger("furl_fast")
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+_PROBE_TIMEOUT_S = 3.0  # how long to wait for the weights host before failing: no hub, no retries
+RANDOM_WEIGHTS_WARNING = (
+    "load_encoder: pretrained='none' -> the VLM has RANDOM weights. Its embeddings carry no meaning, "
+    "so every VLM reward computed from it is meaningless. Use this only for tests and throughput "
+    "measurements."
+)
+
+
+def furl_crop(height: int, width: int) -> tuple[int, int, int, int]:
+    """FuRL's crop box (top, left, height, width): rows and columns 32:224 of a 256x256 frame, i.e. the
+    central 3/4 of the frame (the table, without wall and floor), scaled for other frame sizes."""
+    return (height // 8, width // 8, height - 2 * (height // 8), width - 2 * (width // 8))
+
+
+def default_cache_dir() -> Path:
+    """$FURL_FAST_CACHE, else ~/.cache/furl_fast."""
+    return Path(os.environ.get("FURL_FAST_CACHE") or Path.home() / ".cache" / "furl_fast")
+
+
+class Encoder:
+    """A frozen open_clip model in eval mode on one device and precision. Build it with load_encoder().
+
+    embed_dim: width of the embeddings. logit_scale: CLIP's learned temperature exp(t), a float.
+    image_size: the model's input side. crop: "furl" or "clip" (see load_encoder).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, model_name: str, weights_id: str | None,
+                 device: torch.device, dtype: torch.dtype, crop: str, bgr: bool,
+                 cache_dir: Path) -> None:
+        cfg = open_clip.get_model_preprocess_cfg(model)
+        size = cfg.get("size", 224)
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if size[0] != size[1]:
+            raise NotImplementedError(f"load_encoder: non-square model input {size} is not supported.")
+        self.model, self.tokenizer = model, tokenizer
+        self.model_name, self.weights_id = model_name, weights_id
+        self.device, self.dtype, self.crop, self.bgr = device, dtype, crop, bgr
+        self.cache_dir = Path(cache_dir)
+        self.image_size = int(size[0])
+        self.mean = tuple(float(v) for v in cfg.get("mean", ops.CLIP_MEAN))
+        self.std = tuple(float(v) for v in cfg.get("std", ops.CLIP_STD))
+        # FuRL resizes its crop bilinearly; open_clip's transform uses the model's own (bicubic mostly).
+        model_interp = cfg.get("interpolation", "bicubic")
+        self.interpolation = "bilinear" if crop == "furl" else (
+            model_interp if model_interp in ("bilinear", "bicubic") else "bicubic")
+        with torch.inference_mode():
+            self.logit_scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 1.0
+            out_dim = getattr(getattr(model, "visual", None), "output_dim", None)
+            if out_dim is None:  # e.g. timm towers: ask the model
+                out_dim = model.encode_text(tokenizer(["a"]).to(device)).shape[-1]
+        self.embed_dim = int(out_dim)
+
+    def __repr__(self) -> str:
+        return (f"Encoder({self.model_name!r}, weights={self.weights_id or 'RANDOM'}, "
+                f"device={self.device}, dtype={self.dtype}, crop={self.crop!r}, bgr={self.bgr})")
+
+    # --- images ---------------------------------------------------------------------------------
+    def preprocess(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """frames: (N, H, W, 3) uint8, upright -> (N, 3, S, S) model input in the model's dtype, on the
+        encoder's device. One fused pass: crop, resize, /255, normalise (ops.preprocess_frames)."""
+        frames = _as_uint8_tensor(frames)
+        if frames.dim() != 4:
+            raise ValueError(f"encode_frames: 'frames' must have shape (N, H, W, 3), got "
+                             f"{tuple(frames.shape)}.")
+        height, width = frames.shape[1], frames.shape[2]
+        box = furl_crop(height, width) if self.crop == "furl" else ops.centre_square_crop(height, width)
+        frames = frames.to(self.device, non_blocking=True)
+        return ops.preprocess_frames(frames, size=self.image_size, crop=box, bgr=self.bgr,
+                                     mean=self.mean, std=self.std, out_dtype=self.dtype,
+                                     interpolation=self.interpolation)
+
+    def encode_frames(self, frames: torch.Tensor | np.ndarray, *, batch_size: int = 256) -> torch.Tensor:
+        """frames: (N, H, W, 3) uint8 upright frames (tensor on any device, or ndarray) -> (N, embed_dim)
+        float32 embeddings on the encoder's device, not L2-normalised (FuRL's heads take them raw).
+        Runs in batches of batch_size in the model's precision (fp16 on CUDA by default)."""
+        frames = _as_uint8_tensor(frames)
+        if frames.dim() != 4 or frames.shape[0] == 0:
+            raise ValueError(f"encode_frames: 'frames' must have shape (N, H, W, 3) with N >= 1, got "
+                             f"{tuple(frames.shape)}.")
+        out = []
+        with torch.inference_mode():
+            for start in range(0, frames.shape[0], batch_size):
+                x = self.preprocess(frames[start:start + batch_size])
+                out.append(self.model.encode_image(x).float())
+        return torch.cat(out)
+
+    # --- text -----------------------------------------------------------------------------------
+    def encode_text(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """prompts: one string or K strings -> (K, embed_dim) float32 on the encoder's device, not
+        L2-normalised. Cached on disk under cache_dir/text, keyed by model, weights, precision and
+        prompt (random weights are never cached)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("encode_text: 'prompts' must be a string or a non-empty list of strings.")
+        rows: list[torch.Tensor | None] = [self._cached(p) for p in prompts]
+        missing = [i for i, row in enumerate(rows) if row is None]
+        if missing:
+            with torch.inference_mode():
+                tokens = self.tokenizer([prompts[i] for i in missing]).to(self.device)
+                fresh = self.model.encode_text(tokens).float().cpu()
+            for i, row in zip(missing, fresh):
+                rows[i] = row.clone()
+                self._store(prompts[i], rows[i])
+        return torch.stack(rows).to(self.device)
+
+    def _cache_path(self, prompt: str) -> Path | None:
+        if self.weights_id is None:
+            return None
+        key = json.dumps([self.model_name, self.weights_id, str(self.dtype), prompt])
+        return self.cache_dir / "text" / f"{hashlib.sha256(key.encode()).hexdigest()}.pt"
+
+    def _cached(self, prompt: str) -> torch.Tensor | None:
+        path = self._cache_path(prompt)
+        if path is None or not path.is_file():
+            return None
+        try:
+            row = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001  (a damaged cache file is recomputed, never trusted)
+            logger.warning("furl_fast.vlm: ignoring unreadable text cache %s (%s)", path, exc)
+            return None
+        return row if row.shape == (self.embed_dim,) else None
+
+    def _store(self, prompt: str, row: torch.Tensor) -> None:
+        path = self._cache_path(prompt)
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                torch.save(row, f)
+            os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+        except OSError as exc:  # a read-only cache costs a recompute, nothing more
+            logger.warning("furl_fast.vlm: could not write text cache %s (%s)", path, exc)
+
+
+def _as_uint8_tensor(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
+    if isinstance(frames, np.ndarray):
+        if frames.dtype != np.uint8:
+            raise TypeError(f"encode_frames: 'frames' must have dtype uint8, got {frames.dtype}.")
+        return torch.from_numpy(np.ascontiguousarray(frames))
+    if not isinstance(frames, torch.Tensor):
+        raise TypeError(f"encode_frames: 'frames' must be a torch.Tensor or numpy array, got "
+                        f"{type(frames).__name__}.")
+    if frames.dtype != torch.uint8:
+        raise TypeError(f"encode_frames: 'frames' must have dtype uint8, got {frames.dtype}.")
+    return frames
+
+
+# --- loading ------------------------------------------------------------------------------------
+def _no_weights_message(model: str, tag: str, reason: str) -> str:
+    return (
+        f"load_encoder: could not obtain the pretrained weights {tag!r} for {model!r}: {reason}. "
+        f"Without network access, fetch the checkpoint on a machine that has it (there, "
+        f"open_clip.create_model({model!r}, pretrained={tag!r}) caches it under ~/.cache/huggingface) "
+        f"and pass the file: load_encoder({model!r}, pretrained='/path/to/checkpoint.bin') "
+        "(OpenAI's original TorchScript archives need the '-quickgelu' model names, e.g. "
+        "'RN50-quickgelu'). pretrained='none' runs with random weights, whose rewards mean nothing."
+    )
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Cache-only Hugging Face Hub access: a cached checkpoint loads, a missing one fails at once.
+
+    huggingface_hub reads this flag on every request (it is what HF_HUB_OFFLINE=1 sets at import)."""
+    import huggingface_hub.constants as hub
+
+    before = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
+
+
+def _offline_requested() -> bool:
+    import huggingface_hub.constants as hub
+
+    return bool(hub.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _host_reachable(host: str, port: int = 443) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _weights_host(cfg: dict) -> str:
+    if cfg.get("hf_hub"):
+        import huggingface_hub.constants as hub
+
+        return urlparse(hub.ENDPOINT).hostname or "huggingface.co"
+    return urlparse(cfg.get("url", "")).hostname or "huggingface.co"
+
+
+def _create_from_tag(model: str, tag: str, **kwargs) -> torch.nn.Module:
+    """open_clip model with a pretrained tag's weights: from the local cache when present, else
+    downloaded; fails within seconds (not after the hub's minute of retries) when the host is
+    unreachable."""
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    # OpenAI-trained tags need QuickGELU; the plain config names (e.g. "RN50") do not set it.
+    kwargs["force_quick_gelu"] = bool(cfg.get("quick_gelu", False))
+    try:
+        with _hub_offline():
+            return open_clip.create_model(model, pretrained=tag, **kwargs)
+    except Exception as exc:  # noqa: BLE001  (any failure here means: not usable from the cache)
+        cache_error = exc
+    if _offline_requested():
+        raise RuntimeError(_no_weights_message(
+            model, tag, f"offline mode (HF_HUB_OFFLINE) and not in the local cache ({cache_error})"
+        )) from cache_error
+    host = _weights_host(cfg)
+    if not _host_reachable(host):
+        raise RuntimeError(_no_weights_message(
+            model, tag, f"not in the local cache and {host} is unreachable (no network?)"
+        )) from cache_error
+    try:
+        return open_clip.create_model(model, pretrained=tag, **kwargs)
+    except Exception as exc:
+        raise RuntimeError(_no_weights_message(model, tag, f"download failed ({exc})")) from exc
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_encoder(
+    model: str = "RN50",
+    pretrained: str = "openai",
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    *,
+    crop: str = "furl",
+    bgr: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> Encoder:
+    """A frozen open_clip encoder.
+
+    model: an open_clip architecture name (open_clip.list_models(), or one added with
+      open_clip.add_model_config), or an "hf-hub:org/repo" / "local-dir:/path" name (pretrained ignored).
+    pretrained: an open_clip tag for that model (open_clip.list_pretrained_tags_by_model; loaded from
+      the local cache, else downloaded; fails fast with instructions when neither works), a local
+      checkpoint file (a state dict, or OpenAI's TorchScript archive with a "-quickgelu" model name),
+      or "none": random weights, with a loud warning that the rewards mean nothing.
+    device: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
+    precision: "auto" (fp16 on CUDA as in FuRL, fp32 on CPU), "fp32", "fp16" or "bf16".
+    crop: "furl" (default): FuRL's crop of the central 3/4 (32:224 of a 256 frame), bilinear resize to
+      the model input. "clip": open_clip's own geometry, the centred square, bicubic (or the model's
+      interpolation) resize.
+    bgr: feed channels in BGR order (a quirk of FuRL's release; off by default).
+    cache_dir: where text embeddings are cached (default $FURL_FAST_CACHE or ~/.cache/furl_fast).
+    """
+    if crop not in ("furl", "clip"):
+        raise ValueError(f"load_encoder: 'crop' must be 'furl' or 'clip', got {crop!r}.")
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision not in _DTYPES:
+        raise ValueError(f"load_encoder: 'precision' must be 'auto' or one of {sorted(_DTYPES)}, got "
+                         f"{precision!r}.")
+    has_schema = model.startswith(("hf-hub:", "local-dir:"))
+    if not has_schema and model not in open_clip.list_models():
+        raise ValueError(f"load_encoder: unknown open_clip model {model!r}. Known models: "
+                         f"{', '.join(open_clip.list_models())}.")
+    kwargs = {"precision": precision, "device": device}
+    pretrained = str(pretrained)
+
+    if has_schema:
+        net = open_clip.create_model(model, **kwargs)
+        weights_id: str | None = model
+    elif pretrained.lower() == "none":
+        warnings.warn(RANDOM_WEIGHTS_WARNING, UserWarning, stacklevel=2)
+        logger.warning(RANDOM_WEIGHTS_WARNING)
+        net = open_clip.create_model(model, pretrained=None, **kwargs)
+        weights_id = None
+    elif open_clip.get_pretrained_cfg(model, pretrained):
+        net = _create_from_tag(model, pretrained, **kwargs)
+        weights_id = f"tag:{pretrained}"
+    elif os.path.isfile(pretrained):
+        net = open_clip.create_model(model, pretrained=pretrained, **kwargs)
+        weights_id = f"sha256:{_file_digest(Path(pretrained))}"
+    elif os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES):
+        raise FileNotFoundError(f"load_encoder: checkpoint file not found: {pretrained!r} (pretrained "
+                                f"must be an open_clip tag, an existing checkpoint file, or 'none').")
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        raise ValueError(f"load_encoder: {pretrained!r} is neither a pretrained tag of {model!r} "
+                         f"(known: {', '.join(tags) or 'none'}) nor an existing checkpoint file; "
+                         "pass a tag, a checkpoint path, or 'none' for random weights.")
+    net.eval().requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer(model)
+    return Encoder(net, tokenizer, model_name=model, weights_id=weights_id, device=device,
+                   dtype=_DTYPES[precision], crop=crop, bgr=bgr,
+                   cache_dir=Path(cache_dir) if cache_dir is not None else default_cache_dir())
