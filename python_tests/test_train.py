@@ -41,7 +41,8 @@ def train_args(run_dir: Path, algo: str, model: str, steps: int = STEPS, **extra
             "--warmup-steps", "600", "--batch-size", "32", "--buffer-size", "5000",
             "--eval-every", "1000", "--checkpoint-every", "500", "--run-dir", str(run_dir),
             "--device", "cpu", "--vlm.model", model, "--vlm.pretrained", "none",
-            "--sac.hidden-dims", "32", "32", "--furl.head-hidden", "16", "--furl.pair-batch", "32"]
+            "--sac.hidden-dims", "32", "32", "--furl.head-hidden", "16", "--furl.pair-batch", "32",
+            "--torch-threads", "1"]
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args

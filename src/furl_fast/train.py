@@ -554,6 +554,8 @@ def train(cfg: Config) -> int:
     try:
         cfg, run_dir, resuming = prepare(cfg)
         check_config(cfg)
+        if cfg.torch_threads is not None:
+            torch.set_num_threads(cfg.torch_threads)
         encoder = load_vlm(cfg) if cfg.algo != "sac" else None
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         # Say what to change before any work starts (the weights message says how to pass a checkpoint).
