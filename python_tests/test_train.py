@@ -39,9 +39,10 @@ def tiny_model(tmp_path_factory) -> str:
 def train_args(run_dir: Path, algo: str, model: str, steps: int = STEPS, **extra) -> list[str]:
     args = ["--algo", algo, "--task", "reach", "--seed", "0", "--total-steps", str(steps),
             "--warmup-steps", "600", "--batch-size", "32", "--buffer-size", "5000",
-            "--eval-every", "1000", "--checkpoint-every", "500", "--run-dir", str(run_dir),
+            "--eval-every", str(steps), "--checkpoint-every", "500", "--run-dir", str(run_dir),
             "--device", "cpu", "--vlm.model", model, "--vlm.pretrained", "none",
-            "--sac.hidden-dims", "32", "32", "--furl.head-hidden", "16", "--furl.pair-batch", "32"]
+            "--sac.hidden-dims", "32", "32", "--furl.head-hidden", "16", "--furl.pair-batch", "32",
+            "--torch-threads", "1"]
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args

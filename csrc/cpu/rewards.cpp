@@ -2,7 +2,7 @@
 //
 // Performance notes. mlp_cosine_reward is dominated by emb @ w1 (N x D x H). The eager PyTorch chain
 // runs it as one big GEMM that writes the (N, H) hidden activations to memory, then reads them back
-// for bias + relu, the second layer and the cosine. Here each thread takes blocks of 24-96 rows,
+// for bias + relu, the second layer and the cosine. Here each thread takes blocks of 6-48 rows,
 // runs the first layer with a register-blocked 6 x 16 micro-kernel over packed operands (w1 packed
 // once per call into 16-column panels, the row block packed and converted to float32), and finishes
 // bias + relu + second layer + cosine while the block's hidden rows are still in L2.
@@ -13,10 +13,8 @@
 // that compilers auto-vectorise) used elsewhere.
 #include <algorithm>
 #include <atomic>
-#include <climits>
 #include <cmath>
 #include <condition_variable>
-#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <mutex>
@@ -157,7 +155,6 @@ inline float bf16_bits_to_float(uint16_t b) {
 
 constexpr int kMR = 6;   // micro-kernel rows
 constexpr int kNR = 16;  // micro-kernel columns (two 8-float vectors)
-constexpr int64_t kMaxRowBlock = 96;  // rows per block at most: a packed float block <= 384 KiB (L2)
 constexpr int64_t kKc = 256;       // depth slice: a 256 x 16 w1 slice (16 KiB) stays in L1
 
 // C[6 x 16] (row stride ldc) = (accumulate ? C : 0) + sum over k < depth of A[k][0..6] (x) B[k][0..16]
@@ -487,21 +484,14 @@ void pack_panel(const float* m, int64_t depth, int64_t cols, int64_t j, float* d
   }
 }
 
-// Rows per block for n rows on `threads` workers: a multiple of kMR that minimises the critical path
-// (the busiest worker's micro-panels), preferring about 8 micro-panels per block. N = 256 on 2
-// threads gets 4 blocks of 66 rows (22 + 21 micro-panels) rather than 48-row blocks (24 + 19).
+// Rows per block for n rows on `threads` workers: a multiple of kMR, about 8 micro-panels (48 rows),
+// but small enough that every worker gets at least 4 blocks. A helper thread may start late or be
+// preempted on a busy machine; with small blocks the other workers take over its share and the
+// wait for its last block is short.
 int64_t row_block_for(int64_t n, int threads) {
   const int64_t panels = (n + kMR - 1) / kMR;
-  int64_t best = 8, best_cost = INT64_MAX;
-  for (int64_t pb = 4; pb <= kMaxRowBlock / kMR; ++pb) {
-    const int64_t blocks = (panels + pb - 1) / pb;
-    const int64_t cost = (blocks + threads - 1) / threads * std::min(pb, panels);
-    if (cost < best_cost || (cost == best_cost && std::abs(pb - 8) < std::abs(best - 8))) {
-      best = pb;
-      best_cost = cost;
-    }
-  }
-  return best * kMR;
+  const int64_t per_block = (panels + 4 * threads - 1) / (4 * threads);
+  return std::clamp<int64_t>(per_block, 1, 8) * kMR;
 }
 
 // Packs rows [0, rows) of a float (rows, depth) matrix with row stride ld into micro-panels of
@@ -599,21 +589,13 @@ void mlp_cosine_reward_cpu(const TensorView& emb, const TensorView& w1, const Te
   const float* bias1 = b1.ptr<float>();
   const float* bias2 = b2.ptr<float>();
   float* o = out.ptr<float>();
-  std::atomic<int64_t> next_panel{0}, panels_done{0}, next_block{0};
+  // The caller packs the weights before any helper joins: a helper preempted halfway through a
+  // shared packing phase would stall everyone.
+  for (int64_t j = 0; j < h_panels; ++j) pack_panel(w1.ptr<float>(), d, h, j, w1p);
+  for (int64_t j = 0; j < p_panels; ++j) pack_panel(w2.ptr<float>(), h, pw, j, w2p);
+  std::atomic<int64_t> next_block{0};
 
   HelperPool::instance().run(threads - 1, [&](int worker) {
-    // Phase 1: pack w1 and w2 panels, shared out like the blocks; then wait for the last one.
-    const int64_t total_panels = h_panels + p_panels;
-    for (int64_t j = next_panel++; j < total_panels; j = next_panel++) {
-      if (j < h_panels)
-        pack_panel(w1.ptr<float>(), d, h, j, w1p);
-      else
-        pack_panel(w2.ptr<float>(), h, pw, j - h_panels, w2p);
-      panels_done.fetch_add(1, std::memory_order_release);
-    }
-    while (panels_done.load(std::memory_order_acquire) < total_panels) std::this_thread::yield();
-
-    // Phase 2: row blocks.
     float* rows = buf + w1_size + w2_size + worker * per_worker;
     float* a_packed = rows + (convert ? rb * d : 0);
     float* hidden = a_packed + rb * d;

@@ -141,6 +141,7 @@ class Trainer:
         from furl_fast.replay import ReplayBuffer
 
         self.cfg, self.run_dir = cfg, run_dir
+        self.timings: dict[str, float] = {}  # seconds per phase, for --profile
         self.device = resolve_device(cfg.device)
         seed_everything(cfg.seed)
         self.uses_vlm = cfg.algo != "sac"
@@ -188,7 +189,6 @@ class Trainer:
         self.relay_positives = 0  # algo=relay: positive frames counted as the embedding buffer would
         self.last_eval_step = -1
         self.recent_success: deque[float] = deque(maxlen=20)
-        self.timings: dict[str, float] = {}
 
     # -- pieces --------------------------------------------------------------------------------
 
@@ -258,8 +258,8 @@ class Trainer:
         embs = self.encode(frames[env_ids]) if self.uses_vlm else None
         for k, e in enumerate(env_ids):
             self.buffer.start_episode(states[e], embedding=None if embs is None else embs[k], env=int(e))
-            self.ep_return[e], self.ep_success[e] = 0.0, []
-            self.ep_embs[e] = [] if embs is None else [embs[k]]
+            # The embedding buffer labels the frame after each step with that step's success flag.
+            self.ep_return[e], self.ep_success[e], self.ep_embs[e] = 0.0, [], []
         if self.schedule is not None:
             self.schedule.begin_episode(env_ids)
 
@@ -554,6 +554,8 @@ def train(cfg: Config) -> int:
     try:
         cfg, run_dir, resuming = prepare(cfg)
         check_config(cfg)
+        if cfg.torch_threads is not None:
+            torch.set_num_threads(cfg.torch_threads)
         encoder = load_vlm(cfg) if cfg.algo != "sac" else None
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         # Say what to change before any work starts (the weights message says how to pass a checkpoint).
