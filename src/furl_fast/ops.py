@@ -45,6 +45,15 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def _run_native(op: str, backend: str, args: tuple, device: torch.device,
+                num_threads: int | None) -> None:
+    """Calls _C.<op>_cpu(*args, num_threads) or _C.<op>_cuda(*args, stream) on the current stream."""
+    if backend == "cpu":
+        getattr(_native._C, f"{op}_cpu")(*args, num_threads or 0)
+    else:
+        getattr(_native._C, f"{op}_cuda")(*args, _stream(device))
+
+
 def centre_square_crop(height: int, width: int) -> tuple[int, int, int, int]:
     """The centred square crop box (top, left, side, side) of an H x W frame.
 
@@ -117,10 +126,7 @@ def preprocess_frames(
     out = torch.empty((n, 3, size, size), dtype=out_dtype, device=frames.device)
     args = (_capsule(frames), _capsule(out), box, size, flip_vertical, bgr,
             _INTERPOLATIONS[interpolation], tuple(mean), tuple(std))
-    if backend == "cpu":
-        _native._C.preprocess_frames_cpu(*args, num_threads or 0)
-    else:
-        _native._C.preprocess_frames_cuda(*args, _stream(frames.device))
+    _run_native("preprocess_frames", backend, args, frames.device, num_threads)
     return out
 
 
@@ -222,10 +228,7 @@ def mlp_cosine_reward(
         _capsule(targets),
         _capsule(out),
     )
-    if backend == "cpu":
-        _native._C.mlp_cosine_reward_cpu(*args, num_threads or 0)
-    else:
-        _native._C.mlp_cosine_reward_cuda(*args, _stream(emb.device))
+    _run_native("mlp_cosine_reward", backend, args, emb.device, num_threads)
     return out if two_d else out.view(n)
 
 
@@ -263,10 +266,7 @@ def clip_similarity(
         _capsule(out),
         bool(normalize),
     )
-    if backend == "cpu":
-        _native._C.clip_similarity_cpu(*args, num_threads or 0)
-    else:
-        _native._C.clip_similarity_cuda(*args, _stream(img_emb.device))
+    _run_native("clip_similarity", backend, args, img_emb.device, num_threads)
     return out
 
 
@@ -308,10 +308,7 @@ def goal_baseline_reward(
         _capsule(out),
         float(alpha),
     )
-    if backend == "cpu":
-        _native._C.goal_baseline_reward_cpu(*args, num_threads or 0)
-    else:
-        _native._C.goal_baseline_reward_cuda(*args, _stream(img_emb.device))
+    _run_native("goal_baseline_reward", backend, args, img_emb.device, num_threads)
     return out
 
 
@@ -366,8 +363,5 @@ def softmax_goal_reward(
         float(temperature),
         None if threshold is None else float(threshold),
     )
-    if backend == "cpu":
-        _native._C.softmax_goal_reward_cpu(*args, num_threads or 0)
-    else:
-        _native._C.softmax_goal_reward_cuda(*args, _stream(img_emb.device))
+    _run_native("softmax_goal_reward", backend, args, img_emb.device, num_threads)
     return out
