@@ -6,7 +6,6 @@ import zlib
 import pytest
 import torch
 
-# --- envs: headless rendering (added by the envs helper) ---
 # MuJoCo picks its GL backend once, at its first import, from MUJOCO_GL. Any test module that imports
 # metaworld or mujoco before furl_fast.envs would otherwise leave it on the windowed backend (GLFW),
 # and every headless render in the session would fail.
@@ -17,3 +16,12 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 def gen(request) -> torch.Generator:
     """A generator seeded per test (from its name), so failures reproduce but inputs vary by test."""
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny matmuls: on a shared 2-core machine extra intra-op threads only spin and contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

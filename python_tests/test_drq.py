@@ -10,12 +10,7 @@ from furl_fast.config import DrQConfig, SACConfig
 SHAPE = (9, 84, 84)  # 3 stacked RGB frames
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(n: int = 4) -> dict[str, torch.Tensor]:

@@ -16,13 +16,7 @@ from furl_fast.rewards.furl import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny matmuls: on a shared 2-core machine extra intra-op threads only spin and contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL = FuRLConfig(head_hidden=8, head_out=4, pair_batch=32, positive_capacity=200,

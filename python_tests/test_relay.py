@@ -9,15 +9,7 @@ from furl_fast.agents.relay import RelaySchedule
 from furl_fast.config import FuRLConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny matmuls: on a shared 2-core machine extra intra-op threads only spin and contend."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _runs(mask: np.ndarray) -> list[tuple[bool, int]]:

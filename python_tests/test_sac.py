@@ -10,13 +10,7 @@ from furl_fast.agents.sac import SAC, squashed_gaussian_log_prob
 from furl_fast.config import SACConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny matmuls: on a shared 2-core machine extra intra-op threads only spin and contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # A tiny agent whose losses can be recomputed by hand: obs_dim 1, act_dim 1, one hidden layer of 2.
