@@ -19,9 +19,9 @@ from furl_fast.train import CHECKPOINT_DIR, STATE_FILE
 TINY_CFG = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64,
                                             "head_width": 32, "patch_size": 16},
             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
-STEPS = 1500  # three 500-step episodes
-
-
+# Per agent: total steps, warm-up, checkpoint interval, batch. State SAC: three 500-step episodes;
+# DrQ (action repeat 2, 250 agent steps an episode, slow conv updates on a CPU): just over one.
+SETTINGS = {"sac": (1500, 600, 500, 32), "drq": (300, 200, 150, 8)}
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     """A random-weight open_clip model as a local-dir: model (config + weights), loadable in a
@@ -36,16 +36,14 @@ def tiny_model(tmp_path_factory) -> str:
     return "local-dir:" + str(root)
 
 
-def train_args(run_dir: Path, algo: str, model: str, steps: int = STEPS, **extra) -> list[str]:
-    args = ["--algo", algo, "--task", "reach", "--seed", "0", "--total-steps", str(steps),
-            "--warmup-steps", "600", "--batch-size", "32", "--buffer-size", "5000",
-            "--eval-every", str(steps), "--checkpoint-every", "500", "--run-dir", str(run_dir),
-            "--device", "cpu", "--vlm.model", model, "--vlm.pretrained", "none",
-            "--sac.hidden-dims", "32", "32", "--furl.head-hidden", "16", "--furl.pair-batch", "32",
-            "--torch-threads", "1"]
-    for k, v in extra.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
-    return args
+def train_args(run_dir: Path, algo: str, model: str, agent: str = "sac") -> list[str]:
+    steps, warmup, checkpoint_every, batch = SETTINGS[agent]
+    return ["--algo", algo, "--agent", agent, "--task", "reach", "--seed", "0",
+            "--total-steps", str(steps), "--warmup-steps", str(warmup), "--batch-size", str(batch),
+            "--buffer-size", "5000", "--eval-every", str(steps), "--checkpoint-every",
+            str(checkpoint_every), "--run-dir", str(run_dir), "--device", "cpu", "--vlm.model", model,
+            "--vlm.pretrained", "none", "--sac.hidden-dims", "32", "32", "--furl.head-hidden", "16",
+            "--furl.pair-batch", "32", "--torch-threads", "1"]
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -60,50 +58,55 @@ def replay_len(run_dir: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("agent", ["sac", "drq"])
 @pytest.mark.parametrize("algo", ["sac", "vlm", "relay", "furl"])
-def test_cli_run_writes_every_artefact(tmp_path, tiny_model, algo):
+def test_cli_run_writes_every_artefact(tmp_path, tiny_model, algo, agent):
+    steps = SETTINGS[agent][0]
     run_dir = tmp_path / "run"
-    result = run_cli(train_args(run_dir, algo, tiny_model), tmp_path)
+    result = run_cli(train_args(run_dir, algo, tiny_model, agent), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["algo"] == algo and config["total_steps"] == STEPS
+    assert config["algo"] == algo and config["agent"] == agent and config["total_steps"] == steps
     metrics = (run_dir / "metrics.csv").read_text()
     for name in ["eval/success", "eval/ever_success", "charts/episode_return", "losses/critic"]:
         assert name in metrics, name
     if algo == "furl":
         assert "losses/heads_phase_a" in metrics
+    if algo in ("relay", "furl"):
+        assert "losses/relay_critic" in metrics
     evaluation = json.loads((run_dir / "eval.json").read_text())
-    assert evaluation["step"] == STEPS and 0.0 <= evaluation["eval/success"] <= 1.0
+    assert evaluation["step"] == steps and 0.0 <= evaluation["eval/success"] <= 1.0
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     videos = list((run_dir / "videos").iterdir())
     assert videos and all(v.stat().st_size > 1000 for v in videos)
-    assert replay_len(run_dir) == (STEPS, STEPS)
+    assert replay_len(run_dir) == (steps, steps)
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_matches_uninterrupted(tmp_path, tiny_model):
+@pytest.mark.parametrize("agent", ["sac", "drq"])
+def test_sigterm_then_resume_matches_uninterrupted(tmp_path, tiny_model, agent):
     """A run killed with SIGTERM checkpoints; --resume finishes with the same step count and buffer
     size as an uninterrupted run of the same configuration."""
-    steps = 2000
+    steps, _, checkpoint_every, _ = SETTINGS[agent]
     straight = tmp_path / "straight"
-    assert run_cli(train_args(straight, "furl", tiny_model, steps), tmp_path).returncode == 0
+    assert run_cli(train_args(straight, "furl", tiny_model, agent), tmp_path).returncode == 0
 
     run_dir = tmp_path / "killed"
     env = dict(os.environ, FURL_FAST_CACHE=str(tmp_path / "cache"))
     proc = subprocess.Popen([sys.executable, "-m", "furl_fast.train",
-                             *train_args(run_dir, "furl", tiny_model, steps)],
+                             *train_args(run_dir, "furl", tiny_model, agent)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 400
-    while not (run_dir / CHECKPOINT_DIR / STATE_FILE).exists():  # first checkpoint at step 500
+    while not (run_dir / CHECKPOINT_DIR / STATE_FILE).exists():  # the first periodic checkpoint
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.5)
-    time.sleep(3)
+    time.sleep(2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     _, killed_at = replay_len(run_dir)
-    assert 500 <= killed_at < steps
+    assert checkpoint_every <= killed_at < steps
 
     result = run_cli(["--resume", str(run_dir)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

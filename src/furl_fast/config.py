@@ -128,7 +128,8 @@ class Config:
     seed: int = 0
     """Seed of the environment, networks, replay sampling and relay schedule."""
     total_steps: int = 100_000
-    """Environment steps to train for."""
+    """Environment steps (transitions) to train for; with --agent drq each is drq.action_repeat
+    simulator steps (logged as charts/env_frames)."""
     warmup_steps: int = 2_000
     """Uniform-random actions before learning starts."""
     batch_size: int = 256

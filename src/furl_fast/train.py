@@ -79,8 +79,6 @@ def check_config(cfg: Config) -> None:
         from furl_fast.vlm import task_prompt
 
         task_prompt(cfg.task, cfg.vlm.prompt)  # tasks outside MT10 need --vlm.prompt
-    if cfg.agent == "drq":
-        raise ValueError("--agent drq is not wired into the training loop yet (issue 7); use --agent sac.")
     if cfg.resolved_reward not in (None, "furl", "cosine"):
         raise ValueError(f"--reward {cfg.resolved_reward} is not available in the training loop yet; "
                          "use --reward cosine (vlm/relay) or furl (furl).")
@@ -135,6 +133,7 @@ class Trainer:
     """Owns everything a run needs and the loop that drives it; see the module docstring."""
 
     def __init__(self, cfg: Config, run_dir: Path, encoder=None):
+        from furl_fast.agents.drq import make_drq
         from furl_fast.agents.relay import RelaySchedule
         from furl_fast.agents.sac import SAC
         from furl_fast.envs import make_env, make_vector_env
@@ -156,18 +155,32 @@ class Trainer:
 
         import gymnasium as gym
 
+        # DrQ: one render per step gives both the agent's stacked 84x84 pixels and the VLM frame.
+        self.pixels = cfg.agent == "drq"
+        env_kwargs = dict(obs="pixels", pixel_size=cfg.drq.image_size, frame_stack=cfg.drq.frame_stack,
+                          action_repeat=cfg.drq.action_repeat) if self.pixels else {}
         self.envs = make_vector_env(cfg.task, cfg.num_envs, seed=cfg.seed, goal=cfg.goal,
                                     vlm_frames=self.uses_vlm, asynchronous=cfg.num_envs > 1,
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-        self.eval_env = make_env(cfg.task, seed=cfg.seed, goal=cfg.goal, vlm_frames=False)
-        obs_dim = self.envs.single_observation_space["obs"].shape[0] if self.uses_vlm else \
-            self.envs.single_observation_space.shape[0]
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, **env_kwargs)
+        self.eval_env = make_env(cfg.task, seed=cfg.seed, goal=cfg.goal, vlm_frames=False, **env_kwargs)
+        space = self.envs.single_observation_space
+        obs_shape = (space["obs"] if self.uses_vlm else space).shape
         act_dim = self.envs.single_action_space.shape[0]
         self.act_low, self.act_high = self.envs.single_action_space.low, self.envs.single_action_space.high
 
-        self.agent = SAC(obs_dim, act_dim, cfg.sac, self.device)
-        self.relay_agent = SAC(obs_dim, act_dim, cfg.sac, self.device, metric_prefix="relay_") \
-            if cfg.uses_relay else None
+        if self.pixels:
+            # The buffer stores the newest frame of each stacked observation once and re-stacks by
+            # index when sampling (with the random shift fused in).
+            self.frame_channels = obs_shape[0] // cfg.drq.frame_stack
+            stored_shape = (self.frame_channels, *obs_shape[1:])
+            self.agent = make_drq(obs_shape, act_dim, cfg.sac, cfg.drq, self.device)
+            self.relay_agent = make_drq(obs_shape, act_dim, cfg.sac, cfg.drq, self.device,
+                                        metric_prefix="relay_") if cfg.uses_relay else None
+        else:
+            stored_shape = obs_shape
+            self.agent = SAC(obs_shape[0], act_dim, cfg.sac, self.device)
+            self.relay_agent = SAC(obs_shape[0], act_dim, cfg.sac, self.device, metric_prefix="relay_") \
+                if cfg.uses_relay else None
         self.schedule = RelaySchedule.from_config(cfg.furl, num_envs=cfg.num_envs, seed=cfg.seed) \
             if cfg.uses_relay else None
         if cfg.algo == "furl":
@@ -177,9 +190,13 @@ class Trainer:
                                    seed=cfg.seed)
             self.furl.set_goal(self.goal_embedding())
 
-        # Capacity counts observation slots: each 500-step episode also stores its final observation.
-        capacity = cfg.resolved_buffer_size + cfg.resolved_buffer_size // 500 + 2 * cfg.num_envs
-        self.buffer = ReplayBuffer(capacity, (obs_dim,), act_dim,
+        # Capacity counts observation slots: each episode also stores its final observation.
+        episode_steps = self.eval_env.unwrapped.max_episode_steps // (
+            cfg.drq.action_repeat if self.pixels else 1)
+        capacity = cfg.resolved_buffer_size + cfg.resolved_buffer_size // episode_steps + 2 * cfg.num_envs
+        self.buffer = ReplayBuffer(capacity, stored_shape, act_dim,
+                                   frame_stack=cfg.drq.frame_stack if self.pixels else 1,
+                                   shift_pad=cfg.drq.shift_pad,
                                    embedding_dim=self.encoder.embed_dim if self.uses_vlm else 0,
                                    embedding_dtype=torch.float16, n_step=cfg.sac.n_step,
                                    gamma=cfg.sac.gamma, num_envs=cfg.num_envs,
@@ -221,8 +238,12 @@ class Trainer:
     def random_actions(self, n: int) -> np.ndarray:
         return np.random.uniform(self.act_low, self.act_high, (n, len(self.act_low))).astype(np.float32)
 
+    def stored(self, obs: np.ndarray) -> np.ndarray:
+        """What the buffer keeps of one observation: the newest frame of a pixel stack, or the state."""
+        return obs[-self.frame_channels:] if self.pixels else obs
+
     def policy_actions(self, states: np.ndarray) -> np.ndarray:
-        obs = torch.as_tensor(states, dtype=torch.float32, device=self.device)
+        obs = torch.as_tensor(states, device=self.device)  # float states, or uint8 pixel stacks
         actions = self.agent.act(obs).cpu().numpy()
         if self.schedule is not None and self.schedule.enabled:
             relay_on = self.schedule.relay_mask()
@@ -257,7 +278,8 @@ class Trainer:
     def start_episodes(self, states: np.ndarray, frames: np.ndarray | None, env_ids) -> None:
         embs = self.encode(frames[env_ids]) if self.uses_vlm else None
         for k, e in enumerate(env_ids):
-            self.buffer.start_episode(states[e], embedding=None if embs is None else embs[k], env=int(e))
+            self.buffer.start_episode(self.stored(states[e]), embedding=None if embs is None else embs[k],
+                                      env=int(e))
             # The embedding buffer labels the frame after each step with that step's success flag.
             self.ep_return[e], self.ep_success[e], self.ep_embs[e] = 0.0, [], []
         if self.schedule is not None:
@@ -328,6 +350,7 @@ class Trainer:
                     elapsed = time.perf_counter() - t_start
                     metrics = {k: float(v) for k, v in metrics.items()}
                     metrics["perf/steps_per_second"] = (self.step - step_start) / max(elapsed, 1e-9)
+                    metrics["charts/env_frames"] = self.step * (cfg.drq.action_repeat if self.pixels else 1)
                     if cfg.profile:
                         metrics.update({f"perf/{k}_seconds": v for k, v in self.timings.items()})
                         print(self.profile_line(), flush=True)
@@ -353,7 +376,8 @@ class Trainer:
         embs = self.encode(tr.next_frames) if self.uses_vlm else None
         with self.timed("buffer"):
             for e in range(self.cfg.num_envs):
-                self.buffer.add(tr.next_obs[e], actions[e], float(tr.reward[e]), bool(tr.terminated[e]),
+                self.buffer.add(self.stored(tr.next_obs[e]), actions[e], float(tr.reward[e]),
+                                bool(tr.terminated[e]),
                                 bool(tr.truncated[e]), success=bool(tr.success[e]),
                                 embedding=None if embs is None else embs[e], env=e)
                 self.ep_return[e] += float(tr.reward[e])
@@ -389,7 +413,7 @@ class Trainer:
             frames = [env.render()] if k == 0 else None
             total, successes = 0.0, []
             for _ in range(env.unwrapped.max_episode_steps):
-                obs = torch.as_tensor(state, dtype=torch.float32, device=self.device).unsqueeze(0)
+                obs = torch.as_tensor(state, device=self.device).unsqueeze(0)
                 action = self.agent.act(obs, deterministic=True).cpu().numpy()[0]
                 state, reward, terminated, truncated, info = env.step(action)
                 total += float(reward)
