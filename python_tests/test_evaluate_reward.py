@@ -48,8 +48,8 @@ def test_ties_count_half():
     # Every score equal: AUC 1/2 exactly; correlation undefined.
     assert roc_auc(LABELS, np.zeros(8)) == 0.5
     assert np.isnan(pearson(LABELS, np.zeros(8)))
-    # Hand count: positives {2, 2, 3}, negatives {1, 2}: pairs won 1+1+1, tied 0.5+0.5, lost 0 ->
-    # (3 + 1 + 1 + 0.5 * 2 ... ) computed below pair by pair.
+    # Positives {2, 2, 3} against negatives {1, 2}: 6 pairs, 4 won (2>1, 2>1, 3>1, 3>2) and 2 tied
+    # (2 vs 2, twice): AUC = (4 + 2 * 0.5) / 6 = 5/6.
     y = np.array([1, 1, 1, 0, 0], bool)
     s = np.array([2.0, 2.0, 3.0, 1.0, 2.0])
     pairs = [(a > b) + 0.5 * (a == b) for a in s[y] for b in s[~y]]
