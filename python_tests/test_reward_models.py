@@ -251,3 +251,45 @@ def test_code_reward_model_through_wrapper(closing):
             model(np.zeros((1, 8, 8, 3), np.uint8))
     finally:
         model.close()
+
+
+class StepCounter(RewardModel):
+    """A stateful stand-in: reward = frames scored in this environment's episode so far (the reset
+    frame counts as the first), with the state as given."""
+
+    name = "counter"
+    stateful = needs_states = True
+
+    def __init__(self, num_envs: int) -> None:
+        super().__init__(None)
+        self.num_envs = num_envs
+        self.count = np.zeros(num_envs)
+        self.states_seen: list[np.ndarray] = []
+
+    def reset(self, env_ids=None) -> None:
+        self.count[slice(None) if env_ids is None else np.asarray(env_ids, dtype=int)] = 0
+
+    def __call__(self, frames, states=None):
+        assert frames.shape[0] == self.num_envs and states.shape == (self.num_envs, 39)
+        self.states_seen.append(states)
+        self.count += 1
+        return torch.as_tensor(self.count, dtype=torch.float32)
+
+
+def test_vector_wrapper_resets_stateful_models_per_episode(closing):
+    from furl_fast.envs import make_vector_env
+    from furl_fast.rewards import VLMRewardVectorWrapper
+
+    model = StepCounter(2)
+    venv = closing(VLMRewardVectorWrapper(
+        make_vector_env("reach", 2, seed=0, asynchronous=False, frame_size=32, max_episode_steps=3),
+        model, mode="replace"))
+    obs, _ = venv.reset(seed=0)
+    np.testing.assert_array_equal(model.count, [1, 1])  # the reset frame was shown
+    np.testing.assert_array_equal(model.states_seen[0], obs["obs"])
+    rewards = [venv.step(venv.action_space.sample())[1].tolist() for _ in range(5)]
+    # Steps 0-2 play (2nd, 3rd, 4th frame of the episode); step 3 is the autoreset step (reward 0,
+    # the model restarted on the reset frame); step 4 is the new episode's second frame.
+    assert rewards == [[2, 2], [3, 3], [4, 4], [0, 0], [2, 2]]
+    with pytest.raises(ValueError, match="episode states"):
+        VLMRewardVectorWrapper(venv.env, StepCounter(3))
