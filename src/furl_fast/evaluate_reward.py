@@ -1,0 +1,267 @@
+"""Offline reward evaluation (Baumli et al.'s question: do larger VLMs give more accurate rewards?).
+
+    python -m furl_fast.evaluate_reward --tasks drawer-open reach --models RN50 ViT-B-32 \
+        --rewards cosine binary --episodes 5 --out reward_eval
+
+Collects frames labelled with Meta-World's own success flag (scripted expert rollouts: positives
+where the task is solved, negatives before that; random rollouts: negatives unless they happen to
+succeed), scores them with every reward model of every VLM, and reports precision, recall and F1 of
+goal detection, ROC-AUC, and the Pearson correlation of the reward with the true success, per task,
+VLM and reward, as <out>/metrics.csv, a printed table and <out>/metrics.png.
+
+Precision / recall / F1 need a decision threshold: the binary reward uses its own (p > threshold on
+the goal probability; the AUC and correlation use p itself); continuous rewards (cosine,
+goal_baseline) have none, so they are reported at the threshold that maximises F1 on these very
+frames (an optimistic number: column threshold_kind says "best-F1").
+
+Read the numbers against a random-weight baseline on the same frames (--models RN50 --pretrained
+none): the positives (the arm holding the solved state) differ from the negatives mostly in arm
+position, which even random features pick up, in either direction. With 1 episode of 100 steps on
+reach and button-press-topdown, a random-weight RN50 scored ROC-AUC 0.99-1.0 for cosine and
+goal_baseline, and the tiny random test model 0.0-0.85: far from 0.5 both ways.
+
+Frames are cached in <out>/frames/*.npz and image embeddings in <out>/embeddings/ (per VLM and
+weights), so re-scoring with other rewards or settings skips rendering and encoding. Random-weight
+encoders (pretrained none) are never cached, and their numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+
+from furl_fast.rewards.metrics import best_f1_threshold, pearson, precision_recall_f1, roc_auc
+
+logger = logging.getLogger("furl_fast")
+
+EVAL_REWARDS = ("cosine", "goal_baseline", "binary")
+"""Rewards that score single frames from their embedding alone; furl needs trained heads and code
+needs whole episodes of states, so neither is offered here."""
+
+COLUMNS = ("task", "model", "weights", "reward", "frames", "positives", "threshold",
+           "threshold_kind", "precision", "recall", "f1", "roc_auc", "pearson")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    tasks: tuple[str, ...] = ("drawer-open",)
+    """Meta-World tasks (MT10 tasks have built-in prompts)."""
+    models: tuple[str, ...] = ("RN50",)
+    """open_clip model names (or local-dir:/path, hf-hub:org/repo)."""
+    pretrained: tuple[str, ...] = ("openai",)
+    """Weights per model: one value for all models, or one per model (tag, checkpoint file, none)."""
+    rewards: tuple[str, ...] = ("cosine", "binary")
+    """Reward models to evaluate: cosine, goal_baseline, binary."""
+    episodes: int = 5
+    """Expert and random episodes per task (each)."""
+    max_steps: int = 200
+    """Steps per episode (the expert solves most MT10 tasks within ~100)."""
+    seed: int = 0
+    """Episode i uses seed + i (scene and random actions)."""
+    out: Path = Path("reward_eval")
+    """Output folder: metrics.csv, metrics.png, frames/ and embeddings/ caches."""
+    device: str = "auto"
+    """Encoder device: auto, cpu, cuda."""
+    alpha: float = 0.5
+    """goal_baseline's alpha."""
+    threshold: float = 0.5
+    """binary's threshold beta on the goal probability."""
+    batch_size: int = 64
+    """Frames per encoder batch."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def collect_frames(task: str, episodes: int, max_steps: int, seed: int
+                   ) -> dict[str, np.ndarray]:
+    """Expert and random rollouts of `task` -> frames (M, H, W, 3) uint8, success (M,) bool (the flag
+    after the step that produced the frame; reset frames are False), source (M,) 0 expert / 1 random,
+    episode (M,) int."""
+    from furl_fast.envs import expert_rollout, random_rollout
+
+    parts: dict[str, list[np.ndarray]] = {"frames": [], "success": [], "source": [], "episode": []}
+    for i in range(episodes):
+        for source, rollout_fn in ((0, expert_rollout), (1, random_rollout)):
+            r = rollout_fn(task, seed + i, max_steps=max_steps)
+            n = r.frames.shape[0]
+            parts["frames"].append(r.frames)
+            parts["success"].append(np.r_[False, r.successes])
+            parts["source"].append(np.full(n, source, dtype=np.int8))
+            parts["episode"].append(np.full(n, i, dtype=np.int32))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def load_or_collect(cfg: EvalConfig, task: str) -> tuple[str, dict[str, np.ndarray]]:
+    """The task's labelled frames from <out>/frames (collected and saved on first use)."""
+    key = f"{task}-seed{cfg.seed}-ep{cfg.episodes}-steps{cfg.max_steps}"
+    path = cfg.out / "frames" / f"{key}.npz"
+    if path.is_file():
+        with np.load(path) as data:
+            return key, {k: data[k] for k in data.files}
+    print(f"collecting frames: {task} ({cfg.episodes} expert + {cfg.episodes} random episodes of "
+          f"{cfg.max_steps} steps)", flush=True)
+    data = collect_frames(task, cfg.episodes, cfg.max_steps, cfg.seed)
+    _atomic_write(path, lambda f: np.savez_compressed(f, **data))
+    return key, data
+
+
+def load_or_embed(cfg: EvalConfig, encoder, frames_key: str, frames: np.ndarray) -> torch.Tensor:
+    """(M, D) float32 image embeddings of the frames, cached per model, weights, precision and crop."""
+    path = None
+    if encoder.weights_id is not None:
+        ident = json.dumps([encoder.model_name, encoder.weights_id, str(encoder.dtype), encoder.crop,
+                            encoder.bgr, frames_key])
+        path = cfg.out / "embeddings" / f"{hashlib.sha256(ident.encode()).hexdigest()[:24]}.pt"
+        if path.is_file():
+            emb = torch.load(path, map_location="cpu", weights_only=True)
+            if emb.shape == (frames.shape[0], encoder.embed_dim):
+                return emb.to(encoder.device)
+    emb = encoder.encode_frames(frames, batch_size=cfg.batch_size)
+    if path is not None:
+        buf = io.BytesIO()
+        torch.save(emb.cpu(), buf)
+        _atomic_write(path, lambda f: f.write(buf.getvalue()))
+    return emb
+
+
+def score_reward(name: str, encoder, task: str, emb: torch.Tensor, labels: np.ndarray,
+                 cfg: EvalConfig) -> dict[str, object]:
+    """Metrics of one reward model on one task's embeddings."""
+    from furl_fast.rewards.models import make_reward_model
+
+    if name == "binary":
+        model = make_reward_model(name, encoder, task, threshold=cfg.threshold)
+        scores = model.probability(emb).cpu().numpy()
+        threshold, kind = model.decision_threshold, "reward"
+        precision, recall, f1 = precision_recall_f1(labels, scores > threshold)
+    else:
+        kwargs = {"alpha": cfg.alpha} if name == "goal_baseline" else {}
+        scores = make_reward_model(name, encoder, task, **kwargs).reward_from_embeddings(emb)
+        scores = scores.cpu().numpy()
+        threshold, precision, recall, f1 = best_f1_threshold(labels, scores)
+        kind = "best-F1"
+    return {"threshold": threshold, "threshold_kind": kind, "precision": precision,
+            "recall": recall, "f1": f1, "roc_auc": roc_auc(labels, scores),
+            "pearson": pearson(labels, scores)}
+
+
+def write_csv(rows: list[dict[str, object]], path: Path) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def format_table(rows: list[dict[str, object]]) -> str:
+    def cell(v: object) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    cols = ("task", "model", "reward", "frames", "positives", "threshold_kind", "precision",
+            "recall", "f1", "roc_auc", "pearson")
+    table = [list(cols)] + [[cell(r[c]) for c in cols] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in table)
+
+
+def plot(rows: list[dict[str, object]], path: Path) -> None:
+    """F1 and ROC-AUC bars per task, one bar per (model, reward)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    series = list(dict.fromkeys((r["model"], r["reward"]) for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(tasks) * len(series) ** 0.5 + 6), 4.5))
+    width = 0.8 / len(series)
+    for ax, metric in zip(axes, ("f1", "roc_auc")):
+        for j, (model, reward) in enumerate(series):
+            vals = [next((float(r[metric]) for r in rows if r["task"] == t and r["model"] == model
+                          and r["reward"] == reward), np.nan) for t in tasks]
+            short = model.rstrip("/").rsplit("/", 1)[-1]  # local-dir:/long/path -> its last part
+            ax.bar(np.arange(len(tasks)) + j * width, vals, width, label=f"{short} / {reward}")
+        ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, rotation=20)
+        ax.set_ylim(0, 1)
+        ax.set_title("F1 (binary: own threshold; others: best-F1)" if metric == "f1" else "ROC-AUC")
+    axes[1].axhline(0.5, color="grey", lw=0.8, ls="--")  # chance
+    handles, labels = axes[0].get_legend_handles_labels()
+    ncol = min(len(series), 3)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 * (-(-len(series) // ncol)) + 0.02, 1, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    _atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def evaluate(cfg: EvalConfig) -> list[dict[str, object]]:
+    """Runs the whole evaluation and writes metrics.csv and metrics.png; returns the rows."""
+    from furl_fast.vlm import load_encoder
+
+    bad = [r for r in cfg.rewards if r not in EVAL_REWARDS]
+    if bad:
+        raise ValueError(f"evaluate_reward: cannot evaluate {bad}; choose from {', '.join(EVAL_REWARDS)} "
+                         "(furl needs trained heads, code needs whole episodes of states).")
+    if len(cfg.pretrained) not in (1, len(cfg.models)):
+        raise ValueError(f"evaluate_reward: give one --pretrained for all models or one per model "
+                         f"({len(cfg.models)}), got {len(cfg.pretrained)}.")
+    if cfg.episodes < 1 or cfg.max_steps < 1:
+        raise ValueError("evaluate_reward: --episodes and --max-steps must be >= 1.")
+    data = {task: load_or_collect(cfg, task) for task in cfg.tasks}
+    pretrained = cfg.pretrained * len(cfg.models) if len(cfg.pretrained) == 1 else cfg.pretrained
+    rows: list[dict[str, object]] = []
+    random_weights = False
+    for model_name, weights in zip(cfg.models, pretrained):
+        encoder = load_encoder(model_name, weights, cfg.device)
+        random_weights |= encoder.weights_id is None
+        for task in cfg.tasks:
+            key, frames = data[task]
+            labels = frames["success"].astype(bool)
+            emb = load_or_embed(cfg, encoder, key, frames["frames"])
+            for reward in cfg.rewards:
+                rows.append({"task": task, "model": model_name,
+                             "weights": encoder.weights_id or "RANDOM", "reward": reward,
+                             "frames": int(labels.size), "positives": int(labels.sum()),
+                             **score_reward(reward, encoder, task, emb, labels, cfg)})
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, cfg.out / "metrics.csv")
+    plot(rows, cfg.out / "metrics.png")
+    print(format_table(rows))
+    if any(r["positives"] in (0, r["frames"]) for r in rows):
+        print("note: a task has only one class of frames: ROC-AUC and correlation are NaN there "
+              "(raise --max-steps or --episodes).")
+    if random_weights:
+        print("WARNING: random-weight encoder(s): these numbers carry no meaning.")
+    print(f"wrote {cfg.out / 'metrics.csv'} and {cfg.out / 'metrics.png'}")
+    return rows
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    evaluate(tyro.cli(EvalConfig))
+
+
+if __name__ == "__main__":
+    main()
