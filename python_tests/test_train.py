@@ -43,7 +43,7 @@ def train_args(run_dir: Path, algo: str, model: str, agent: str = "sac") -> list
             "--buffer-size", "5000", "--eval-every", str(steps), "--checkpoint-every",
             str(checkpoint_every), "--run-dir", str(run_dir), "--device", "cpu", "--vlm.model", model,
             "--vlm.pretrained", "none", "--sac.hidden-dims", "32", "32", "--furl.head-hidden", "16",
-            "--furl.pair-batch", "32", "--torch-threads", "1"]
+            "--furl.pair-batch", "32", "--torch-threads", "1", "--log-every", "100"]
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:

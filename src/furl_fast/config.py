@@ -142,6 +142,8 @@ class Config:
     """Environment steps between evaluations of the deterministic policy."""
     eval_episodes: int | None = None
     """Episodes per evaluation; None means 1 for a fixed goal, 10 for random goals."""
+    log_every: int = 1_000
+    """Environment steps between metric logs (losses/*, charts/*, perf/*; the only host syncs)."""
     checkpoint_every: int = 10_000
     """Environment steps between checkpoints (also written on SIGINT/SIGTERM)."""
     run_dir: str | None = None
@@ -249,6 +251,7 @@ def _problems(cfg: Config, known_tasks: Collection[str] | None) -> list[str]:
     if cfg.eval_episodes is not None:
         p += _positive("eval_episodes", cfg.eval_episodes)
     p += _positive("checkpoint_every", cfg.checkpoint_every)
+    p += _positive("log_every", cfg.log_every)
     p += _positive("num_envs", cfg.num_envs)
     if cfg.torch_threads is not None:
         p += _positive("torch_threads", cfg.torch_threads)

@@ -317,7 +317,7 @@ class Trainer:
         self.start_episodes(states, frames, np.arange(n))
         bar = tqdm(total=cfg.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=None, desc=f"{cfg.algo} {cfg.task}")
-        log_every = max(1000, n)
+        log_every = max(cfg.log_every, n)
         t_start, step_start = time.perf_counter(), self.step
         try:
             while self.step < cfg.total_steps:
