@@ -130,3 +130,26 @@ def test_bad_configuration_fails_before_training(tmp_path, args, message):
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reward", ["goal_baseline", "binary"])
+def test_cli_zero_shot_rewards(tmp_path, tiny_model, reward):
+    """--reward picks the zero-shot reward model the critic learns from (vlm algo)."""
+    run_dir = tmp_path / "run"
+    args = train_args(run_dir, "vlm", tiny_model) + ["--reward", reward, "--total-steps", "700",
+                                                      "--warmup-steps", "500", "--eval-every", "700"]
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "config.json").read_text())["reward"] == reward
+    values = [float(line.split(",")[2]) for line in (run_dir / "metrics.csv").read_text().splitlines()
+              if ",charts/vlm_reward," in line]
+    assert values
+    if reward == "binary":  # the logged value is the batch mean of 0/1 rewards
+        assert all(0.0 <= v <= 1.0 for v in values)
+
+
+def test_code_reward_is_refused_with_advice(tmp_path):
+    result = run_cli(["--algo", "vlm", "--reward", "code", "--run-dir", str(tmp_path / "r")], tmp_path,
+                     timeout=300)
+    assert result.returncode == 2 and "VLMRewardWrapper" in result.stderr

@@ -79,9 +79,11 @@ def check_config(cfg: Config) -> None:
         from furl_fast.vlm import task_prompt
 
         task_prompt(cfg.task, cfg.vlm.prompt)  # tasks outside MT10 need --vlm.prompt
-    if cfg.resolved_reward not in (None, "furl", "cosine"):
-        raise ValueError(f"--reward {cfg.resolved_reward} is not available in the training loop yet; "
-                         "use --reward cosine (vlm/relay) or furl (furl).")
+    if cfg.resolved_reward == "code":
+        raise ValueError("--reward code is not wired into the training loop yet (it scores states per "
+                         "episode at collection time); use furl_fast.rewards.VLMRewardWrapper with "
+                         "make_reward_model('code', ...) around your own agent, or --reward cosine, "
+                         "goal_baseline or binary.")
 
 
 # ---- environment steps -----------------------------------------------------------------------
@@ -145,13 +147,15 @@ class Trainer:
         seed_everything(cfg.seed)
         self.uses_vlm = cfg.algo != "sac"
 
-        self.encoder, self.text_emb, self.furl = encoder, None, None
-        if self.uses_vlm:
-            from furl_fast.vlm import task_prompt
+        # The VLM reward on a batch of embeddings: FuRL's aligned heads (set up below, they need the
+        # goal image) or a zero-shot reward model (cosine, goal_baseline, binary).
+        self.encoder, self.furl, self.reward_model = encoder, None, None
+        if self.uses_vlm and cfg.algo != "furl":
+            from furl_fast.rewards import make_reward_model
 
-            prompt = task_prompt(cfg.task, cfg.vlm.prompt)
-            self.text_emb = self.encoder.encode_text([prompt])[0].float()
-            logger.info("task prompt: %r", prompt)
+            name = cfg.resolved_reward
+            prompt_arg = "goal_prompts" if name == "goal_baseline" else "prompt"
+            self.reward_model = make_reward_model(name, encoder, cfg.task, **{prompt_arg: cfg.vlm.prompt})
 
         import gymnasium as gym
 
@@ -185,9 +189,10 @@ class Trainer:
             if cfg.uses_relay else None
         if cfg.algo == "furl":
             from furl_fast.rewards.furl import FuRLReward
+            from furl_fast.vlm import task_prompt
 
-            self.furl = FuRLReward(self.encoder.embed_dim, self.text_emb, cfg.furl, self.device,
-                                   seed=cfg.seed)
+            text_emb = self.encoder.encode_text([task_prompt(cfg.task, cfg.vlm.prompt)])[0].float()
+            self.furl = FuRLReward(self.encoder.embed_dim, text_emb, cfg.furl, self.device, seed=cfg.seed)
             self.furl.set_goal(self.goal_embedding())
 
         # Capacity counts observation slots: each episode also stores its final observation.
@@ -227,10 +232,10 @@ class Trainer:
             return self.encoder.encode_frames(frames).to(self.device)
 
     def vlm_reward(self, emb: torch.Tensor) -> torch.Tensor:
-        """(B, D) embeddings -> (B,) float32 VLM reward: aligned heads (furl) or raw cosine."""
+        """(B, D) embeddings -> (B,) float32 VLM reward with the heads / model as they are now."""
         if self.furl is not None:
             return ops.mlp_cosine_reward(emb, *self.furl.fused_params())
-        return ops.clip_similarity(emb, self.text_emb.unsqueeze(0).to(emb.dtype))[:, 0]
+        return self.reward_model.reward_from_embeddings(emb)
 
     def timed(self, name: str):
         return _Timer(self.timings, name, self.cfg.profile and self.device.type == "cuda")
