@@ -29,7 +29,8 @@ def main() -> None:
         base = rates.get(args.baseline)
         for impl, rate in sorted(rates.items(), key=lambda kv: -kv[1]):
             ratio = f"{rate / base:.2f}x" if base else "n/a"
-            print(f"| {group} | {impl} | {rate:,.0f} | {ratio} |")
+            shown = f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
+            print(f"| {group} | {impl} | {shown} | {ratio} |")
 
 
 if __name__ == "__main__":
