@@ -99,6 +99,7 @@ class Transition:
     terminated: np.ndarray  # (N,) bool
     truncated: np.ndarray  # (N,) bool
     success: np.ndarray  # (N,) bool
+    done: np.ndarray  # (N,) bool: terminated or truncated
     reset_obs: np.ndarray  # (N, *obs_shape): the observations to act on next
     reset_frames: np.ndarray | None
 
@@ -125,7 +126,7 @@ def vector_step(envs, actions: np.ndarray) -> Transition:
             next_frames[i] = final_frames
         success[i] = bool(info["final_info"]["success"][i])
     return Transition(next_states, next_frames, np.asarray(reward, np.float32), np.asarray(terminated),
-                      np.asarray(truncated), success, states, frames)
+                      np.asarray(truncated), success, done, states, frames)
 
 
 # ---- the trainer -----------------------------------------------------------------------------
@@ -296,6 +297,10 @@ class Trainer:
         self.recent_success.append(float(success[-1]))
         if self.furl is not None:
             self.furl.add_episode(torch.stack(self.ep_embs[e]), success)
+        elif self.schedule is not None:  # relay without heads: count positives as the heads' buffer would
+            from furl_fast.rewards.furl import label_episode
+
+            self.relay_positives += label_episode(success)
         if self.schedule is not None:
             positives = self.furl.buffer.positives_added if self.furl is not None else self.relay_positives
             self.schedule.observe_positives(positives)
@@ -340,9 +345,9 @@ class Trainer:
                 self.step += n
                 log = self.step // log_every != (self.step - n) // log_every
                 metrics: dict[str, Any] = {}
-                for e in np.flatnonzero(np.logical_or(tr.terminated, tr.truncated)):
+                done_ids = np.flatnonzero(tr.done)
+                for e in done_ids:
                     writer.log(self.step, self.finish_episode(int(e)))
-                done_ids = np.flatnonzero(np.logical_or(tr.terminated, tr.truncated))
                 if done_ids.size:
                     self.start_episodes(tr.reset_obs, tr.reset_frames, done_ids)
                 if self.schedule is not None:
@@ -377,7 +382,6 @@ class Trainer:
             writer.close()
 
     def add_to_buffer(self, tr: Transition, actions: np.ndarray) -> None:
-        done = np.logical_or(tr.terminated, tr.truncated)
         embs = self.encode(tr.next_frames) if self.uses_vlm else None
         with self.timed("buffer"):
             for e in range(self.cfg.num_envs):
@@ -389,11 +393,6 @@ class Trainer:
                 self.ep_success[e].append(bool(tr.success[e]))
                 if embs is not None:
                     self.ep_embs[e].append(embs[e])
-        if self.furl is None and self.schedule is not None:
-            from furl_fast.rewards.furl import label_episode
-
-            for e in np.flatnonzero(done):
-                self.relay_positives += label_episode(np.asarray(self.ep_success[e]))
 
     def recent_rate(self) -> float:
         return sum(self.recent_success) / len(self.recent_success) if self.recent_success else 0.0
