@@ -553,6 +553,44 @@ def test_dense_reward_matches_offline_progress_across_vector_envs(rollouts) -> N
     assert np.all(np.diff(got[0]) >= 0)
 
 
+def test_dense_reward_scores_one_env_reset_while_the_other_runs_on(rollouts) -> None:
+    # The trainer's pattern: every step scores all envs; an env whose episode ended is reset and
+    # its reset observation scored alone (env_ids), while the other env's episode goes on.
+    ps = reference_program_set("button-press-topdown-v3")
+    expert, random = rollouts["button-press-topdown-v3"]
+    episodes = [expert[0], random[0], expert[1]]
+    done, _ = evaluate_programs(ps.programs, episodes)
+    offline = [progress_from_done(d) / len(ps) for d in done]
+    t_len, switch = len(episodes[0].states), len(episodes[0].states) // 3
+    with CodeReward(ps, num_envs=2, limits=FAST) as reward:
+        assert reward.batch(episodes[2].frames[:0], episodes[2].states[:0], env_ids=[]).shape == (0,)
+        env0, env1_first, env1_second = [], [], []
+        for t in range(t_len):
+            if t < switch:
+                second = (episodes[1], t)
+            else:
+                if t == switch:  # env 1's episode ends: reset it and score its reset observation
+                    reward.reset([1])
+                    env1_second.append(reward.batch(episodes[2].frames[:1], episodes[2].states[:1],
+                                                    env_ids=[1])[0])
+                second = (episodes[2], t - switch + 1)
+            frames = np.stack([episodes[0].frames[t], second[0].frames[second[1]]])
+            states = np.stack([episodes[0].states[t], second[0].states[second[1]]])
+            r = reward.batch(frames, states)
+            env0.append(r[0])
+            (env1_first if t < switch else env1_second).append(r[1])
+        with pytest.raises(ValueError, match="distinct environment indices"):
+            reward.batch(frames, states, env_ids=[1, 1])
+        with pytest.raises(ValueError, match="distinct environment indices"):
+            reward.batch(frames[:1], states[:1], env_ids=[2])
+        with pytest.raises(ValueError, match="expected 1 environments' states, got 2"):
+            reward.batch(frames, states, env_ids=[0])
+    np.testing.assert_allclose(env0, offline[0])
+    np.testing.assert_allclose(env1_first, offline[1][:switch])
+    np.testing.assert_allclose(env1_second, offline[2][: len(env1_second)])
+    assert env0[-1] == 1.0 and env1_second[-1] == 1.0  # the expert finishes on both envs
+
+
 def test_dense_reward_single_env_adds_task_reward_and_resets(rollouts) -> None:
     ps = reference_program_set("reach-v3")
     ep = rollouts["reach-v3"][0][0]

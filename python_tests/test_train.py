@@ -9,7 +9,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -149,7 +151,67 @@ def test_cli_zero_shot_rewards(tmp_path, tiny_model, reward):
         assert all(0.0 <= v <= 1.0 for v in values)
 
 
-def test_code_reward_is_refused_with_advice(tmp_path):
-    result = run_cli(["--algo", "vlm", "--reward", "code", "--run-dir", str(tmp_path / "r")], tmp_path,
-                     timeout=300)
-    assert result.returncode == 2 and "VLMRewardWrapper" in result.stderr
+# Stateful checkers that random warm-up actions complete: "moved 2 cm from the reset position", then
+# "moved 4 cm". The reset observation must be scored for `start` to be right.
+MOVED_PROGRAMS = {"task": "reach-v3", "subtasks": [
+    {"description": f"hand {cm} cm from where it started", "program":
+        "import numpy as np\nstart = None\ndef done(frame, state):\n    global start\n"
+        "    if start is None:\n        start = state[0:3].copy()\n"
+        f"    return bool(np.linalg.norm(state[0:3] - start) > {cm / 100})\n"} for cm in (2, 4)]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("agent", ["sac", "drq"])
+def test_cli_code_reward_stores_each_episodes_progress(tmp_path, agent):
+    """--reward code: the buffer's (1,) embedding of every observation is the in-order progress of its
+    episode so far, as the verifier's offline rule computes it from the episode's states."""
+    from furl_fast.rewards.code import ProgramSet, evaluate_programs, progress_from_done
+
+    programs = ProgramSet.from_dict(MOVED_PROGRAMS)
+    programs.save(tmp_path / "programs.json")
+    run_dir = tmp_path / "run"
+    steps = SETTINGS[agent][0]
+    args = train_args(run_dir, "vlm", "not-loaded", agent) + [
+        "--reward", "code", "--code-programs", str(tmp_path / "programs.json"), "--num-envs", "2",
+        "--warmup-steps", str(steps - 100)]
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    values = [float(line.split(",")[2]) for line in (run_dir / "metrics.csv").read_text().splitlines()
+              if ",charts/vlm_reward," in line]
+    assert values and all(0.0 <= v <= 1.0 for v in values)
+
+    state = torch.load(run_dir / CHECKPOINT_DIR / STATE_FILE, weights_only=False)
+    buffer = ReplayBuffer.load(run_dir / CHECKPOINT_DIR / state["replay"])
+    progress, states = {}, {}  # (episode, step) -> stored progress, observation
+    for _ in range(20):  # sampling with replacement sees (nearly) every transition
+        batch = buffer.sample(len(buffer), augment=False)
+        for i in range(len(batch.indices)):
+            key = (int(batch.episodes[i]), int(batch.steps[i]))
+            progress[key] = float(batch.embedding[i, 0])
+            states[key] = batch.obs[i].numpy()
+    assert {0.0, 0.5, 1.0} <= set(progress.values()) <= {0.0, 0.5, 1.0}
+    if agent == "drq":
+        return  # pixel observations: the states behind them are not in the buffer
+    checked = 0
+    for episode in {e for e, _ in progress}:
+        length = 0  # the prefix of the episode that sampling saw
+        while (episode, length) in states:
+            length += 1
+        ep_states = np.stack([states[(episode, t)] for t in range(length)])
+        rollout = SimpleNamespace(frames=np.zeros((length, 1, 1, 3), np.uint8), states=ep_states)
+        done, _ = evaluate_programs(programs.programs, [rollout])
+        offline = progress_from_done(done[0]) / len(programs)
+        np.testing.assert_allclose([progress[(episode, t)] for t in range(length)], offline)
+        checked += length
+    assert checked > steps // 2
+
+
+def test_code_reward_without_a_program_set_is_refused_with_advice(tmp_path):
+    result = run_cli(["--algo", "vlm", "--reward", "code", "--task", "assembly",
+                      "--run-dir", str(tmp_path / "r")], tmp_path, timeout=300)
+    assert result.returncode == 2 and "no reference program set" in result.stderr, result.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    result = run_cli(["--algo", "vlm", "--reward", "code", "--code-programs", str(bad),
+                      "--run-dir", str(tmp_path / "r")], tmp_path, timeout=300)
+    assert result.returncode == 2 and "cannot read a program set" in result.stderr, result.stderr

@@ -121,6 +121,10 @@ class Config:
     """sac: state-based SAC; drq: pixel-based DrQ-v2-style SAC."""
     reward: Literal["furl", "cosine", "goal_baseline", "binary", "code"] | None = None
     """VLM reward family; None picks furl for algo=furl and cosine for vlm/relay (unused by sac)."""
+    code_programs: str | None = None
+    """reward=code: a program-set JSON file (ProgramSet.save's format, e.g. a set that
+    furl_fast.rewards.code.generate_program_set verified); None takes the task's hand-written
+    reference set (drawer-open, button-press-topdown, reach, ...)."""
     task: str = "drawer-open-v3"
     """Meta-World v3 task name."""
     goal: Literal["fixed", "random"] = "fixed"
@@ -229,6 +233,9 @@ def _problems(cfg: Config, known_tasks: Collection[str] | None) -> list[str]:
     if cfg.algo in ("vlm", "relay") and cfg.reward == "furl":
         p.append(f"reward='furl' needs the aligned heads, which only algo=furl trains; use --algo furl "
                  f"or a raw reward (cosine, goal_baseline, binary, code) with --algo {cfg.algo}.")
+    if cfg.code_programs is not None and cfg.resolved_reward != "code":
+        p.append(f"code_programs={cfg.code_programs!r} is only read with --reward code (this run's "
+                 f"reward is {cfg.resolved_reward!r}).")
     if known_tasks is not None and cfg.task not in known_tasks:
         p.append(f"task={cfg.task!r} is unknown; use one of {', '.join(sorted(known_tasks))}.")
     if cfg.seed < 0:

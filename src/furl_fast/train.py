@@ -75,15 +75,30 @@ def check_config(cfg: Config) -> None:
     from furl_fast.envs import TASKS
 
     cfg.validate(known_tasks=set(TASKS) | {f"{t}-v3" for t in TASKS})
-    if cfg.algo != "sac":
+    if cfg.algo != "sac" and cfg.resolved_reward != "code":
         from furl_fast.vlm import task_prompt
 
         task_prompt(cfg.task, cfg.vlm.prompt)  # tasks outside MT10 need --vlm.prompt
     if cfg.resolved_reward == "code":
-        raise ValueError("--reward code is not wired into the training loop yet (it scores states per "
-                         "episode at collection time); use furl_fast.rewards.VLMRewardWrapper with "
-                         "make_reward_model('code', ...) around your own agent, or --reward cosine, "
-                         "goal_baseline or binary.")
+        load_program_set(cfg)
+
+
+def load_program_set(cfg: Config):
+    """The code reward's programs: --code-programs FILE, or the task's reference set."""
+    from furl_fast.rewards.code import REFERENCE_PROGRAM_SETS, ProgramSet, reference_program_set
+
+    if cfg.code_programs is None:
+        try:
+            return reference_program_set(cfg.task)
+        except KeyError:
+            raise ValueError(f"--reward code: {cfg.task} has no reference program set (those with one: "
+                             f"{', '.join(sorted(REFERENCE_PROGRAM_SETS))}); pass --code-programs FILE "
+                             "with a verified set (furl_fast.rewards.code.generate_program_set).") from None
+    try:
+        return ProgramSet.load(cfg.code_programs)
+    except (OSError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"--code-programs {cfg.code_programs}: cannot read a program set there "
+                         f"({exc}).") from exc
 
 
 # ---- environment steps -----------------------------------------------------------------------
@@ -102,6 +117,14 @@ class Transition:
     done: np.ndarray  # (N,) bool: terminated or truncated
     reset_obs: np.ndarray  # (N, *obs_shape): the observations to act on next
     reset_frames: np.ndarray | None
+    next_states: np.ndarray  # (N, 39) the env state of next_obs (is next_obs unless pixels)
+    reset_states: np.ndarray  # (N, 39) the env state of reset_obs
+
+
+def env_states(obs: np.ndarray, info: dict[str, Any]) -> np.ndarray:
+    """The 39-d env states of a vector observation: the observation itself, or info["state"] when
+    the observation is pixels (the code reward reads states)."""
+    return np.asarray(info["state"]) if "state" in info else obs
 
 
 def split_obs(obs: Any) -> tuple[np.ndarray, np.ndarray | None]:
@@ -118,15 +141,20 @@ def vector_step(envs, actions: np.ndarray) -> Transition:
     states, frames = split_obs(obs)
     done = np.logical_or(terminated, truncated)
     success = np.asarray(info["success"], dtype=bool).copy()
-    next_states, next_frames = states.copy(), None if frames is None else frames.copy()
+    reset_env_states = env_states(states, info)
+    next_obs, next_frames = states.copy(), None if frames is None else frames.copy()
+    next_env_states = reset_env_states.copy()
     for i in np.flatnonzero(done):
         final_states, final_frames = split_obs(info["final_obs"][i])
-        next_states[i] = final_states
+        next_obs[i] = final_states
         if next_frames is not None:
             next_frames[i] = final_frames
-        success[i] = bool(info["final_info"]["success"][i])
-    return Transition(next_states, next_frames, np.asarray(reward, np.float32), np.asarray(terminated),
-                      np.asarray(truncated), success, done, states, frames)
+        final_info = info["final_info"]
+        next_env_states[i] = final_info["state"][i] if "state" in final_info else final_states
+        success[i] = bool(final_info["success"][i])
+    return Transition(next_obs, next_frames, np.asarray(reward, np.float32), np.asarray(terminated),
+                      np.asarray(truncated), success, done, states, frames, next_env_states,
+                      reset_env_states)
 
 
 # ---- the trainer -----------------------------------------------------------------------------
@@ -149,9 +177,15 @@ class Trainer:
         self.uses_vlm = cfg.algo != "sac"
 
         # The VLM reward on a batch of embeddings: FuRL's aligned heads (set up below, they need the
-        # goal image) or a zero-shot reward model (cosine, goal_baseline, binary).
-        self.encoder, self.furl, self.reward_model = encoder, None, None
-        if self.uses_vlm and cfg.algo != "furl":
+        # goal image), a zero-shot reward model (cosine, goal_baseline, binary), or the code reward.
+        # The code reward is stateful per episode, so it is scored once, at collection time, and
+        # stored in the buffer's embedding slot as a (1,) "embedding": the episode's progress.
+        self.encoder, self.furl, self.reward_model, self.code = encoder, None, None, None
+        if cfg.resolved_reward == "code":
+            from furl_fast.rewards.code import CodeReward
+
+            self.code = CodeReward(load_program_set(cfg), num_envs=cfg.num_envs)
+        elif self.uses_vlm and cfg.algo != "furl":
             from furl_fast.rewards import make_reward_model
 
             name = cfg.resolved_reward
@@ -164,12 +198,14 @@ class Trainer:
         self.pixels = cfg.agent == "drq"
         env_kwargs = dict(obs="pixels", pixel_size=cfg.drq.image_size, frame_stack=cfg.drq.frame_stack,
                           action_repeat=cfg.drq.action_repeat) if self.pixels else {}
+        # Programs that never read their frame spare the render.
+        self.vlm_frames = self.uses_vlm and (self.code is None or self.code.reads_frames)
         self.envs = make_vector_env(cfg.task, cfg.num_envs, seed=cfg.seed, goal=cfg.goal,
-                                    vlm_frames=self.uses_vlm, asynchronous=cfg.num_envs > 1,
+                                    vlm_frames=self.vlm_frames, asynchronous=cfg.num_envs > 1,
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, **env_kwargs)
         self.eval_env = make_env(cfg.task, seed=cfg.seed, goal=cfg.goal, vlm_frames=False, **env_kwargs)
         space = self.envs.single_observation_space
-        obs_shape = (space["obs"] if self.uses_vlm else space).shape
+        obs_shape = (space["obs"] if self.vlm_frames else space).shape
         act_dim = self.envs.single_action_space.shape[0]
         self.act_low, self.act_high = self.envs.single_action_space.low, self.envs.single_action_space.high
 
@@ -203,8 +239,10 @@ class Trainer:
         self.buffer = ReplayBuffer(capacity, stored_shape, act_dim,
                                    frame_stack=cfg.drq.frame_stack if self.pixels else 1,
                                    shift_pad=cfg.drq.shift_pad,
-                                   embedding_dim=self.encoder.embed_dim if self.uses_vlm else 0,
-                                   embedding_dtype=torch.float16, n_step=cfg.sac.n_step,
+                                   embedding_dim=self.encoder.embed_dim if self.encoder else
+                                   int(self.code is not None),
+                                   embedding_dtype=torch.float16 if self.encoder else torch.float32,
+                                   n_step=cfg.sac.n_step,
                                    gamma=cfg.sac.gamma, num_envs=cfg.num_envs,
                                    device=self.device, seed=cfg.seed)
         self.step = 0
@@ -232,8 +270,20 @@ class Trainer:
         with self.timed("encode"):
             return self.encoder.encode_frames(frames).to(self.device)
 
+    def reward_inputs(self, states: np.ndarray, frames: np.ndarray | None, env_ids) -> torch.Tensor:
+        """What the buffer keeps per observation of envs env_ids for the VLM reward: (n, D) image
+        embeddings, or for the code reward the (n, 1) progress of each env's episode so far."""
+        if self.code is None:
+            return self.encode(frames[env_ids])
+        with self.timed("code"):
+            frames = np.zeros((len(env_ids), 1, 1, 3), np.uint8) if frames is None else frames[env_ids]
+            progress = self.code.batch(frames, states[env_ids], env_ids=env_ids)
+        return torch.from_numpy(progress).unsqueeze(1).to(self.device)
+
     def vlm_reward(self, emb: torch.Tensor) -> torch.Tensor:
         """(B, D) embeddings -> (B,) float32 VLM reward with the heads / model as they are now."""
+        if self.code is not None:
+            return emb[:, 0]
         if self.furl is not None:
             return ops.mlp_cosine_reward(emb, *self.furl.fused_params())
         return self.reward_model.reward_from_embeddings(emb)
@@ -281,10 +331,13 @@ class Trainer:
 
     # -- episodes ------------------------------------------------------------------------------
 
-    def start_episodes(self, states: np.ndarray, frames: np.ndarray | None, env_ids) -> None:
-        embs = self.encode(frames[env_ids]) if self.uses_vlm else None
+    def start_episodes(self, obs: np.ndarray, frames: np.ndarray | None, env_states: np.ndarray,
+                       env_ids: np.ndarray) -> None:
+        if self.code is not None:
+            self.code.reset(env_ids)
+        embs = self.reward_inputs(env_states, frames, env_ids) if self.uses_vlm else None
         for k, e in enumerate(env_ids):
-            self.buffer.start_episode(self.stored(states[e]), embedding=None if embs is None else embs[k],
+            self.buffer.start_episode(self.stored(obs[e]), embedding=None if embs is None else embs[k],
                                       env=int(e))
             # The embedding buffer labels the frame after each step with that step's success flag.
             self.ep_return[e], self.ep_success[e], self.ep_embs[e] = 0.0, [], []
@@ -322,9 +375,9 @@ class Trainer:
         self.ep_embs: list[list[torch.Tensor]] = [[] for _ in range(n)]
         for e in range(n):  # a resumed run's interrupted episodes end where the checkpoint was
             self.buffer.truncate_episode(e)
-        obs, _ = self.envs.reset(seed=cfg.seed + self.episodes)
+        obs, info = self.envs.reset(seed=cfg.seed + self.episodes)
         states, frames = split_obs(obs)
-        self.start_episodes(states, frames, np.arange(n))
+        self.start_episodes(states, frames, env_states(states, info), np.arange(n))
         bar = tqdm(total=cfg.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=None, desc=f"{cfg.algo} {cfg.task}")
         log_every = max(cfg.log_every, n)
@@ -349,7 +402,7 @@ class Trainer:
                 for e in done_ids:
                     writer.log(self.step, self.finish_episode(int(e)))
                 if done_ids.size:
-                    self.start_episodes(tr.reset_obs, tr.reset_frames, done_ids)
+                    self.start_episodes(tr.reset_obs, tr.reset_frames, tr.reset_states, done_ids)
                 if self.schedule is not None:
                     self.schedule.step()
                 states = tr.reset_obs
@@ -382,16 +435,17 @@ class Trainer:
             writer.close()
 
     def add_to_buffer(self, tr: Transition, actions: np.ndarray) -> None:
-        embs = self.encode(tr.next_frames) if self.uses_vlm else None
+        n = self.cfg.num_envs
+        embs = self.reward_inputs(tr.next_states, tr.next_frames, np.arange(n)) if self.uses_vlm else None
         with self.timed("buffer"):
-            for e in range(self.cfg.num_envs):
+            for e in range(n):
                 self.buffer.add(self.stored(tr.next_obs[e]), actions[e], float(tr.reward[e]),
                                 bool(tr.terminated[e]),
                                 bool(tr.truncated[e]), success=bool(tr.success[e]),
                                 embedding=None if embs is None else embs[e], env=e)
                 self.ep_return[e] += float(tr.reward[e])
                 self.ep_success[e].append(bool(tr.success[e]))
-                if embs is not None:
+                if self.furl is not None:  # its embedding buffer takes whole labelled episodes
                     self.ep_embs[e].append(embs[e])
 
     def recent_rate(self) -> float:
@@ -483,6 +537,8 @@ class Trainer:
     def close(self) -> None:
         self.envs.close()
         self.eval_env.close()
+        if self.code is not None:
+            self.code.close()
 
 
 class _Timer:
@@ -584,7 +640,7 @@ def train(cfg: Config) -> int:
         check_config(cfg)
         if cfg.torch_threads is not None:
             torch.set_num_threads(cfg.torch_threads)
-        encoder = load_vlm(cfg) if cfg.algo != "sac" else None
+        encoder = load_vlm(cfg) if cfg.algo != "sac" and cfg.resolved_reward != "code" else None
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         # Say what to change before any work starts (the weights message says how to pass a checkpoint).
         print(f"furl_fast.train: {exc}", file=sys.stderr)

@@ -72,43 +72,58 @@ class CodeReward:
         tr = None if task_reward is None else np.asarray([task_reward], dtype=np.float32)
         return float(self.batch(np.asarray(frame)[None], np.asarray(state)[None], tr)[0])
 
+    @property
+    def reads_frames(self) -> bool:
+        """False when no program reads its frame argument: callers may then skip rendering and pass
+        (N, 1, 1, 3) placeholder frames."""
+        return any(box.reads_frame for box in self._boxes)
+
     def batch(
         self,
         frames: np.ndarray,
         states: np.ndarray,
         task_rewards: np.ndarray | None = None,
+        env_ids: Sequence[int] | None = None,
     ) -> np.ndarray:
-        """One step of every environment: frames (num_envs, H, W, 3) uint8, states (num_envs, D)
-        float32/64, task_rewards (num_envs,) float or None. Returns (num_envs,) float32 rewards."""
+        """One step of the environments env_ids (default all, in order): frames (N, H, W, 3) uint8,
+        states (N, D) float32/64, task_rewards (N,) float or None, with N = len(env_ids). Returns
+        (N,) float32 rewards. A vector env scores its reset observations through env_ids, since
+        only the environments whose episodes ended have one."""
         states = np.asarray(states)
         if states.dtype not in (np.float32, np.float64):
             states = states.astype(np.float64)
-        if len(states) != self.num_envs:
-            raise ValueError(f"expected {self.num_envs} environments' states, got {len(states)}")
-        slots = np.arange(self.num_envs, dtype=np.int64)
-        resets = self._fresh.copy()
+        if env_ids is None:
+            slots = np.arange(self.num_envs, dtype=np.int64)
+        else:
+            slots = np.asarray(env_ids, dtype=np.int64).reshape(-1)
+            if len(np.unique(slots)) != len(slots) or np.any((slots < 0) | (slots >= self.num_envs)):
+                raise ValueError(f"env_ids must be distinct environment indices in [0, {self.num_envs}),"
+                                 f" got {slots.tolist()}")
+        if len(states) != len(slots):
+            raise ValueError(f"expected {len(slots)} environments' states, got {len(states)}")
+        resets = self._fresh[slots]
 
         def run(k: int) -> np.ndarray:
             if self.disabled[k] is not None:
-                return np.zeros(self.num_envs, dtype=bool)
+                return np.zeros(len(slots), dtype=bool)
             r = self._boxes[k].run(frames, states, slots, resets)
             if not r.ok:
                 self.disabled[k] = r.error
                 log.warning("code reward: disabling sub-task %d's program: %s", k, r.error)
                 self._boxes[k].close()
-                return np.zeros(self.num_envs, dtype=bool)
+                return np.zeros(len(slots), dtype=bool)
             return r.done
 
         done = np.stack(list(self._pool.map(run, range(self.num_subtasks))), axis=1)
-        self._fresh[:] = False
+        self._fresh[slots] = False
         # Advance each environment's pointer through consecutive completed sub-tasks (several may
         # complete on one step), exactly as progress_from_done does offline.
-        for i in range(self.num_envs):
-            while self.progress[i] < self.num_subtasks and done[i, self.progress[i]]:
+        for row, i in enumerate(slots):
+            while self.progress[i] < self.num_subtasks and done[row, self.progress[i]]:
                 self.progress[i] += 1
-        reward = (self.progress / self.num_subtasks).astype(np.float32)
+        reward = (self.progress[slots] / self.num_subtasks).astype(np.float32)
         if task_rewards is not None:
-            reward += np.asarray(task_rewards, dtype=np.float32).reshape(self.num_envs)
+            reward += np.asarray(task_rewards, dtype=np.float32).reshape(len(slots))
         return reward
 
     def close(self) -> None:
