@@ -29,6 +29,33 @@ def test_encoder_shapes_and_range():
         enc(torch.zeros(3, 3, 84, 84))
 
 
+def test_bf16_conv_stack_matches_fp32_and_trains_fp32_weights():
+    torch.manual_seed(0)
+    fp32 = PixelEncoder(SHAPE, 16)
+    bf16 = PixelEncoder(SHAPE, 16, conv_dtype=torch.bfloat16)
+    bf16.load_state_dict(fp32.state_dict())
+    conv_out_dtypes = []
+    bf16.convs[-2].register_forward_hook(lambda _m, _i, out: conv_out_dtypes.append(out.dtype))
+    obs = torch.randint(0, 256, (5, *SHAPE), dtype=torch.uint8)
+    want, got = fp32(obs), bf16(obs)
+    assert conv_out_dtypes == [torch.bfloat16] and got.dtype == torch.float32
+    # bf16 keeps 8 mantissa bits: features in [-1, 1] agree to a few hundredths after LayerNorm.
+    torch.testing.assert_close(got, want, atol=5e-2, rtol=0)
+    assert not torch.equal(got, want)  # it really ran in bf16
+
+    agent = make_drq(SHAPE, 2, SACConfig(hidden_dims=(32,)), DrQConfig(feature_dim=16, precision="bf16"))
+    assert agent.encoder.conv_dtype == torch.bfloat16
+    before = [p.detach().clone() for p in agent.encoder.parameters()]
+    metrics = agent.update(_batch(), log=True)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    for p, old in zip(agent.encoder.parameters(), before):
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32
+        assert not torch.equal(p, old)
+    assert make_drq(SHAPE, 2).encoder.conv_dtype == torch.float32  # auto on a CPU
+    with pytest.raises(ValueError, match="conv_dtype must be"):
+        PixelEncoder(SHAPE, 16, conv_dtype=torch.float16)
+
+
 def test_encoder_is_trained_by_the_critic_loss_only():
     torch.manual_seed(0)
     agent = make_drq(SHAPE, 2, SACConfig(hidden_dims=(32,)), DrQConfig(feature_dim=16))
@@ -64,3 +91,11 @@ def test_act_single_and_batched_and_state_round_trip():
     torch.testing.assert_close(other.act(obs, deterministic=True), agent.act(obs, deterministic=True))
     with pytest.raises(ValueError, match="pixel encoder"):
         SAC(16, 2, SACConfig(hidden_dims=(32,))).load_state_dict(agent.state_dict())
+
+
+@pytest.mark.cuda
+def test_auto_precision_is_bf16_on_cuda_and_updates():
+    agent = make_drq(SHAPE, 2, SACConfig(hidden_dims=(32,)), DrQConfig(feature_dim=16), device="cuda")
+    assert agent.encoder.conv_dtype == torch.bfloat16
+    batch = {k: v.cuda() for k, v in _batch().items()}
+    assert all(torch.isfinite(torch.tensor(v)) for v in agent.update(batch, log=True).values())

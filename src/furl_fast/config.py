@@ -57,6 +57,9 @@ class DrQConfig:
     """Random-shift augmentation: replicate pad, then a random crop back to image_size."""
     feature_dim: int = 50
     """Width of the encoder's output (after Linear + LayerNorm + tanh), the actor's and critics' input."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Conv encoder precision: bf16 autocast of the conv stack (float32 weights and optimiser) or
+    fp32; auto = bf16 on CUDA, fp32 on CPU (where bf16 convolutions are rarely faster)."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,13 @@ class Config:
     device: str = "auto"
     """auto (CUDA when available, else CPU), cpu, cuda or cuda:N."""
     num_envs: int = 1
-    """Environments stepped in parallel."""
+    """Environments stepped in parallel (worker processes); their frames are encoded in one batch."""
+    updates_per_step: int = 1
+    """Updates per environment step (UTD): each vector step does num_envs * updates_per_step SAC,
+    relay and head updates."""
+    overlap_encode: bool = True
+    """Encode a step's frames in a background thread (on its own CUDA stream on a GPU) while the
+    learner updates; that step's transitions join the buffer right after those updates."""
     torch_threads: int | None = None
     """CPU threads torch may use in this process; None keeps torch's default (all cores). Use 1 when
     several runs share a machine: the networks are small, and oversubscribed threads spin (measured
@@ -260,6 +269,7 @@ def _problems(cfg: Config, known_tasks: Collection[str] | None) -> list[str]:
     p += _positive("checkpoint_every", cfg.checkpoint_every)
     p += _positive("log_every", cfg.log_every)
     p += _positive("num_envs", cfg.num_envs)
+    p += _positive("updates_per_step", cfg.updates_per_step)
     if cfg.torch_threads is not None:
         p += _positive("torch_threads", cfg.torch_threads)
     dev = cfg.device
@@ -283,6 +293,7 @@ def _problems(cfg: Config, known_tasks: Collection[str] | None) -> list[str]:
         p.append(f"drq.image_size={d.image_size} must be >= 16 (the encoder's convolutions need room).")
     if d.shift_pad < 0:
         p.append(f"drq.shift_pad={d.shift_pad} must be >= 0.")
+    p += _one_of("drq.precision", d.precision, ("auto", "fp32", "bf16"))
 
     f = cfg.furl
     for name in ("head_hidden", "head_out", "head_lr", "pair_batch", "lag", "positive_capacity",

@@ -21,6 +21,8 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +247,12 @@ class Trainer:
                                    n_step=cfg.sac.n_step,
                                    gamma=cfg.sac.gamma, num_envs=cfg.num_envs,
                                    device=self.device, seed=cfg.seed)
+        # The encoder runs beside the learner: a thread (torch ops release the GIL) and, on a GPU, its
+        # own stream, so the frames of step t are encoded while step t's updates run.
+        overlap = cfg.overlap_encode and self.encoder is not None
+        self.encode_pool = ThreadPoolExecutor(1, thread_name_prefix="encode") if overlap else None
+        self.encode_stream = torch.cuda.Stream(self.device) if overlap and self.device.type == "cuda" \
+            else None
         self.step = 0
         self.episodes = 0
         self.relay_positives = 0  # algo=relay: positive frames counted as the embedding buffer would
@@ -279,6 +287,32 @@ class Trainer:
             frames = np.zeros((len(env_ids), 1, 1, 3), np.uint8) if frames is None else frames[env_ids]
             progress = self.code.batch(frames, states[env_ids], env_ids=env_ids)
         return torch.from_numpy(progress).unsqueeze(1).to(self.device)
+
+    def reward_inputs_later(self, states: np.ndarray, frames: np.ndarray | None,
+                            env_ids) -> Callable[[], torch.Tensor]:
+        """reward_inputs, started now in the encode thread (when overlap_encode); call the result to
+        wait for it. frames must stay unchanged until then."""
+        if self.encode_pool is None:
+            inputs = self.reward_inputs(states, frames, env_ids)
+            return lambda: inputs
+
+        def encode_on_side_stream() -> torch.Tensor:
+            if self.encode_stream is None:
+                return self.encode(frames[env_ids])
+            with torch.cuda.stream(self.encode_stream):
+                return self.encode(frames[env_ids])
+
+        future = self.encode_pool.submit(encode_on_side_stream)
+
+        def wait() -> torch.Tensor:
+            with self.timed("encode_wait"):
+                embs = future.result()
+            if self.encode_stream is not None:  # later kernels read embs on the main stream
+                torch.cuda.current_stream(self.device).wait_stream(self.encode_stream)
+                embs.record_stream(torch.cuda.current_stream(self.device))
+            return embs
+
+        return wait
 
     def vlm_reward(self, emb: torch.Tensor) -> torch.Tensor:
         """(B, D) embeddings -> (B,) float32 VLM reward with the heads / model as they are now."""
@@ -394,10 +428,16 @@ class Trainer:
                         self.policy_actions(states)
                 with self.timed("env"):
                     tr = vector_step(self.envs, actions)
-                self.add_to_buffer(tr, actions)
+                inputs = self.reward_inputs_later(tr.next_states, tr.next_frames, np.arange(n)) \
+                    if self.uses_vlm else lambda: None
                 self.step += n
                 log = self.step // log_every != (self.step - n) // log_every
                 metrics: dict[str, Any] = {}
+                if self.step >= cfg.warmup_steps and len(self.buffer) >= cfg.batch_size:
+                    updates = n * cfg.updates_per_step
+                    for k in range(updates):
+                        metrics = self.update(log=log and k == updates - 1)
+                self.add_to_buffer(tr, actions, inputs())
                 done_ids = np.flatnonzero(tr.done)
                 for e in done_ids:
                     writer.log(self.step, self.finish_episode(int(e)))
@@ -406,9 +446,6 @@ class Trainer:
                 if self.schedule is not None:
                     self.schedule.step()
                 states = tr.reset_obs
-                if self.step >= cfg.warmup_steps:
-                    for k in range(n):  # one update per environment step
-                        metrics = self.update(log=log and k == n - 1)
                 if log:
                     elapsed = time.perf_counter() - t_start
                     metrics = {k: float(v) for k, v in metrics.items()}
@@ -434,9 +471,8 @@ class Trainer:
             bar.close()
             writer.close()
 
-    def add_to_buffer(self, tr: Transition, actions: np.ndarray) -> None:
+    def add_to_buffer(self, tr: Transition, actions: np.ndarray, embs: torch.Tensor | None) -> None:
         n = self.cfg.num_envs
-        embs = self.reward_inputs(tr.next_states, tr.next_frames, np.arange(n)) if self.uses_vlm else None
         with self.timed("buffer"):
             for e in range(n):
                 self.buffer.add(self.stored(tr.next_obs[e]), actions[e], float(tr.reward[e]),
@@ -539,6 +575,8 @@ class Trainer:
         self.eval_env.close()
         if self.code is not None:
             self.code.close()
+        if self.encode_pool is not None:
+            self.encode_pool.shutdown()
 
 
 class _Timer:

@@ -22,10 +22,18 @@ class PixelEncoder(nn.Module):
 
     DrQ-v2's conv stack (32 filters 3x3: stride 2, then three of stride 1, ReLU) followed by DrQ's
     Linear -> LayerNorm -> tanh projection to feature_dim.
+    conv_dtype: torch.bfloat16 runs the conv stack (forward and backward: the agent's hot path) under
+    autocast; weights, gradients and the projection stay float32. bfloat16 keeps float32's range, so
+    no loss scaling is needed.
     """
 
-    def __init__(self, input_shape: tuple[int, int, int], feature_dim: int = 50):
+    def __init__(self, input_shape: tuple[int, int, int], feature_dim: int = 50,
+                 conv_dtype: torch.dtype = torch.float32):
         super().__init__()
+        if conv_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"PixelEncoder: conv_dtype must be torch.float32 or torch.bfloat16, got "
+                             f"{conv_dtype}.")
+        self.conv_dtype = conv_dtype
         self.input_shape = tuple(int(v) for v in input_shape)
         c, h, w = self.input_shape
         self.convs = nn.Sequential(
@@ -45,7 +53,11 @@ class PixelEncoder(nn.Module):
             raise ValueError(f"PixelEncoder: obs must have shape (B, {', '.join(map(str, self.input_shape))}), "
                              f"got {tuple(obs.shape)}.")
         x = obs.float() / 255.0 - 0.5
-        return self.project(self.convs(x))
+        if self.conv_dtype == torch.float32:
+            return self.project(self.convs(x))
+        with torch.autocast(x.device.type, dtype=self.conv_dtype):
+            h = self.convs(x)
+        return self.project(h.float())
 
 
 def make_drq(obs_shape: tuple[int, int, int], act_dim: int, config: SACConfig | None = None,
@@ -55,5 +67,8 @@ def make_drq(obs_shape: tuple[int, int, int], act_dim: int, config: SACConfig | 
     drq = drq or DrQConfig()
     if len(obs_shape) != 3 or min(obs_shape[1:]) < 16:
         raise ValueError(f"make_drq: obs_shape must be (C, H, W) with H, W >= 16, got {tuple(obs_shape)}.")
-    encoder = PixelEncoder(obs_shape, drq.feature_dim)
+    device = torch.device(device)
+    precision = drq.precision if drq.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    conv_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    encoder = PixelEncoder(obs_shape, drq.feature_dim, conv_dtype)
     return SAC(drq.feature_dim, act_dim, config, device, encoder=encoder, metric_prefix=metric_prefix)
