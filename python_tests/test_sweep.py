@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -237,6 +238,54 @@ def test_failing_run_is_retried_and_reported(tiny_sweep, tmp_path):
     rows = read_csv(results / "results.csv")
     assert {(r["task"], r["algo"]) for r in rows} == {(t, a) for t in TASKS for a in ALGOS}
     assert f"relay-sac/seed0: {failed / 'train.log'}" in (results / "results.md").read_text()
+
+
+def run_while_locked(run_dir: Path, train_args: list[str], while_locked) -> dict:
+    """execute_run on a run whose lock another process (here: this test) holds: it must wait, and
+    see the directory as the lock holder left it."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result = {}
+    with open(run_dir / sweep.LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        thread = threading.Thread(target=lambda: result.update(
+            sweep.execute_run(str(run_dir), train_args, 1, 1)))
+        thread.start()
+        time.sleep(1.0)
+        assert thread.is_alive() and not (run_dir / sweep.RUN_LOG).exists()
+        while_locked()
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    return result
+
+
+def test_run_finished_by_the_lock_holder_is_not_started_again(tmp_path):
+    run_dir = tmp_path / "run"
+
+    def finish():
+        (run_dir / "config.json").write_text(json.dumps({"total_steps": 100}))
+        (run_dir / "eval.json").write_text(json.dumps({"step": 100, "eval/success": 1.0}))
+
+    result = run_while_locked(run_dir, ["--no-such-flag"], finish)
+    assert result == {"code": 0, "finished": True, "resumed_from": None, "seconds": None}
+    assert not (run_dir / sweep.RUN_LOG).exists()  # the trainer was not invoked
+
+
+def test_run_without_checkpoint_starts_from_a_clean_directory(tmp_path):
+    """What a run killed before its first checkpoint leaves behind is removed, not appended to."""
+    run_dir = tmp_path / "run"
+
+    def leave_partial_run():
+        (run_dir / "config.json").write_text(json.dumps({"total_steps": 100}))
+        (run_dir / "metrics.csv").write_text("step,name,value\n10,charts/episode_return,-5.0\n")
+        (run_dir / "tb").mkdir()
+
+    result = run_while_locked(run_dir, ["--task", "no-such-task"], leave_partial_run)
+    assert result["code"] == 2 and not result["finished"] and result["resumed_from"] is None
+    assert sorted(p.name for p in run_dir.iterdir()) == [sweep.LOCK_FILE, sweep.RUN_LOG]
+    log = (run_dir / sweep.RUN_LOG).read_text()
+    assert log.count(ATTEMPT) == 1 and "task='no-such-task' is unknown" in log
 
 
 def write_run(run_dir: Path, algo: str, seed: int, success: float, step: int, total: int = 100) -> None:

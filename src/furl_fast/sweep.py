@@ -193,8 +193,8 @@ def clear_run_dir(run_dir: Path) -> None:
 
 def execute_run(run_dir: str, train_args: list[str], attempt: int, attempts: int) -> dict[str, Any]:
     """Trains one run to the end in a subprocess (resuming from its checkpoint when there is one) and
-    returns {"code", "finished", "resumed_from", "seconds"}; the trainer's failures are returned, not
-    raised, so the driver can tell them from a lost worker."""
+    returns {"code", "finished", "resumed_from", "seconds"} (seconds None: it was finished already).
+    The trainer's failures are returned, not raised, so the driver can tell them from a lost worker."""
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
     with open(path / LOCK_FILE, "a") as lock:
@@ -202,8 +202,8 @@ def execute_run(run_dir: str, train_args: list[str], attempt: int, attempts: int
         # worker's children on Linux only) or a second sweep on the same directory holds it, and
         # this run waits for it instead of writing into the same directory at the same time.
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if is_finished(path):
-            return {"code": 0, "finished": True, "resumed_from": None, "seconds": 0.0}
+        if is_finished(path):  # by a trainer that held the lock
+            return {"code": 0, "finished": True, "resumed_from": None, "seconds": None}
         resumed_from = checkpoint_step(path)
         if resumed_from is None:
             clear_run_dir(path)
@@ -319,6 +319,9 @@ def drive(cfg: SweepConfig, results: Path, todo: list[Run], done_before: int, ra
                 error = None if result["finished"] else f"trainer exit code {result['code']}"
             except ray.exceptions.RayError as exc:  # the worker died, or execute_run itself raised
                 result, error = None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+            if error is None and result["seconds"] is None:
+                logger.info("%s was finished meanwhile by another process", run.name)
+                continue
             if error is None:
                 durations.append(result["seconds"])
                 resumed = "" if result["resumed_from"] is None else \
