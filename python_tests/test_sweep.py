@@ -25,7 +25,7 @@ TINY_CFG = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "widt
                                             "head_width": 32, "patch_size": 16},
             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
 TASKS, ALGOS, SEEDS = ("reach", "drawer-close"), ("sac", "vlm"), (0, 1)
-STEPS = 300  # checkpoints at 100 and 200 leave a window in which a run is half done
+STEPS = 200  # checkpoints every 50 steps leave a window in which a run is half done
 RUNS = [f"{t}/fixed/{a}-sac/seed{s}" for s in SEEDS for t in TASKS for a in ALGOS]
 ATTEMPT = "=== furl_fast.sweep attempt"
 
@@ -43,9 +43,9 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 def train_flags(model: str, pretrained: str = "none") -> list[str]:
-    return ["--total-steps", str(STEPS), "--warmup-steps", "200", "--batch-size", "16",
-            "--buffer-size", "1000", "--eval-every", str(STEPS), "--checkpoint-every", "100",
-            "--log-every", "100", "--vlm.model", model, "--vlm.pretrained", pretrained,
+    return ["--total-steps", str(STEPS), "--warmup-steps", "100", "--batch-size", "16",
+            "--buffer-size", "1000", "--eval-every", str(STEPS), "--checkpoint-every", "50",
+            "--log-every", "50", "--vlm.model", model, "--vlm.pretrained", pretrained,
             "--sac.hidden-dims", "32", "32"]
 
 
@@ -176,6 +176,11 @@ def test_tiny_sweep_completes_and_writes_the_table(tiny_sweep):
     for task in TASKS:
         assert (results / "plots" / f"{task}-fixed.png").stat().st_size > 10_000
     assert "sweep: 8/8 done" in tiny_sweep.second_log
+    # Two CPUs, one per run: never more than two running, the rest queued by Ray.
+    running = [int(line.split(" running")[0].rsplit(" ", 1)[1]) for log in
+               (tiny_sweep.first_log, tiny_sweep.second_log) for line in log.splitlines()
+               if "furl_fast.sweep: sweep:" in line]
+    assert max(running) == 2
 
 
 @pytest.mark.slow

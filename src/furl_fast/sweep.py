@@ -27,6 +27,7 @@ import dataclasses
 import fcntl
 import json
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -120,8 +121,9 @@ class Run:
 def grid(cfg: SweepConfig) -> list[Run]:
     """Seed-major order: a sweep stopped half-way has results for every task and algo, not all seeds
     of the first ones."""
-    return [Run(task.removesuffix("-v3"), goal, algo, agent, seed) for seed in cfg.seeds
+    runs = [Run(task.removesuffix("-v3"), goal, algo, agent, seed) for seed in cfg.seeds
             for task in cfg.tasks for goal in cfg.goals for agent in cfg.agents for algo in cfg.algos]
+    return list(dict.fromkeys(runs))  # "reach" and "reach-v3" are one run
 
 
 def run_train_args(cfg: SweepConfig) -> list[str]:
@@ -191,17 +193,22 @@ def clear_run_dir(run_dir: Path) -> None:
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
-def execute_run(run_dir: str, train_args: list[str], attempt: int, attempts: int) -> dict[str, Any]:
+def execute_run(run_dir: str, train_args: list[str], attempt: int, attempts: int,
+                token: str = "") -> dict[str, Any]:
     """Trains one run to the end in a subprocess (resuming from its checkpoint when there is one) and
     returns {"code", "finished", "resumed_from", "seconds"} (seconds None: it was finished already).
-    The trainer's failures are returned, not raised, so the driver can tell them from a lost worker."""
+    The trainer's failures are returned, not raised, so the driver can tell them from a lost worker.
+    token: written into the lock file once the lock is taken, so the driver can tell it is running."""
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
-    with open(path / LOCK_FILE, "a") as lock:
-        # The trainer inherits this lock. A trainer that outlived a killed sweep (Ray kills a dead
-        # worker's children on Linux only) or a second sweep on the same directory holds it, and
-        # this run waits for it instead of writing into the same directory at the same time.
+    with open(path / LOCK_FILE, "a+") as lock:
+        # The trainer inherits this lock. A trainer that outlives its worker (Ray sends it SIGTERM,
+        # and it checkpoints before it exits; on Linux only) or a second sweep on the same directory
+        # holds it, and this run waits for it instead of writing into the same directory at once.
         fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.truncate(0)
+        lock.write(f"{token} {socket.gethostname()} {os.getpid()}\n")
+        lock.flush()
         if is_finished(path):  # by a trainer that held the lock
             return {"code": 0, "finished": True, "resumed_from": None, "seconds": None}
         resumed_from = checkpoint_step(path)
@@ -229,7 +236,7 @@ def execute_run(run_dir: str, train_args: list[str], attempt: int, attempts: int
 class Attempt:
     run: Run
     number: int
-    log_size: int  # the log's size at submission: once it grows, the task has started
+    token: str  # in the run's lock file once the task holds the lock (it is running, not queued)
 
 
 def fmt_seconds(seconds: float) -> str:
@@ -238,11 +245,11 @@ def fmt_seconds(seconds: float) -> str:
         f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def log_size(path: Path) -> int:
+def holds_lock(run_dir: Path, token: str) -> bool:
     try:
-        return path.stat().st_size
+        return (run_dir / LOCK_FILE).read_text().split(" ", 1)[0] == token
     except OSError:
-        return 0
+        return False
 
 
 def _interrupt(signum, frame):
@@ -294,12 +301,14 @@ def drive(cfg: SweepConfig, results: Path, todo: list[Run], done_before: int, ra
     train_args = run_train_args(cfg)
     attempts = cfg.retries + 1
     in_flight: dict[Any, Attempt] = {}
+    sweep_id = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
 
     def submit(run: Run, number: int) -> None:
+        token = f"{sweep_id}/{run.name}/{number}"
         ref = remote.options(num_cpus=cfg.cpus_per_run, num_gpus=cfg.gpus_per_run, max_retries=0,
                              name=f"furl_fast.train {run.name}").remote(
-            str(results / run.name), [*run.train_args(), *train_args], number, attempts)
-        in_flight[ref] = Attempt(run, number, log_size(results / run.name / RUN_LOG))
+            str(results / run.name), [*run.train_args(), *train_args], number, attempts, token)
+        in_flight[ref] = Attempt(run, number, token)
 
     for run in todo:
         submit(run, 1)
@@ -337,8 +346,7 @@ def drive(cfg: SweepConfig, results: Path, todo: list[Run], done_before: int, ra
             else:
                 failed.append(run)
         if time.time() >= next_summary or not in_flight:
-            running = sum(log_size(results / a.run.name / RUN_LOG) > a.log_size
-                          for a in in_flight.values())
+            running = sum(holds_lock(results / a.run.name, a.token) for a in in_flight.values())
             done = total - len(in_flight) - len(failed)
             remaining = len(in_flight)
             eta = "?" if not durations else \
