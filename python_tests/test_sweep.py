@@ -144,10 +144,10 @@ def tiny_sweep(tmp_path_factory, tiny_model):
         second_code = second.wait(timeout=900)
     finally:
         end_session(second)
-    return SimpleNamespace(root=root, results=results, first_code=first_code, first_log=first_log.read_text(),
-                orphans=orphans, finished=finished, checkpointed=checkpointed, snapshot=snapshot,
-                second_code=second_code, second_log=second_log.read_text(), worker_cmd=worker_cmd,
-                killed_run=killed_run)
+    return SimpleNamespace(results=results, first_code=first_code, first_log=first_log.read_text(),
+                           orphans=orphans, checkpointed=checkpointed, snapshot=snapshot,
+                           second_code=second_code, second_log=second_log.read_text(),
+                           worker_cmd=worker_cmd, killed_run=killed_run)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
