@@ -46,7 +46,7 @@ def train_flags(model: str, pretrained: str = "none") -> list[str]:
     return ["--total-steps", str(STEPS), "--warmup-steps", "100", "--batch-size", "16",
             "--buffer-size", "1000", "--eval-every", str(STEPS), "--checkpoint-every", "50",
             "--log-every", "50", "--vlm.model", model, "--vlm.pretrained", pretrained,
-            "--sac.hidden-dims", "32", "32"]
+            "--sac.hidden-dims", "32", "32", "--no-eval-video"]
 
 
 def start_sweep(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:

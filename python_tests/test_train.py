@@ -38,9 +38,9 @@ def tiny_model(tmp_path_factory) -> str:
     return "local-dir:" + str(root)
 
 
-def train_args(run_dir: Path, algo: str, model: str, agent: str = "sac") -> list[str]:
+def train_args(run_dir: Path, algo: str, model: str, agent: str = "sac", video: bool = False) -> list[str]:
     steps, warmup, checkpoint_every, batch = SETTINGS[agent]
-    return ["--algo", algo, "--agent", agent, "--task", "reach", "--seed", "0",
+    return ["--eval-video" if video else "--no-eval-video", "--algo", algo, "--agent", agent, "--task", "reach", "--seed", "0",
             "--total-steps", str(steps), "--warmup-steps", str(warmup), "--batch-size", str(batch),
             "--buffer-size", "5000", "--eval-every", str(steps), "--checkpoint-every",
             str(checkpoint_every), "--run-dir", str(run_dir), "--device", "cpu", "--vlm.model", model,
@@ -65,7 +65,7 @@ def replay_len(run_dir: Path) -> int:
 def test_cli_run_writes_every_artefact(tmp_path, tiny_model, algo, agent):
     steps = SETTINGS[agent][0]
     run_dir = tmp_path / "run"
-    result = run_cli(train_args(run_dir, algo, tiny_model, agent), tmp_path)
+    result = run_cli(train_args(run_dir, algo, tiny_model, agent, video=True), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((run_dir / "config.json").read_text())
     assert config["algo"] == algo and config["agent"] == agent and config["total_steps"] == steps
@@ -144,6 +144,7 @@ def test_cli_zero_shot_rewards(tmp_path, tiny_model, reward):
     result = run_cli(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run_dir / "config.json").read_text())["reward"] == reward
+    assert not (run_dir / "videos").exists()  # --no-eval-video
     values = [float(line.split(",")[2]) for line in (run_dir / "metrics.csv").read_text().splitlines()
               if ",charts/vlm_reward," in line]
     assert values

@@ -147,6 +147,9 @@ class Config:
     """Weight of the VLM reward: critic reward = (success - 1) + rho * vlm_reward."""
     eval_every: int = 10_000
     """Environment steps between evaluations of the deterministic policy."""
+    eval_video: bool = True
+    """Record the first episode of every evaluation as a video (videos/); rendering it costs about
+    as much as 500 steps of a state-based run on a CPU."""
     eval_episodes: int | None = None
     """Episodes per evaluation; None means 1 for a fixed goal, 10 for random goals."""
     log_every: int = 1_000

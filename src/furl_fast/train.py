@@ -504,7 +504,7 @@ class Trainer:
             env = self.eval_env
             seed = cfg.seed if cfg.goal == "fixed" else cfg.seed + 100_000 + self.step + k
             state, _ = env.reset(seed=seed)
-            frames = [env.render()] if k == 0 else None
+            frames = [env.render()] if k == 0 and cfg.eval_video else None
             total, successes = 0.0, []
             for _ in range(env.unwrapped.max_episode_steps):
                 obs = torch.as_tensor(state, device=self.device).unsqueeze(0)
