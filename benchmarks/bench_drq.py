@@ -4,6 +4,8 @@
 - fused: furl_fast.ReplayBuffer.sample(augment=True) (shift fused into the gather) + update.
 - drqv2_aug: the same buffer sampled without augmentation, then DrQ-v2's RandomShiftsAug (replicate
   pad + grid_sample on float frames, bench_replay.RandomShiftsAug) + the same update.
+- fused_bf16: fused, with the conv stack under bf16 autocast (drq.precision=bf16; auto picks it on
+  CUDA only).
 Both in the same run; the agent's update itself is identical. DrQ-v2's paper reports ~96 frames/s
 end to end on a V100 (about 48 agent steps/s at action repeat 2) for comparison of orders of magnitude.
 
@@ -19,6 +21,7 @@ import torch
 from bench_replay import RandomShiftsAug
 from furl_fast import ReplayBuffer
 from furl_fast.agents.drq import make_drq
+from furl_fast.config import DrQConfig
 
 BATCH = 256
 EPISODES, EPISODE_STEPS = 8, 250  # 2,000 transitions: the update's cost does not depend on the size
@@ -34,8 +37,8 @@ def setup():
         for t in range(EPISODE_STEPS):
             buf.add(rng.integers(0, 256, (3, 84, 84), dtype=np.uint8),
                     rng.uniform(-1, 1, 4).astype(np.float32), -1.0, False, t == EPISODE_STEPS - 1)
-    agent = make_drq((9, 84, 84), 4)
-    return buf, agent, RandomShiftsAug(4)
+    agents = {p: make_drq((9, 84, 84), 4, drq=DrQConfig(precision=p)) for p in ("fp32", "bf16")}
+    return buf, agents, RandomShiftsAug(4)
 
 
 def fused_step(buf, agent, aug):
@@ -48,9 +51,11 @@ def drqv2_step(buf, agent, aug):
     agent.update(batch)
 
 
-@pytest.mark.parametrize("impl", ["fused", "drqv2_aug"])
+@pytest.mark.parametrize("impl", ["fused", "drqv2_aug", "fused_bf16"])
 def test_drq_learner_step_cpu(benchmark, setup, impl):
-    fn = fused_step if impl == "fused" else drqv2_step
+    buf, agents, aug = setup
+    fn = drqv2_step if impl == "drqv2_aug" else fused_step
+    agent = agents["bf16" if impl == "fused_bf16" else "fp32"]
     benchmark.group = f"drq learner step cpu B={BATCH}"
     benchmark.extra_info.update(impl=impl, updates=1)
-    benchmark.pedantic(fn, args=setup, rounds=5, warmup_rounds=1)
+    benchmark.pedantic(fn, args=(buf, agent, aug), rounds=5, warmup_rounds=1)
