@@ -107,6 +107,7 @@ py::dict build_info() {
   py::dict d;
   d["cpu_threads"] = static_cast<int>(std::thread::hardware_concurrency());
   d["compiler"] = std::string(__VERSION__);
+  d["sanitizers"] = std::string(FURL_FAST_SANITIZE);  // "" unless built with FURL_FAST_SANITIZE
 #ifdef FURL_FAST_WITH_CUDA
   const CudaRuntimeInfo info = cuda_runtime_info();
   d["cuda_compiled"] = true;
