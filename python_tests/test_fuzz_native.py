@@ -8,7 +8,7 @@ furl_fast.reference where that is cheap), an invalid one must raise TypeError / 
 sentence naming the op. Under .ci/sanitize (ASan + UBSan) a memory error or undefined behaviour
 aborts the run as well.
 
-Budget: FURL_FAST_FUZZ_EXAMPLES examples per test (default 20; .ci/sanitize runs more). Inputs that
+Budget: FURL_FAST_FUZZ_EXAMPLES examples per test (default 25; .ci/sanitize runs 300). Inputs that
 once broke something are kept: as @example cases, as the named regression tests at the end, and
 as damaged replay files in python_tests/fuzz_corpus/.
 """
@@ -41,7 +41,7 @@ from furl_fast import ReplayBuffer, _native, ops, reference
 pytestmark = pytest.mark.skipif(not _native.HAS_NATIVE, reason="native module not built")
 C = _native._C
 
-EXAMPLES = int(os.environ.get("FURL_FAST_FUZZ_EXAMPLES", "20"))
+EXAMPLES = int(os.environ.get("FURL_FAST_FUZZ_EXAMPLES", "25"))
 # deadline=None: a sanitizer build runs several times slower, and timing is not what is tested.
 settings.register_profile(
     "furl_fast_fuzz",
