@@ -156,12 +156,11 @@ def arg(draw, t: torch.Tensor, *, mutate: bool = True) -> Arg:
         huge = [HUGE] * t.dim()
         huge[draw(st.integers(0, min(1, t.dim() - 1)))] = 0
         t = torch.zeros((1,) * t.dim(), dtype=t.dtype).expand(huge)
-    elif kind == "strided" and t.dim():
+    elif kind == "strided" and t.dim():  # every other element along one dimension
         d = draw(st.integers(0, t.dim() - 1))
-        wide = list(shape)
-        wide[d] *= 2
-        t = torch.zeros(wide, dtype=t.dtype).narrow(d, 0, wide[d]).unfold(d, 1, 2).squeeze(-1)
-        t = t.narrow(d, 0, shape[d]) if t.shape[d] >= shape[d] else t
+        wide, step = list(shape), [slice(None)] * t.dim()
+        wide[d], step[d] = 2 * shape[d], slice(None, None, 2)
+        t = torch.zeros(wide, dtype=t.dtype)[tuple(step)].copy_(t)
     elif kind == "transposed" and t.dim() >= 2:
         t = t.transpose(0, 1).contiguous().transpose(0, 1)
     elif kind == "expanded" and t.dim():
@@ -273,17 +272,8 @@ def _preprocess_example(frames: torch.Tensor, crop: tuple[int, ...]) -> tuple:
     """A preprocess_case() value: these frames and crop, size 4, valid everything else."""
     out = torch.empty(frames.shape[0], 3, 4, 4)
     mean, std = (0.5, 0.4, 0.3), (0.25, 0.5, 1.0)
-    return (
-        Arg(to_dlpack(frames), frames),
-        Arg(to_dlpack(out), out),
-        crop,
-        4,
-        (0, 0),
-        0,
-        mean,
-        std,
-        1,
-    )
+    flags = (False, False)
+    return Arg(to_dlpack(frames), frames), Arg(to_dlpack(out), out), crop, 4, flags, 0, mean, std, 1
 
 
 @FUZZ
@@ -502,8 +492,8 @@ def test_softmax_goal_reward_cpu(case, goal_index, temperature, threshold):
 @FUZZ
 @given(st.data())
 def test_cuda_entry_points_refuse_cpu_tensors(data):
-    """Whatever else is wrong, CPU tensors never reach a CUDA launch: a Python exception, and a
-    ValueError about the device when everything else is right."""
+    """Whatever else is wrong, CPU tensors never reach a CUDA call: TypeError / ValueError, never
+    the RuntimeError of a CUDA error (a machine without a driver raises one for any CUDA call)."""
     draw = data.draw
     name = draw(st.sampled_from(sorted(CUDA_ENTRY_POINTS)))
     if name == "preprocess_frames_cuda":
@@ -530,6 +520,33 @@ def test_cuda_entry_points_refuse_cpu_tensors(data):
         args = [a.obj for a in tensors] + extra
     _, exc = call(getattr(C, name), *args, draw(st.sampled_from([0, 1, 2**64 - 1])))
     assert exc is not None, f"{name} accepted CPU tensors"
+
+
+def _cpu(*shape: int, dtype: torch.dtype = torch.float32) -> Any:
+    return to_dlpack(torch.zeros(shape, dtype=dtype))
+
+
+@pytest.mark.skipif(not _native.HAS_CUDA_KERNELS, reason="built without CUDA kernels")
+@pytest.mark.parametrize(
+    "name, args",
+    [
+        ("preprocess_frames_cuda", (_cpu(1, 4, 4, 3, dtype=torch.uint8), _cpu(1, 3, 4, 4),
+                                    (0, 0, 4, 4), 4, False, False, 0, (0.5,) * 3, (0.5,) * 3)),
+        ("mlp_cosine_reward_cuda", (_cpu(2, 3), _cpu(3, 4), _cpu(4), _cpu(4, 5), _cpu(5),
+                                    _cpu(1, 5), _cpu(2, 1))),
+        ("clip_similarity_cuda", (_cpu(2, 3), _cpu(1, 3), _cpu(2, 1), True)),
+        ("goal_baseline_reward_cuda", (_cpu(2, 3), _cpu(3), _cpu(3), _cpu(2), 0.5)),
+        ("softmax_goal_reward_cuda", (_cpu(2, 3), _cpu(2, 3), _cpu(2), 0, 0.01, None)),
+        ("replay_gather_frames_cuda", (_cpu(5, 3, 4, 4, dtype=torch.uint8),
+                                       _cpu(2, 3, dtype=torch.int64), _cpu(2, 2, dtype=torch.int32),
+                                       _cpu(2, 9, 4, 4, dtype=torch.uint8), 4)),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)  # fmt: skip
+def test_cuda_entry_points_name_the_device(name, args):
+    """Valid tensors, but on the CPU: a ValueError that says so, before any CUDA call."""
+    with pytest.raises(ValueError, match=r"must be on the cuda device, got a cpu tensor\."):
+        getattr(C, name)(*args, 0)
 
 
 # ---- the public ops (Python validation in front of the same kernels) ----------------------------
