@@ -894,6 +894,38 @@ def test_replay_core_constructor(cfg, data):
                 call(core.sample, 2, True, None, None, out, 1)
 
 
+# Sizes for the ReplayBuffer constructor: small ones, and ones absurd on any machine (a valid
+# capacity times one of these is terabytes), never merely large: those would really be allocated.
+REPLAY_SIZES = st.one_of(st.integers(1, 5), st.sampled_from([0, -1, 2**40, 2**62, 2**64, 1.5, "3"]))
+
+
+@FUZZ
+@given(
+    capacity=st.integers(2, 14) | st.sampled_from([0, -1, 2**31, 2**62, 2**64, 1.5, "8", None]),
+    obs_shape=st.lists(REPLAY_SIZES, min_size=0, max_size=4).map(tuple) | st.just("obs"),
+    sizes=st.fixed_dictionaries(
+        {k: REPLAY_SIZES for k in ("action_dim", "frame_stack", "n_step", "num_envs", "shift_pad")}
+    ),
+    embedding_dim=st.sampled_from([0, 3, 2**40, -1]),
+    gamma=st.sampled_from([0.99, 0.0, 1.0, -0.1, 1.5, math.nan, "g"]),
+)
+def test_replay_buffer_constructor(capacity, obs_shape, sizes, embedding_dim, gamma):
+    """ReplayBuffer(...) with fuzzed sizes: a working buffer, or an exception before any memory
+    that cannot exist is allocated or written (torch may still refuse a lazy allocation)."""
+    try:
+        buf = ReplayBuffer(capacity, obs_shape, embedding_dim=embedding_dim, gamma=gamma, seed=0,
+                           **sizes)  # fmt: skip
+    except (ValueError, TypeError):
+        return
+    except RuntimeError as exc:  # frames or embeddings of terabytes: torch's allocator says no
+        assert re.search(r"can't allocate memory|Storage size calculation overflowed", str(exc))
+        return
+    if buf.nbytes < 2**20:  # small enough to use: fill it and sample
+        fill_randomly(buf, Source(buf, 0), 2 * buf.capacity)
+        if len(buf):
+            buf.sample(1)
+
+
 # ---- replay buffer: random call sequences against the model, with save / load and damaged files --
 
 MAGIC = b"FURLRPB\x00"
