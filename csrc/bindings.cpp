@@ -4,11 +4,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <array>
 #include <memory>
 #include <optional>
 #include <string>
 #include <thread>
+#include <type_traits>
 
 #include "furl_fast/cuda_runtime_info.h"
 #include "furl_fast/dlpack.h"
@@ -71,9 +73,19 @@ TensorView tensor_arg(const py::handle& obj, const char* op, const char* name) {
     case dlpack::kDLCUDA: v.device = DeviceKind::kCUDA; break;
     default: v.device = DeviceKind::kOther;
   }
+  // Sizes get multiplied everywhere after this (numel, contiguity, byte offsets), so a shape whose
+  // element count does not fit is refused here, once. Empty dimensions count as 1: torch builds
+  // empty views such as (0, 2^40, 2^40) whose other sizes multiply past 2^63.
+  int64_t count = 1;
+  for (int i = 0; i < v.ndim; ++i) {
+    if (t->shape[i] < 0) throw fail("has a negative size");
+    if (__builtin_mul_overflow(count, std::max<int64_t>(t->shape[i], 1), &count) ||
+        count > TensorView::kMaxElements)
+      throw ValueError(std::string(op) + ": argument '" + name +
+                       "' has a shape whose sizes multiply to more than 2^60 elements.");
+  }
   int64_t expected = 1;
   for (int i = v.ndim - 1; i >= 0; --i) {
-    if (t->shape[i] < 0) throw fail("has a negative size");
     v.shape[i] = t->shape[i];
     v.strides[i] = t->strides ? t->strides[i] : expected;
     expected *= t->shape[i];
@@ -107,6 +119,7 @@ py::dict build_info() {
   py::dict d;
   d["cpu_threads"] = static_cast<int>(std::thread::hardware_concurrency());
   d["compiler"] = std::string(__VERSION__);
+  d["sanitizers"] = std::string(FURL_FAST_SANITIZE);  // "" unless built with FURL_FAST_SANITIZE
 #ifdef FURL_FAST_WITH_CUDA
   const CudaRuntimeInfo info = cuda_runtime_info();
   d["cuda_compiled"] = true;
@@ -148,23 +161,51 @@ DType replay_embedding_dtype(const std::string& name) {
   throw TypeError("ReplayBuffer: 'embedding_dtype' must be float32 or float16, got " + name + ".");
 }
 
+// One entry of the layout dict; a missing key or a value of the wrong type is a ValueError /
+// TypeError naming the entry (not pybind11's KeyError or cast error).
+template <typename T>
+T layout_entry(const py::dict& layout, const char* key, const char* type) {
+  if (!layout.contains(key))
+    throw ValueError(std::string("ReplayBuffer: layout entry '") + key + "' is missing.");
+  const py::object value = layout[key];
+  // No implicit conversions: a float capacity or a string gamma is a mistake, not a number.
+  PyObject* v = value.ptr();
+  bool ok;
+  if constexpr (std::is_same_v<T, bool>) ok = PyBool_Check(v);
+  else if constexpr (std::is_same_v<T, double>) ok = PyFloat_Check(v) || PyLong_Check(v);
+  else if constexpr (std::is_same_v<T, int64_t>) ok = PyLong_Check(v) && !PyBool_Check(v);
+  else ok = PyUnicode_Check(v);
+  if (ok) {
+    try {
+      return value.cast<T>();
+    } catch (const py::cast_error&) {  // an int beyond int64
+    }
+  }
+  throw TypeError(std::string("ReplayBuffer: layout entry '") + key + "' must be " + type +
+                  ", got " + std::string(py::repr(value)) + ".");
+}
+
 std::unique_ptr<ReplayHandle> make_replay(py::dict layout_args, py::dict cols, bool fresh,
                                           uint64_t seed) {
+  const auto integer = [&](const char* key) {
+    return layout_entry<int64_t>(layout_args, key, "an int in the int64 range");
+  };
   ReplayLayout l;
-  l.capacity = layout_args["capacity"].cast<int64_t>();
-  l.num_envs = layout_args["num_envs"].cast<int64_t>();
-  l.frame_stack = layout_args["frame_stack"].cast<int64_t>();
-  l.n_step = layout_args["n_step"].cast<int64_t>();
-  l.gamma = layout_args["gamma"].cast<double>();
-  l.action_dim = layout_args["action_dim"].cast<int64_t>();
-  l.pixels = layout_args["pixels"].cast<bool>();
-  l.channels = layout_args["channels"].cast<int64_t>();
-  l.height = layout_args["height"].cast<int64_t>();
-  l.width = layout_args["width"].cast<int64_t>();
-  l.embedding_dim = layout_args["embedding_dim"].cast<int64_t>();
-  l.embedding_dtype = replay_embedding_dtype(layout_args["embedding_dtype"].cast<std::string>());
-  l.shift_pad = layout_args["shift_pad"].cast<int64_t>();
-  const std::string device = layout_args["device"].cast<std::string>();
+  l.capacity = integer("capacity");
+  l.num_envs = integer("num_envs");
+  l.frame_stack = integer("frame_stack");
+  l.n_step = integer("n_step");
+  l.gamma = layout_entry<double>(layout_args, "gamma", "a float");
+  l.action_dim = integer("action_dim");
+  l.pixels = layout_entry<bool>(layout_args, "pixels", "a bool");
+  l.channels = integer("channels");
+  l.height = integer("height");
+  l.width = integer("width");
+  l.embedding_dim = integer("embedding_dim");
+  l.embedding_dtype =
+      replay_embedding_dtype(layout_entry<std::string>(layout_args, "embedding_dtype", "a str"));
+  l.shift_pad = integer("shift_pad");
+  const std::string device = layout_entry<std::string>(layout_args, "device", "a str");
   if (device != "cpu" && device != "cuda")
     throw ValueError("ReplayBuffer: 'device' must be cpu or cuda, got " + device + ".");
   l.device = device == "cpu" ? DeviceKind::kCPU : DeviceKind::kCUDA;

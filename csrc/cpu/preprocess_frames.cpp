@@ -17,8 +17,9 @@ void check_preprocess_args(const char* op, const TensorView& frames, const Tenso
   if (p.size < 1 || p.size > 8192)
     throw ValueError(std::string(op) + ": argument 'size' must be in [1, 8192], got " +
                      std::to_string(p.size) + ".");
+  // top > h - height rather than top + height > h: the sum of two int64 arguments can overflow.
   if (p.crop_height < 1 || p.crop_width < 1 || p.crop_top < 0 || p.crop_left < 0 ||
-      p.crop_top + p.crop_height > h || p.crop_left + p.crop_width > w)
+      p.crop_top > h - p.crop_height || p.crop_left > w - p.crop_width)
     throw ValueError(std::string(op) + ": argument 'crop' (top, left, height, width) = (" +
                      std::to_string(p.crop_top) + ", " + std::to_string(p.crop_left) + ", " +
                      std::to_string(p.crop_height) + ", " + std::to_string(p.crop_width) +

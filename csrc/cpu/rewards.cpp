@@ -19,6 +19,7 @@
 #include <functional>
 #include <mutex>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -408,8 +409,16 @@ class HelperPool {
  private:
   static constexpr int64_t kClosed = int64_t{1} << 40;  // state_: closed flag | joined workers
 
-  explicit HelperPool(int helpers) : pid_(getpid()), helpers_(helpers) {
-    for (int i = 0; i < helpers; ++i) std::thread([this] { loop(); }).detach();
+  explicit HelperPool(int helpers) : pid_(getpid()) {
+    // Helpers only speed things up: when the process cannot start more threads, run with those
+    // that started (an exception here would free the pool under the ones already running).
+    for (; helpers_ < helpers; ++helpers_) {
+      try {
+        std::thread([this] { loop(); }).detach();
+      } catch (const std::system_error&) {
+        break;
+      }
+    }
   }
 
   void loop() {
@@ -444,7 +453,7 @@ class HelperPool {
   std::mutex mutex_;
   std::condition_variable wake_;
   const pid_t pid_;
-  const int helpers_;
+  int helpers_ = 0;  // set before the pool is published, read-only afterwards
   const std::function<void(int)>* fn_ = nullptr;
   int max_id_ = 0, next_id_ = 1;
   uint64_t generation_ = 0;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -64,10 +65,7 @@ void replay_gather_stack_cpu(const uint8_t* frames, const int64_t* slots, int64_
   }
 }
 
-ReplayCore::ReplayCore(const ReplayLayout& layout, const ReplayColumns& columns,
-                       ReplayCopier copier, bool fresh, uint64_t seed)
-    : layout_(layout), c_(columns), copy_(copier) {
-  const ReplayLayout& l = layout_;
+void check_replay_layout(const ReplayLayout& l) {
   const auto bad = [](const std::string& what) { throw ValueError("ReplayBuffer: " + what + "."); };
   if (l.capacity < 1 || l.capacity > std::numeric_limits<int32_t>::max())
     bad("'capacity' must be in [1, 2^31 - 1], got " + str(l.capacity));
@@ -75,8 +73,13 @@ ReplayCore::ReplayCore(const ReplayLayout& layout, const ReplayColumns& columns,
   // Each env's latest observation must survive the writes of the other envs until its next add.
   if (l.capacity <= l.num_envs)
     bad("'capacity' (" + str(l.capacity) + ") must exceed 'num_envs' (" + str(l.num_envs) + ")");
-  if (l.frame_stack < 1) bad("'frame_stack' must be at least 1, got " + str(l.frame_stack));
-  if (l.n_step < 1) bad("'n_step' must be at least 1, got " + str(l.n_step));
+  // A stack or an n-step window never spans more slots than the ring has; the bound also keeps
+  // sample()'s per-stack scratch proportional to the storage.
+  if (l.frame_stack < 1 || l.frame_stack > l.capacity)
+    bad("'frame_stack' must be in [1, capacity = " + str(l.capacity) + "], got " +
+        str(l.frame_stack));
+  if (l.n_step < 1 || l.n_step > l.capacity)
+    bad("'n_step' must be in [1, capacity = " + str(l.capacity) + "], got " + str(l.n_step));
   if (!(l.gamma >= 0.0 && l.gamma <= 1.0)) bad("'gamma' must be in [0, 1]");
   if (l.action_dim < 1) bad("'action_dim' must be at least 1, got " + str(l.action_dim));
   if (l.channels < 1 || l.height < 1 || l.width < 1) bad("'obs_shape' must have positive sizes");
@@ -85,6 +88,25 @@ ReplayCore::ReplayCore(const ReplayLayout& layout, const ReplayColumns& columns,
   if (l.embedding_dtype != DType::kFloat32 && l.embedding_dtype != DType::kFloat16)
     bad("'embedding_dtype' must be float32 or float16");
   if (l.shift_pad < 0 || l.shift_pad > 1024) bad("'shift_pad' must be in [0, 1024]");
+  // Slot offsets (slot * frame_bytes() and the like) must not overflow: each column stays below
+  // 2^60 bytes, counting 8 bytes per element, as tensors do (TensorView::kMaxElements).
+  const auto fits = [&](std::initializer_list<int64_t> sizes) {
+    int64_t n = l.capacity * 8;  // capacity < 2^31: no overflow
+    for (const int64_t s : sizes)
+      if (__builtin_mul_overflow(n, s, &n) || n > TensorView::kMaxElements) return false;
+    return true;
+  };
+  if (!fits({l.channels, l.height, l.width}) || !fits({l.action_dim}) ||
+      !fits({std::max<int64_t>(l.embedding_dim, 1)}))
+    bad("'capacity' slots of this observation, action and embedding size exceed 2^60 bytes");
+}
+
+ReplayCore::ReplayCore(const ReplayLayout& layout, const ReplayColumns& columns,
+                       ReplayCopier copier, bool fresh, uint64_t seed)
+    : layout_(layout), c_(columns), copy_(copier) {
+  const ReplayLayout& l = layout_;
+  const auto bad = [](const std::string& what) { throw ValueError("ReplayBuffer: " + what + "."); };
+  check_replay_layout(l);
   if (!copy_.fn) bad("no frame copier was given");
   if (!c_.frames || !c_.actions || !c_.rewards || !c_.goal_distances || !c_.flags || !c_.prev ||
       !c_.next || !c_.episodes || !c_.steps || !c_.valid_pos || !c_.valid_list || !c_.state ||
@@ -118,7 +140,11 @@ void ReplayCore::check_state() const {
   const int64_t cap = layout_.capacity;
   const int64_t* st = c_.state;
   const int64_t written = st[kStateWritten], num_valid = st[kStateNumValid];
-  if (written < 0 || st[kStateNextEpisode] < 0) corrupted("negative counters");
+  // Adds increment these; a loaded value near int64's limit would overflow (2^62 adds never happen).
+  constexpr int64_t kMaxCounter = int64_t{1} << 62;
+  if (written < 0 || st[kStateNextEpisode] < 0 || written > kMaxCounter ||
+      st[kStateNextEpisode] > kMaxCounter)
+    corrupted("counters out of range");
   if (num_valid < 0 || num_valid > std::min(cap, written)) corrupted("valid count out of range");
   uint64_t rng_or = 0;
   for (int i = 0; i < 4; ++i) rng_or |= static_cast<uint64_t>(st[kStateRng + i]);
@@ -217,6 +243,12 @@ void ReplayCore::write_observation(int64_t env, int64_t prev_seq, int64_t episod
   ++written;
 }
 
+void ReplayCore::check_env(int64_t env, const char* op) const {
+  if (env < 0 || env >= layout_.num_envs)
+    throw ValueError(std::string(op) + ": 'env' must be in [0, " + str(layout_.num_envs) +
+                     "), got " + str(env) + ".");
+}
+
 void ReplayCore::start_locked(int64_t env, const void* obs, const void* embedding) {
   const int64_t episode = c_.state[kStateNextEpisode]++;
   write_observation(env, -1, episode, 0, obs, embedding);
@@ -224,9 +256,7 @@ void ReplayCore::start_locked(int64_t env, const void* obs, const void* embeddin
 
 void ReplayCore::start_episode(int64_t env, const void* obs, const void* embedding) {
   std::unique_lock<std::shared_mutex> lock(mutex_);
-  if (env < 0 || env >= layout_.num_envs)
-    throw ValueError("start_episode: 'env' must be in [0, " + str(layout_.num_envs) + "), got " +
-                     str(env) + ".");
+  check_env(env, "start_episode");
   if (c_.state[kStateHeader + env] >= 0)
     throw ValueError("start_episode: env " + str(env) +
                      " still has an open episode; end it with add(..., terminated=True or "
@@ -235,9 +265,7 @@ void ReplayCore::start_episode(int64_t env, const void* obs, const void* embeddi
 }
 
 void ReplayCore::check_add(int64_t env) const {
-  if (env < 0 || env >= layout_.num_envs)
-    throw ValueError("add: 'env' must be in [0, " + str(layout_.num_envs) + "), got " + str(env) +
-                     ".");
+  check_env(env, "add");
   const int64_t last = c_.state[kStateHeader + env];
   if (last < 0)
     throw ValueError("add: env " + str(env) +
@@ -250,6 +278,9 @@ void ReplayCore::check_add(int64_t env) const {
                      "'s previous observation was overwritten before its next step was added "
                      "(other envs added " + str(layout_.capacity) +
                      " observations in between); the capacity is too small for this add order.");
+  if (c_.steps[slot_of(last)] == std::numeric_limits<int32_t>::max())  // the step counter is full
+    throw ValueError("add: env " + str(env) + "'s episode has 2^31 - 1 steps, the most a step "
+                     "counter holds; end it with truncate_episode() and start a new one.");
 }
 
 void ReplayCore::add_locked(int64_t env, const ReplayStep& st) {
@@ -302,13 +333,13 @@ int64_t ReplayCore::size() const { return c_.state[kStateNumValid]; }
 
 bool ReplayCore::episode_open(int64_t env) const {
   std::shared_lock<std::shared_mutex> lock(mutex_);
-  if (env < 0 || env >= layout_.num_envs) throw ValueError("'env' out of range.");
+  check_env(env, "episode_open");
   return c_.state[kStateHeader + env] >= 0;
 }
 
 void ReplayCore::truncate_episode(int64_t env) {
   std::unique_lock<std::shared_mutex> lock(mutex_);
-  if (env < 0 || env >= layout_.num_envs) throw ValueError("'env' out of range.");
+  check_env(env, "truncate_episode");
   const int64_t last = c_.state[kStateHeader + env];
   c_.state[kStateHeader + env] = -1;
   if (last < 0 || !alive(last)) return;

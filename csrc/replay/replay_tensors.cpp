@@ -23,6 +23,17 @@ void expect_tensor(const TensorView& t, const char* op, const char* arg,
   if (writable) e.writable();
 }
 
+// [first, last) bytes of a contiguous tensor.
+std::pair<uintptr_t, uintptr_t> byte_range(const TensorView& t) {
+  const auto first = reinterpret_cast<uintptr_t>(t.data);
+  return {first, first + static_cast<uintptr_t>(t.numel() * dtype_size(t.dtype))};
+}
+
+bool overlaps(const TensorView& t, std::pair<uintptr_t, uintptr_t> range) {
+  const auto [first, last] = byte_range(t);
+  return first < range.second && range.first < last;
+}
+
 void memcpy_copier(void* dst, const void* src, int64_t bytes, void*) {
   std::memcpy(dst, src, static_cast<size_t>(bytes));
 }
@@ -32,10 +43,8 @@ void memcpy_copier(void* dst, const void* src, int64_t bytes, void*) {
 ReplayTensors::ReplayTensors(const ReplayLayout& layout, const ReplayColumnViews& c, bool fresh,
                              uint64_t seed)
     : layout_(layout) {
+  check_replay_layout(layout);  // first: the shapes below are built from it
   const int64_t cap = layout.capacity;
-  if (cap < 1)
-    throw ValueError("ReplayBuffer: 'capacity' must be at least 1, got " + std::to_string(cap) +
-                     ".");
   const DeviceKind dev = layout.device, cpu = DeviceKind::kCPU;
   std::vector<int64_t> frame_shape = {cap, layout.channels};
   if (layout.pixels) frame_shape.insert(frame_shape.end(), {layout.height, layout.width});
@@ -60,6 +69,23 @@ ReplayTensors::ReplayTensors(const ReplayLayout& layout, const ReplayColumnViews
   if (dev == DeviceKind::kCUDA && c.embeddings &&
       c.embeddings->device_index != c.frames.device_index)
     throw ValueError("ReplayBuffer: 'frames' and 'embeddings' must be on the same GPU.");
+  // Columns that share memory would overwrite each other's links and indices, and those are used
+  // as offsets: every column needs its own memory, and no argument of a later call may point into
+  // it (a sample output written over 'valid_list' would turn it into out-of-range slots).
+  const std::pair<const char*, const TensorView*> named[] = {
+      {"frames", &c.frames}, {"actions", &c.actions}, {"rewards", &c.rewards},
+      {"goal_distances", &c.goal_distances}, {"flags", &c.flags}, {"prev", &c.prev},
+      {"next", &c.next}, {"episodes", &c.episodes}, {"steps", &c.steps},
+      {"valid_pos", &c.valid_pos}, {"valid_list", &c.valid_list}, {"state", &c.state},
+      {"embeddings", c.embeddings}};
+  for (const auto& [name, view] : named) {
+    if (!view) continue;
+    for (const auto& [other, range] : storage_)
+      if (overlaps(*view, range))
+        throw ValueError(std::string("ReplayBuffer: storage columns '") + other + "' and '" +
+                         name + "' share memory; each column needs its own tensor.");
+    storage_.emplace_back(name, byte_range(*view));
+  }
 
   ReplayColumns cols;
   cols.frames = c.frames.ptr<uint8_t>();
@@ -94,6 +120,16 @@ ReplayTensors::ReplayTensors(const ReplayLayout& layout, const ReplayColumnViews
   core_ = std::make_unique<ReplayCore>(layout, cols, copier, fresh, seed);
 }
 
+void ReplayTensors::expect_arg(const TensorView& t, const char* op, const char* arg,
+                               const std::vector<int64_t>& shape, DType dtype, DeviceKind device,
+                               bool writable) const {
+  expect_tensor(t, op, arg, shape, dtype, device, writable);
+  for (const auto& [column, range] : storage_)
+    if (overlaps(t, range))
+      throw ValueError(std::string(op) + ": argument '" + arg + "' points into the buffer's '" +
+                       column + "' storage; pass a tensor of its own.");
+}
+
 void ReplayTensors::check_obs(const char* op, const char* arg, const TensorView& obs,
                               int64_t batch) const {
   std::vector<int64_t> shape;
@@ -103,7 +139,7 @@ void ReplayTensors::check_obs(const char* op, const char* arg, const TensorView&
   // GPU mode takes observations from the host or from the buffer's GPU; CPU mode from the host.
   const DeviceKind dev = layout_.device == DeviceKind::kCUDA && obs.device == DeviceKind::kCUDA
                              ? DeviceKind::kCUDA : DeviceKind::kCPU;
-  expect_tensor(obs, op, arg, shape, layout_.pixels ? DType::kUInt8 : DType::kFloat32, dev, false);
+  expect_arg(obs, op, arg, shape, layout_.pixels ? DType::kUInt8 : DType::kFloat32, dev, false);
   if (dev == DeviceKind::kCUDA && obs.device_index != device_index_)
     throw ValueError(std::string(op) + ": argument '" + arg + "' is on another GPU than the buffer.");
 }
@@ -123,7 +159,7 @@ void ReplayTensors::check_embedding(const char* op, const char* arg, const Tenso
   shape.push_back(layout_.embedding_dim);
   const DeviceKind dev = layout_.device == DeviceKind::kCUDA && e->device == DeviceKind::kCUDA
                              ? DeviceKind::kCUDA : DeviceKind::kCPU;
-  expect_tensor(*e, op, arg, shape, layout_.embedding_dtype, dev, false);
+  expect_arg(*e, op, arg, shape, layout_.embedding_dtype, dev, false);
   if (dev == DeviceKind::kCUDA && e->device_index != device_index_)
     throw ValueError(std::string(op) + ": argument '" + arg + "' is on another GPU than the buffer.");
 }
@@ -141,7 +177,7 @@ void ReplayTensors::add(int64_t env, const TensorView& obs, const TensorView& ac
                         double goal_distance, uintptr_t stream) {
   check_obs("add", "next_obs", obs, -1);
   check_embedding("add", "embedding", embedding, -1);
-  expect_tensor(action, "add", "action", {layout_.action_dim}, DType::kFloat32, DeviceKind::kCPU,
+  expect_arg(action, "add", "action", {layout_.action_dim}, DType::kFloat32, DeviceKind::kCPU,
                 false);
   ReplayStep st;
   st.obs = obs.data;
@@ -166,13 +202,13 @@ void ReplayTensors::add_batch(const TensorView& obs, const TensorView& actions,
   const DeviceKind cpu = DeviceKind::kCPU;
   check_obs("add_batch", "next_obs", obs, n);
   check_embedding("add_batch", "embedding", embeddings, n);
-  expect_tensor(actions, "add_batch", "action", {n, layout_.action_dim}, DType::kFloat32, cpu,
+  expect_arg(actions, "add_batch", "action", {n, layout_.action_dim}, DType::kFloat32, cpu,
                 false);
-  expect_tensor(rewards, "add_batch", "reward", {n}, DType::kFloat32, cpu, false);
-  expect_tensor(terminated, "add_batch", "terminated", {n}, DType::kBool, cpu, false);
-  expect_tensor(truncated, "add_batch", "truncated", {n}, DType::kBool, cpu, false);
-  expect_tensor(success, "add_batch", "success", {n}, DType::kBool, cpu, false);
-  expect_tensor(goal_distances, "add_batch", "goal_distance", {n}, DType::kFloat32, cpu, false);
+  expect_arg(rewards, "add_batch", "reward", {n}, DType::kFloat32, cpu, false);
+  expect_arg(terminated, "add_batch", "terminated", {n}, DType::kBool, cpu, false);
+  expect_arg(truncated, "add_batch", "truncated", {n}, DType::kBool, cpu, false);
+  expect_arg(success, "add_batch", "success", {n}, DType::kBool, cpu, false);
+  expect_arg(goal_distances, "add_batch", "goal_distance", {n}, DType::kFloat32, cpu, false);
   if (reset_obs) {
     check_obs("add_batch", "reset_obs", *reset_obs, n);
     check_embedding("add_batch", "reset_embedding", reset_embeddings, n);
@@ -203,16 +239,16 @@ void ReplayTensors::sample(int64_t batch, bool augment, const TensorView* indice
     throw ValueError("sample: 'batch_size' must be at least 1, got " + std::to_string(batch) + ".");
   const DeviceKind cpu = DeviceKind::kCPU;
   const int64_t F = layout_.frame_stack;
-  if (indices) expect_tensor(*indices, "gather", "indices", {batch}, DType::kInt64, cpu, false);
+  if (indices) expect_arg(*indices, "gather", "indices", {batch}, DType::kInt64, cpu, false);
   if (shifts) {
     if (!layout_.pixels) throw ValueError("gather: 'shifts' apply to pixel observations only.");
-    expect_tensor(*shifts, "gather", "shifts", {batch, 4}, DType::kInt32, cpu, false);
+    expect_arg(*shifts, "gather", "shifts", {batch, 4}, DType::kInt32, cpu, false);
   }
   // Checks an optional output and returns its data pointer (null when absent).
   const auto bind = [&](const TensorView* t, const char* name, std::vector<int64_t> shape,
                         DType dtype) -> void* {
     if (!t) return nullptr;
-    expect_tensor(*t, "sample", name, shape, dtype, cpu, true);
+    expect_arg(*t, "sample", name, shape, dtype, cpu, true);
     return t->data;
   };
   std::vector<int64_t> stack_shape = {batch, F * layout_.channels};
@@ -247,10 +283,11 @@ void ReplayTensors::sample(int64_t batch, bool augment, const TensorView* indice
 }
 
 void ReplayTensors::earlier(const TensorView& indices, int64_t k, const TensorView& out) const {
-  Expect(indices, "earlier", "indices").ndim(1, "(N,)").dtype({DType::kInt64})
-      .device(DeviceKind::kCPU).contiguous();
+  Expect(indices, "earlier", "indices").ndim(1, "(N,)");
   const int64_t n = indices.shape[0];
-  expect_tensor(out, "earlier", "out", {n}, DType::kInt64, DeviceKind::kCPU, true);
+  // Aligned too: the indices are read as int64.
+  expect_arg(indices, "earlier", "indices", {n}, DType::kInt64, DeviceKind::kCPU, false);
+  expect_arg(out, "earlier", "out", {n}, DType::kInt64, DeviceKind::kCPU, true);
   core_->earlier(n, indices.ptr<int64_t>(), k, out.ptr<int64_t>());
 }
 

@@ -62,4 +62,5 @@ def build_info() -> dict[str, Any]:
     )
     info["cpu_threads"] = native.get("cpu_threads")
     info["compiler"] = native.get("compiler")
+    info["sanitizers"] = native.get("sanitizers", "")
     return info

@@ -7,6 +7,7 @@ Ops are forward-only (no autograd): tensors that require grad are detached.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -54,6 +55,29 @@ def _run_native(op: str, backend: str, args: tuple, device: torch.device,
         getattr(_native._C, f"{op}_cuda")(*args, _stream(device))
 
 
+def _check_threads(op: str, num_threads: int | None) -> None:
+    if num_threads is not None and (
+        isinstance(num_threads, bool)
+        or not isinstance(num_threads, int)
+        or not 1 <= num_threads < 2**31
+    ):
+        raise ValueError(
+            f"{op}: 'num_threads' must be None (all cores) or an int in [1, 2^31 - 1], "
+            f"got {num_threads!r}."
+        )
+
+
+def _three_floats(op: str, name: str, values: object) -> tuple[float, float, float]:
+    """(mean or std) as 3 finite floats; strings, wrong lengths, NaN and inf raise ValueError."""
+    try:
+        out = tuple(float(v) for v in values) if not isinstance(values, (str, bytes)) else ()
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != 3 or not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{op}: '{name}' must be 3 finite numbers, got {values!r}.")
+    return out
+
+
 def centre_square_crop(height: int, width: int) -> tuple[int, int, int, int]:
     """The centred square crop box (top, left, side, side) of an H x W frame.
 
@@ -62,6 +86,15 @@ def centre_square_crop(height: int, width: int) -> tuple[int, int, int, int]:
     """
     side = min(height, width)
     return ((height - side) // 2, (width - side) // 2, side, side)
+
+
+def _crop_box(crop: object) -> tuple[int, int, int, int] | None:
+    """crop as 4 Python ints, or None when it is not 4 integers (floats are refused, not truncated)."""
+    try:
+        box = tuple(operator.index(v) for v in crop)  # type: ignore[union-attr]
+    except TypeError:
+        return None
+    return box if len(box) == 4 else None
 
 
 def preprocess_frames(
@@ -100,32 +133,35 @@ def preprocess_frames(
         raise ValueError(f"preprocess_frames: 'frames' must not be empty, got shape {tuple(frames.shape)}.")
     if out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"preprocess_frames: 'out_dtype' must be one of {_FLOAT_DTYPES}, got {out_dtype}.")
-    if interpolation not in _INTERPOLATIONS:
+    if not isinstance(interpolation, str) or interpolation not in _INTERPOLATIONS:
         raise ValueError(
             f"preprocess_frames: 'interpolation' must be one of {sorted(_INTERPOLATIONS)}, got {interpolation!r}."
         )
-    if not isinstance(size, int) or not 1 <= size <= 8192:
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 8192:
         raise ValueError(f"preprocess_frames: 'size' must be an int in [1, 8192], got {size!r}.")
-    box = (0, 0, height, width) if crop is None else tuple(int(v) for v in crop)
-    top, left, box_h, box_w = box if len(box) == 4 else (None,) * 4
-    if top is None or box_h < 1 or box_w < 1 or top < 0 or left < 0 or top + box_h > height or left + box_w > width:
+    _check_threads("preprocess_frames", num_threads)
+    box = (0, 0, height, width) if crop is None else _crop_box(crop)
+    top, left, box_h, box_w = box if box is not None else (-1, -1, 0, 0)
+    if box_h < 1 or box_w < 1 or top < 0 or left < 0 or top + box_h > height or left + box_w > width:
         raise ValueError(
-            f"preprocess_frames: 'crop' (top, left, height, width) = {crop} must be a non-empty box "
-            f"inside the {height}x{width} frame."
+            f"preprocess_frames: 'crop' (top, left, height, width) = {crop!r} must be 4 ints giving a "
+            f"non-empty box inside the {height}x{width} frame."
         )
-    if len(mean) != 3 or len(std) != 3 or any(s == 0 for s in std):
-        raise ValueError("preprocess_frames: 'mean' and 'std' must have 3 values each, std non-zero.")
+    mean = _three_floats("preprocess_frames", "mean", mean)
+    std = _three_floats("preprocess_frames", "std", std)
+    if 0.0 in std:
+        raise ValueError(f"preprocess_frames: 'std' must be non-zero, got {std!r}.")
 
     backend = _native_backend("preprocess_frames", frames.device)
     if backend is None:
         return reference.preprocess_frames(
-            frames, size=size, crop=crop, flip_vertical=flip_vertical, bgr=bgr, mean=mean, std=std,
-            out_dtype=out_dtype, interpolation=interpolation,
+            frames, size=size, crop=None if crop is None else box, flip_vertical=flip_vertical,
+            bgr=bgr, mean=mean, std=std, out_dtype=out_dtype, interpolation=interpolation,
         )
     frames = frames.contiguous()
     out = torch.empty((n, 3, size, size), dtype=out_dtype, device=frames.device)
     args = (_capsule(frames), _capsule(out), box, size, flip_vertical, bgr,
-            _INTERPOLATIONS[interpolation], tuple(mean), tuple(std))
+            _INTERPOLATIONS[interpolation], mean, std)
     _run_native("preprocess_frames", backend, args, frames.device, num_threads)
     return out
 
@@ -197,6 +233,7 @@ def mlp_cosine_reward(
     Equivalent: reference.mlp_cosine_reward.
     """
     op = "mlp_cosine_reward"
+    _check_threads(op, num_threads)
     _check_floating(op, "emb", emb, 2, "(N, D)")
     _check_floating(op, "w1", w1, 2, "(D, H)", emb)
     _check_floating(op, "b1", b1, 1, "(H,)", emb)
@@ -253,6 +290,7 @@ def clip_similarity(
     Returns (N, K) float32. Equivalent: reference.clip_similarity.
     """
     op = "clip_similarity"
+    _check_threads(op, num_threads)
     _check_img_text(op, img_emb, text_emb)
     backend = _native_backend(op, img_emb.device)
     if backend is None:
@@ -287,6 +325,7 @@ def goal_baseline_reward(
     Equivalent: reference.goal_baseline_reward.
     """
     op = "goal_baseline_reward"
+    _check_threads(op, num_threads)
     _check_floating(op, "img_emb", img_emb, 2, "(N, D)")
     _check_floating(op, "goal_emb", goal_emb, 1, "(D,)", img_emb)
     _check_floating(op, "baseline_emb", baseline_emb, 1, "(D,)", img_emb)
@@ -329,6 +368,7 @@ def softmax_goal_reward(
     Returns (N,) float32. Equivalent: reference.softmax_goal_reward.
     """
     op = "softmax_goal_reward"
+    _check_threads(op, num_threads)
     _check_img_text(op, img_emb, text_emb)
     k = text_emb.shape[0]
     if isinstance(goal_index, bool) or not isinstance(goal_index, int) or not 0 <= goal_index < k:

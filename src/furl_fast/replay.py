@@ -49,6 +49,9 @@ _MAGIC = b"FURLRPB\x00"
 _FORMAT_VERSION = 1
 _STATE_HEADER = 8  # kStateHeader in csrc/include/furl_fast/replay.h
 _EMBEDDING_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
+_MAX_CAPACITY = 2**31 - 1  # the core keeps slot numbers in int32 columns (valid_list)
+_COLUMN_DTYPES = ("uint8", "int32", "int64", "float16", "float32")  # what _allocate() creates
+_MAX_BYTES = 2**60  # per column, as the core's check (TensorView::kMaxElements)
 
 
 class Batch(NamedTuple):
@@ -80,9 +83,15 @@ class Batch(NamedTuple):
     next_embedding: torch.Tensor | None = None
 
 
-def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"ReplayBuffer: '{name}' must be an int >= {minimum}, got {value!r}.")
+def _positive_int(value: Any, name: str, minimum: int = 1, maximum: int | None = None) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"ReplayBuffer: '{name}' must be an int {bounds}, got {value!r}.")
     return int(value)
 
 
@@ -101,10 +110,22 @@ def _capsule(t: torch.Tensor | None):
     return None if t is None else to_dlpack(t)
 
 
+def _column_entry_ok(entry: Any) -> bool:
+    """[name, dtype name, shape] as save() writes it."""
+    return (
+        isinstance(entry, list)
+        and len(entry) == 3
+        and isinstance(entry[0], str)
+        and entry[1] in _COLUMN_DTYPES
+        and isinstance(entry[2], list)
+        and all(isinstance(n, int) and 0 <= n < 2**62 for n in entry[2])
+    )
+
+
 class ReplayBuffer:
     """FIFO replay buffer of transitions with frame stacking, n-step returns and DrQ random shift.
 
-    capacity: observation slots, overwritten oldest first. Each episode of T steps takes T + 1 slots
+    capacity: observation slots (at most 2^31 - 1), overwritten oldest first. Each episode of T steps takes T + 1 slots
     (its final observation too), so the buffer holds about capacity * T / (T + 1) transitions;
     len(buffer) counts the ones that can be sampled now. A transition is sampleable once its n-step
     window is stored, and stops being so when any frame of its stack is overwritten (so once the
@@ -113,11 +134,11 @@ class ReplayBuffer:
     obs_shape: (C, H, W) for uint8 pixel frames (one frame per step; stacks are built at sample
     time) or (dim,) for float32 state vectors.
     action_dim: width of the float32 action vector.
-    frame_stack: frames per sampled observation; at an episode's start the first frame is repeated
-    (as gymnasium's FrameStackObservation does after a reset).
+    frame_stack: frames per sampled observation (at most capacity); at an episode's start the first
+    frame is repeated (as gymnasium's FrameStackObservation does after a reset).
     embedding_dim / embedding_dtype: store a VLM image embedding (float32 or float16) per
     observation; 0 stores none.
-    n_step / gamma: n-step returns, cut at episode ends (see Batch).
+    n_step / gamma: n-step returns (n_step at most capacity), cut at episode ends (see Batch).
     num_envs: number of environments adding interleaved episodes (vector envs).
     device: "cpu", or "cuda[:i]" to keep frames and embeddings in GPU memory and gather them there.
     seed: seeds the sampler (indices and shifts); the same seed and the same adds give the same
@@ -167,6 +188,7 @@ class ReplayBuffer:
             pin_memory=pin_memory,
             prefetch=prefetch,
         )
+        self._columns = self._allocate()
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
         self._core = self._make_core(fresh=True, seed=int(seed) % 2**64)
@@ -184,7 +206,7 @@ class ReplayBuffer:
     ) -> None:
         if not _native.HAS_NATIVE:
             raise ImportError(_native.IMPORT_ERROR)
-        capacity = _positive_int(cfg["capacity"], "capacity")
+        capacity = _positive_int(cfg["capacity"], "capacity", maximum=_MAX_CAPACITY)
         obs_shape = tuple(cfg["obs_shape"]) if isinstance(cfg["obs_shape"], (tuple, list)) else None
         if obs_shape is None or len(obs_shape) not in (1, 3):
             raise ValueError(
@@ -204,13 +226,14 @@ class ReplayBuffer:
             "capacity": capacity,
             "obs_shape": obs_shape,
             "action_dim": _positive_int(cfg["action_dim"], "action_dim"),
-            "frame_stack": _positive_int(cfg["frame_stack"], "frame_stack"),
+            # A stack or n-step window never spans more slots than the ring holds.
+            "frame_stack": _positive_int(cfg["frame_stack"], "frame_stack", maximum=capacity),
             "embedding_dim": _positive_int(cfg["embedding_dim"], "embedding_dim", 0),
             "embedding_dtype": embedding_dtype,
-            "n_step": _positive_int(cfg["n_step"], "n_step"),
+            "n_step": _positive_int(cfg["n_step"], "n_step", maximum=capacity),
             "gamma": gamma,
             "num_envs": _positive_int(cfg["num_envs"], "num_envs"),
-            "shift_pad": _positive_int(cfg["shift_pad"], "shift_pad", 0),
+            "shift_pad": _positive_int(cfg["shift_pad"], "shift_pad", 0, 1024),
         }
         if capacity <= self._cfg["num_envs"]:
             raise ValueError(
@@ -237,41 +260,58 @@ class ReplayBuffer:
                 "ReplayBuffer: pin_memory=True needs a CUDA device (pinned memory is for GPU copies)."
             )
         if num_threads is not None:
-            _positive_int(num_threads, "num_threads")
+            _positive_int(num_threads, "num_threads", maximum=2**31 - 1)
         self.num_threads = num_threads
         self.pin_memory = pin_memory
         self.pixels = len(obs_shape) == 3
         self._obs_dtype = torch.uint8 if self.pixels else torch.float32
-        self._columns = self._allocate()
+        self._columns: dict[str, torch.Tensor] = {}  # _allocate() fills it
         self._write_lock = (
             threading.Lock()
         )  # one add / save at a time; save sees a consistent state
         self._executor = concurrent.futures.ThreadPoolExecutor(1) if prefetch else None
         self._pending: tuple[tuple[int, bool], concurrent.futures.Future] | None = None
 
-    def _allocate(self) -> dict[str, torch.Tensor]:
+    def _column_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]]:
+        """name -> (shape, dtype, device) of every storage column."""
         c = self._cfg
-        cap, dev = c["capacity"], self.device
-        cols = {
-            # torch.empty: pages are only committed when written, so RAM grows with the data.
-            "frames": torch.empty((cap, *c["obs_shape"]), dtype=self._obs_dtype, device=dev),
-            "actions": torch.empty((cap, c["action_dim"]), dtype=torch.float32),
-            "rewards": torch.empty(cap, dtype=torch.float32),
-            "goal_distances": torch.empty(cap, dtype=torch.float32),
-            "flags": torch.empty(cap, dtype=torch.uint8),
-            "prev": torch.empty(cap, dtype=torch.int64),
-            "next": torch.empty(cap, dtype=torch.int64),
-            "episodes": torch.empty(cap, dtype=torch.int64),
-            "steps": torch.empty(cap, dtype=torch.int32),
-            "valid_pos": torch.empty(cap, dtype=torch.int32),
-            "valid_list": torch.empty(cap, dtype=torch.int32),
-            "state": torch.empty(_STATE_HEADER + c["num_envs"], dtype=torch.int64),
+        cap, dev, cpu = c["capacity"], self.device, torch.device("cpu")
+        specs = {
+            "frames": ((cap, *c["obs_shape"]), self._obs_dtype, dev),
+            "actions": ((cap, c["action_dim"]), torch.float32, cpu),
+            "rewards": ((cap,), torch.float32, cpu),
+            "goal_distances": ((cap,), torch.float32, cpu),
+            "flags": ((cap,), torch.uint8, cpu),
+            "prev": ((cap,), torch.int64, cpu),
+            "next": ((cap,), torch.int64, cpu),
+            "episodes": ((cap,), torch.int64, cpu),
+            "steps": ((cap,), torch.int32, cpu),
+            "valid_pos": ((cap,), torch.int32, cpu),
+            "valid_list": ((cap,), torch.int32, cpu),
+            "state": ((_STATE_HEADER + c["num_envs"],), torch.int64, cpu),
         }
         if c["embedding_dim"] > 0:
-            cols["embeddings"] = torch.empty(
-                (cap, c["embedding_dim"]), dtype=c["embedding_dtype"], device=dev
+            specs["embeddings"] = ((cap, c["embedding_dim"]), c["embedding_dtype"], dev)
+        return specs
+
+    def _allocate(self) -> dict[str, torch.Tensor]:
+        specs, cap = self._column_specs(), self._cfg["capacity"]
+        nbytes = {k: math.prod(shape) * dtype.itemsize for k, (shape, dtype, _) in specs.items()}
+        if max(nbytes.values()) >= _MAX_BYTES:
+            raise ValueError(
+                f"ReplayBuffer: {cap} slots of obs_shape {self.obs_shape} need more than 2^60 bytes."
             )
-        return cols
+        # torch.empty commits pages only when written, so frames and embeddings grow with the data;
+        # but the core initialises every other column at once: refuse what cannot fit in memory
+        # instead of letting the first write run the machine out of it.
+        written = sum(v for k, v in nbytes.items() if k not in ("frames", "embeddings"))
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if written > physical:
+            raise ValueError(
+                f"ReplayBuffer: capacity {cap} needs {written / 2**30:.1f} GiB of bookkeeping "
+                f"(initialised at once) but this machine has {physical / 2**30:.1f} GiB of memory."
+            )
+        return {k: torch.empty(shape, dtype=dtype, device=d) for k, (shape, dtype, d) in specs.items()}
 
     def _make_core(self, *, fresh: bool, seed: int) -> Any:
         c = self._cfg
@@ -594,7 +634,8 @@ class ReplayBuffer:
         )
         if idx.dim() != 1:
             raise ValueError(f"earlier: 'indices' must be 1-D, got shape {tuple(idx.shape)}.")
-        k = _positive_int(k, "k", 0)
+        # More steps back than the ring holds reaches the same (earliest) transition.
+        k = min(_positive_int(k, "k", 0), self.capacity)
         out = torch.empty_like(idx)
         if idx.numel():
             self._core.earlier(_capsule(idx), k, _capsule(out))
@@ -710,8 +751,8 @@ class ReplayBuffer:
         c["obs_shape"] = list(c["obs_shape"])
         c["embedding_dtype"] = _EMBEDDING_DTYPES[c["embedding_dtype"]]
         c["columns"] = [
-            [name, str(t.dtype).removeprefix("torch."), list(t.shape)]
-            for name, t in self._columns.items()
+            [name, str(dtype).removeprefix("torch."), list(shape)]
+            for name, (shape, dtype, _) in self._column_specs().items()
         ]
         return c
 
@@ -725,10 +766,19 @@ class ReplayBuffer:
         # state column (counters, RNG) is copied, as a sample() in another thread advances the RNG.
         with self._write_lock:
             self._wait_prefetch()
-            arrays = [
-                (t.clone() if name == "state" else t).cpu().numpy()
+            columns = {
+                name: (t.clone() if name == "state" else t).cpu().numpy()
                 for name, t in self._columns.items()
-            ]
+            }
+            # Until the ring is full, slots from `written` on hold whatever torch.empty found in
+            # memory (other data of this process): write zeros there, so that a file holds only
+            # the buffer's data and the same adds always give the same file.
+            written = int(columns["state"][0])  # kStateWritten
+            for name in ("frames", "embeddings"):
+                if name in columns and written < self.capacity:
+                    columns[name] = columns[name].copy()
+                    columns[name][written:] = 0
+            arrays = list(columns.values())
             header = {
                 "layout": self._layout(),
                 "crc32": [zlib.crc32(memoryview(a).cast("B")) for a in arrays],
@@ -748,7 +798,7 @@ class ReplayBuffer:
                 tmp.unlink(missing_ok=True)
 
     @staticmethod
-    def _read_header(f: Any, path: Path) -> tuple[dict[str, Any], int]:
+    def _read_header(f: Any, path: Path) -> dict[str, Any]:
         head = f.read(len(_MAGIC) + 12)
         if len(head) < len(_MAGIC) + 12 or head[: len(_MAGIC)] != _MAGIC:
             raise ValueError(f"ReplayBuffer.load: {path} is not a furl_fast replay buffer file.")
@@ -761,7 +811,27 @@ class ReplayBuffer:
         blob = f.read(size)
         if len(blob) != size or zlib.crc32(blob) != crc:
             raise ValueError(f"ReplayBuffer.load: the header of {path} is truncated or corrupted.")
-        return json.loads(blob), len(head) + size
+        header = json.loads(blob)  # json's errors are ValueErrors
+        # A header that passed its checksum may still be malformed: check its structure here so
+        # that everything after it reads plain values (never a KeyError or a huge allocation).
+        layout = header.get("layout") if isinstance(header, dict) else None
+        columns = layout.get("columns") if isinstance(layout, dict) else None
+        crcs = header.get("crc32") if isinstance(header, dict) else None
+        if (
+            not isinstance(columns, list)
+            or not isinstance(crcs, list)
+            or len(crcs) != len(columns)
+            or not all(_column_entry_ok(e) for e in columns)
+        ):
+            raise ValueError(f"ReplayBuffer.load: the header of {path} has an unknown structure.")
+        data_bytes = sum(math.prod(shape) * getattr(torch, dt).itemsize for _, dt, shape in columns)
+        actual = os.fstat(f.fileno()).st_size
+        if actual != len(head) + size + data_bytes:
+            raise ValueError(
+                f"ReplayBuffer.load: {path} is truncated or has trailing data: {actual} bytes, "
+                f"expected {len(head) + size + data_bytes}."
+            )
+        return header
 
     @classmethod
     def load(
@@ -778,7 +848,7 @@ class ReplayBuffer:
         version or layout, or a truncated or corrupted one."""
         path = Path(path)
         with open(path, "rb") as f:
-            header, offset = cls._read_header(f, path)
+            header = cls._read_header(f, path)
             layout = header["layout"]
             buf = cls.__new__(cls)
             try:
@@ -796,29 +866,29 @@ class ReplayBuffer:
                         "shift_pad",
                     )
                 }
-                cfg["embedding_dtype"] = getattr(torch, layout["embedding_dtype"])
-            except (KeyError, TypeError, AttributeError) as exc:
+                cfg["embedding_dtype"] = {v: k for k, v in _EMBEDDING_DTYPES.items()}[
+                    layout["embedding_dtype"]
+                ]
+            except (KeyError, TypeError) as exc:
                 raise ValueError(
-                    f"ReplayBuffer.load: {path} has an unknown layout ({exc})."
+                    f"ReplayBuffer.load: {path} has an unknown layout ({exc!r})."
                 ) from exc
-            buf._setup(
-                cfg,
-                device=device,
-                num_threads=num_threads,
-                pin_memory=pin_memory,
-                prefetch=prefetch,
-            )
-            if buf._layout() != layout:
+            try:
+                buf._setup(
+                    cfg,
+                    device=device,
+                    num_threads=num_threads,
+                    pin_memory=pin_memory,
+                    prefetch=prefetch,
+                )
+            except TypeError as exc:  # e.g. a list where the layout has a number
+                raise ValueError(f"ReplayBuffer.load: {path} has an invalid layout ({exc}).") from exc
+            if buf._layout() != layout:  # before allocating: the header's sizes are checked now
                 raise ValueError(
                     f"ReplayBuffer.load: {path} has a storage layout this version does not read."
                 )
-            expected = offset + sum(t.numel() * t.element_size() for t in buf._columns.values())
-            actual = os.fstat(f.fileno()).st_size
-            if actual != expected:
-                raise ValueError(
-                    f"ReplayBuffer.load: {path} is truncated or has trailing data: {actual} bytes, "
-                    f"expected {expected}."
-                )
+            buf._columns = buf._allocate()
+            # (The file's size matches these columns: _read_header checked it against the header.)
             for (name, t), crc in zip(buf._columns.items(), header["crc32"]):
                 host = torch.empty(t.shape, dtype=t.dtype) if t.device.type != "cpu" else t
                 view = memoryview(host.numpy()).cast("B")
@@ -836,7 +906,7 @@ class ReplayBuffer:
         (capacity, shapes, frame_stack, n_step, gamma, embeddings, ...) differs from this one's."""
         path = Path(path)
         with open(path, "rb") as f:
-            header, _ = self._read_header(f, path)
+            header = self._read_header(f, path)
         ours, theirs = self._layout(), header["layout"]
         if ours != theirs:
             diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <exception>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -22,24 +23,28 @@ void parallel_for(int64_t n, int num_threads, int64_t min_chunk, F&& fn) {
   int64_t threads = std::min<int64_t>(resolve_threads(num_threads), (n + min_chunk - 1) / min_chunk);
   threads = std::max<int64_t>(threads, 1);
   const int64_t chunk = (n + threads - 1) / threads;
-  std::vector<std::thread> workers;
   std::vector<std::exception_ptr> errors(threads);
-  for (int64_t t = 1; t < threads; ++t) {
+  const auto run = [&](int64_t t) {
     const int64_t begin = t * chunk, end = std::min(n, begin + chunk);
-    if (begin >= end) break;
-    workers.emplace_back([&, t, begin, end] {
-      try {
-        fn(begin, end);
-      } catch (...) {
-        errors[t] = std::current_exception();
-      }
-    });
-  }
+    if (begin >= end) return;
+    try {
+      fn(begin, end);
+    } catch (...) {
+      errors[t] = std::current_exception();
+    }
+  };
+  std::vector<std::thread> workers;
+  workers.reserve(threads - 1);
+  int64_t started = 1;
   try {
-    fn(0, std::min(n, chunk));
-  } catch (...) {
-    errors[0] = std::current_exception();
+    for (; started < threads; ++started) workers.emplace_back(run, started);
+  } catch (const std::system_error&) {
+    // No thread to be had (the process's thread or memory limit, e.g. num_threads = 1000): the
+    // caller runs the chunks that got none. Letting the exception unwind past joinable threads
+    // would call std::terminate.
   }
+  run(0);
+  for (int64_t t = started; t < threads; ++t) run(t);
   for (auto& w : workers) w.join();
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);

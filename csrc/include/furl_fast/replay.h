@@ -119,6 +119,9 @@ struct ReplaySampleOut {
   int64_t* steps = nullptr;
 };
 
+// Throws ValueError naming the first field of the layout that is out of range.
+void check_replay_layout(const ReplayLayout& layout);
+
 class ReplayCore {
  public:
   // Checks the layout; fresh = true initialises the columns (seeded RNG), fresh = false checks that
@@ -160,6 +163,7 @@ class ReplayCore {
   void remove_valid(int64_t slot);
   void write_observation(int64_t env, int64_t prev_seq, int64_t episode, int32_t step,
                          const void* obs, const void* embedding);
+  void check_env(int64_t env, const char* op) const;
   void check_add(int64_t env) const;
   void add_locked(int64_t env, const ReplayStep& step);
   void start_locked(int64_t env, const void* obs, const void* embedding);

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <utility>
+#include <vector>
 
 #include "furl_fast/replay.h"
 #include "furl_fast/tensor.h"
@@ -51,6 +53,10 @@ class ReplayTensors {
   void truncate_episode(int64_t env) { core_->truncate_episode(env); }
 
  private:
+  // expect_tensor() plus: t does not overlap the buffer's own storage.
+  void expect_arg(const TensorView& t, const char* op, const char* arg,
+                  const std::vector<int64_t>& shape, DType dtype, DeviceKind device,
+                  bool writable) const;
   void check_obs(const char* op, const char* arg, const TensorView& obs, int64_t batch) const;
   void check_embedding(const char* op, const char* arg, const TensorView* e, int64_t batch) const;
 
@@ -58,6 +64,7 @@ class ReplayTensors {
   uintptr_t stream_ = 0;  // the caller's CUDA stream for the copy of the current add
   int device_index_ = 0;  // GPU of the frames in GPU mode
   std::unique_ptr<ReplayCore> core_;
+  std::vector<std::pair<const char*, std::pair<uintptr_t, uintptr_t>>> storage_;  // column bytes
 };
 
 }  // namespace furl_fast

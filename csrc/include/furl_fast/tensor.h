@@ -55,6 +55,9 @@ inline const char* device_name(DeviceKind d) {
 
 struct TensorView {
   static constexpr int kMaxDims = 8;
+  // Element count limit (counting empty dimensions as 1), checked when a view is made: every size
+  // product, and every byte count of up to 8-byte elements, then fits in int64.
+  static constexpr int64_t kMaxElements = int64_t{1} << 60;
   void* data = nullptr;  // already offset by DLPack's byte_offset
   DType dtype = DType::kOther;
   DeviceKind device = DeviceKind::kOther;
