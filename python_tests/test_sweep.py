@@ -126,6 +126,9 @@ def tiny_sweep(tmp_path_factory, tiny_model):
     finished, checkpointed = state(results)
     snapshot = {run: {name: (results / run / name).read_bytes() for name in
                       ("train.log", "eval.json", "config.json", "metrics.csv")} for run in finished}
+    # A run the first sweep started but stopped before its first checkpoint already has an attempt.
+    attempts_before = {run: (results / run / "train.log").read_text().count(ATTEMPT)
+                       if (results / run / "train.log").exists() else 0 for run in RUNS}
 
     second_log = root / "second.log"
     second = start_sweep(args, root, second_log)
@@ -146,6 +149,7 @@ def tiny_sweep(tmp_path_factory, tiny_model):
         end_session(second)
     return SimpleNamespace(results=results, first_code=first_code, first_log=first_log.read_text(),
                            orphans=orphans, checkpointed=checkpointed, snapshot=snapshot,
+                           attempts_before=attempts_before,
                            second_code=second_code, second_log=second_log.read_text(),
                            worker_cmd=worker_cmd, killed_run=killed_run)
 
@@ -212,8 +216,8 @@ def test_killed_worker_is_reported_and_retried(tiny_sweep):
     log_path = results / run / "train.log"
     assert f"FAILED {run} (attempt 1 of 2): WorkerCrashedError" in tiny_sweep.second_log
     assert f"retrying; log: {log_path}" in tiny_sweep.second_log
-    attempts = log_path.read_text().split(ATTEMPT)[1:]
-    assert len(attempts) == 2 and "--resume" in attempts[1].splitlines()[0]
+    attempts = log_path.read_text().split(ATTEMPT)[1 + tiny_sweep.attempts_before[run]:]
+    assert len(attempts) == 2 and "--resume" in attempts[1].splitlines()[0]  # this sweep's two
     assert sweep.is_finished(results / run)
 
 
