@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import zlib
 
@@ -10,6 +11,26 @@ import torch
 # metaworld or mujoco before furl_fast.envs would otherwise leave it on the windowed backend (GLFW),
 # and every headless render in the session would fail.
 os.environ.setdefault("MUJOCO_GL", "egl")
+
+
+# A random-weight open_clip model small enough for CLI smoke runs on a CPU.
+TINY_CLIP_CFG = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64,
+                                                 "head_width": 32, "patch_size": 16},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
+                              "layers": 2}}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """TINY_CLIP_CFG with random weights as a local-dir: model (config + weights), loadable in a
+    subprocess, as users load their own checkpoints."""
+    import open_clip
+
+    root = tmp_path_factory.mktemp("tiny_clip")
+    (root / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG}))
+    torch.manual_seed(0)
+    torch.save(open_clip.CLIP(**TINY_CLIP_CFG).state_dict(), root / "open_clip_pytorch_model.bin")
+    return "local-dir:" + str(root)
 
 
 @pytest.fixture

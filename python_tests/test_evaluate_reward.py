@@ -4,21 +4,14 @@ on a tiny random-weight encoder (its numbers mean nothing; only the plumbing is 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import torch
 
 from furl_fast.rewards.metrics import best_f1_threshold, pearson, precision_recall_f1, roc_auc
-
-TINY_CFG = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 1, "width": 32,
-                                            "head_width": 16, "patch_size": 16},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
-                         "layers": 1}}
 
 LABELS = np.array([0, 0, 1, 1, 0, 1, 0, 1], dtype=bool)
 
@@ -80,17 +73,6 @@ def test_one_class_is_nan():
     assert best_f1_threshold(np.zeros(4, bool), np.arange(4.0))[3] == 0.0
     with pytest.raises(ValueError, match="finite"):
         roc_auc(LABELS, np.full(8, np.nan))
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    import open_clip
-
-    root = tmp_path_factory.mktemp("tiny_clip")
-    (root / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG}))
-    torch.manual_seed(0)
-    torch.save(open_clip.CLIP(**TINY_CFG).state_dict(), root / "open_clip_pytorch_model.bin")
-    return "local-dir:" + str(root)
 
 
 def run_eval(tmp_path, tiny_model, *extra):

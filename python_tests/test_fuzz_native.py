@@ -829,22 +829,7 @@ def test_replay_core_constructor(cfg, data):
     draw = data.draw
     buf = ReplayBuffer(**cfg, seed=0)
     c = buf._cfg
-    layout = {
-        "capacity": c["capacity"],
-        "num_envs": c["num_envs"],
-        "frame_stack": c["frame_stack"],
-        "n_step": c["n_step"],
-        "gamma": c["gamma"],
-        "action_dim": c["action_dim"],
-        "pixels": buf.pixels,
-        "channels": buf.obs_shape[0],
-        "height": buf.obs_shape[1] if buf.pixels else 1,
-        "width": buf.obs_shape[2] if buf.pixels else 1,
-        "embedding_dim": c["embedding_dim"],
-        "embedding_dtype": str(c["embedding_dtype"]).removeprefix("torch."),
-        "shift_pad": c["shift_pad"],
-        "device": "cpu",
-    }
+    layout = buf._core_layout()
     for key in draw(st.lists(st.sampled_from(sorted(layout)), max_size=2, unique=True)):
         if draw(st.integers(0, 4)) == 0:
             del layout[key]
@@ -1436,25 +1421,7 @@ def test_frame_stack_and_n_step_beyond_the_capacity():
 
 
 def _layout_dict(buf: ReplayBuffer, **changes) -> dict[str, Any]:
-    c = buf._cfg
-    layout = {
-        "capacity": c["capacity"],
-        "num_envs": c["num_envs"],
-        "frame_stack": c["frame_stack"],
-        "n_step": c["n_step"],
-        "gamma": c["gamma"],
-        "action_dim": c["action_dim"],
-        "pixels": buf.pixels,
-        "channels": buf.obs_shape[0],
-        "height": 1,
-        "width": 1,
-        "embedding_dim": 0,
-        "embedding_dtype": "float32",
-        "shift_pad": 4,
-        "device": "cpu",
-    }
-    layout.update(changes)
-    return layout
+    return {**buf._core_layout(), **changes}
 
 
 def test_replay_layout_entries_are_checked():

@@ -16,30 +16,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from furl_fast import sweep
 from furl_fast.metrics import mean_std
 
-TINY_CFG = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64,
-                                            "head_width": 32, "patch_size": 16},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
 TASKS, ALGOS, SEEDS = ("reach", "drawer-close"), ("sac", "vlm"), (0, 1)
 STEPS = 200  # checkpoints every 50 steps leave a window in which a run is half done
 RUNS = [f"{t}/fixed/{a}-sac/seed{s}" for s in SEEDS for t in TASKS for a in ALGOS]
 ATTEMPT = "=== furl_fast.sweep attempt"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """A random-weight open_clip model as a local-dir: model, as in test_train.py."""
-    import open_clip
-
-    root = tmp_path_factory.mktemp("tiny_clip")
-    (root / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG}))
-    torch.manual_seed(0)
-    torch.save(open_clip.CLIP(**TINY_CFG).state_dict(), root / "open_clip_pytorch_model.bin")
-    return "local-dir:" + str(root)
 
 
 def train_flags(model: str, pretrained: str = "none") -> list[str]:

@@ -18,26 +18,9 @@ import torch
 from furl_fast import ReplayBuffer
 from furl_fast.train import CHECKPOINT_DIR, STATE_FILE
 
-TINY_CFG = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64,
-                                            "head_width": 32, "patch_size": 16},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
 # Per agent: total steps, warm-up, checkpoint interval, batch. State SAC: three 500-step episodes;
 # DrQ (action repeat 2, 250 agent steps an episode, slow conv updates on a CPU): just over one.
 SETTINGS = {"sac": (1500, 600, 500, 32), "drq": (300, 200, 150, 8)}
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """A random-weight open_clip model as a local-dir: model (config + weights), loadable in a
-    subprocess, as users load their own checkpoints."""
-    import open_clip
-
-    root = tmp_path_factory.mktemp("tiny_clip")
-    (root / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG}))
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**TINY_CFG)
-    torch.save(model.state_dict(), root / "open_clip_pytorch_model.bin")
-    return "local-dir:" + str(root)
-
-
 def train_args(run_dir: Path, algo: str, model: str, agent: str = "sac", video: bool = False) -> list[str]:
     steps, warmup, checkpoint_every, batch = SETTINGS[agent]
     return ["--eval-video" if video else "--no-eval-video", "--algo", algo, "--agent", agent, "--task", "reach", "--seed", "0",

@@ -313,10 +313,11 @@ class ReplayBuffer:
             )
         return {k: torch.empty(shape, dtype=dtype, device=d) for k, (shape, dtype, d) in specs.items()}
 
-    def _make_core(self, *, fresh: bool, seed: int) -> Any:
+    def _core_layout(self) -> dict[str, Any]:
+        """The layout dict the native ReplayCore is built from."""
         c = self._cfg
         shape = c["obs_shape"]
-        layout = {
+        return {
             "capacity": c["capacity"],
             "num_envs": c["num_envs"],
             "frame_stack": c["frame_stack"],
@@ -332,6 +333,9 @@ class ReplayBuffer:
             "shift_pad": c["shift_pad"],
             "device": self.device.type,
         }
+
+    def _make_core(self, *, fresh: bool, seed: int) -> Any:
+        layout = self._core_layout()
         capsules = {name: to_dlpack(t) for name, t in self._columns.items()}
         return _native._C.ReplayCore(layout, capsules, fresh, seed)
 
