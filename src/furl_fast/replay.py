@@ -776,17 +776,24 @@ class ReplayBuffer:
             }
             # Until the ring is full, slots from `written` on hold whatever torch.empty found in
             # memory (other data of this process): write zeros there, so that a file holds only
-            # the buffer's data and the same adds always give the same file.
+            # the buffer's data and the same adds always give the same file. The zeros come from
+            # np.zeros (untouched zero pages), not from a copy of a possibly huge column.
             written = int(columns["state"][0])  # kStateWritten
-            for name in ("frames", "embeddings"):
-                if name in columns and written < self.capacity:
-                    columns[name] = columns[name].copy()
-                    columns[name][written:] = 0
-            arrays = list(columns.values())
-            header = {
-                "layout": self._layout(),
-                "crc32": [zlib.crc32(memoryview(a).cast("B")) for a in arrays],
-            }
+            chunks = []  # per column, the byte ranges written to the file in order
+            for name, a in columns.items():
+                raw = memoryview(a).cast("B")
+                if name in ("frames", "embeddings") and written < self.capacity:
+                    cut = written * (a.nbytes // self.capacity)
+                    chunks.append([raw[:cut], memoryview(np.zeros(a.nbytes - cut, np.uint8))])
+                else:
+                    chunks.append([raw])
+            crcs = []
+            for parts in chunks:
+                crc = 0
+                for part in parts:
+                    crc = zlib.crc32(part, crc)
+                crcs.append(crc)
+            header = {"layout": self._layout(), "crc32": crcs}
             blob = json.dumps(header).encode()
             try:
                 with open(tmp, "wb") as f:
@@ -794,7 +801,7 @@ class ReplayBuffer:
                         _MAGIC + struct.pack("<III", _FORMAT_VERSION, len(blob), zlib.crc32(blob))
                     )
                     f.write(blob)
-                    f.writelines(memoryview(a).cast("B") for a in arrays)
+                    f.writelines(part for parts in chunks for part in parts)
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
