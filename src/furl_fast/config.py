@@ -207,6 +207,12 @@ class Config:
         return 1 if self.goal == "fixed" else 10
 
     @property
+    def loads_encoder(self) -> bool:
+        """Whether the run needs the VLM's encoders: every reward but code (whose checker programs
+        read frames and states), and none for algo=sac."""
+        return self.resolved_reward not in (None, "code")
+
+    @property
     def uses_relay(self) -> bool:
         return self.algo in ("relay", "furl")
 

@@ -77,7 +77,7 @@ def check_config(cfg: Config) -> None:
     from furl_fast.envs import TASKS
 
     cfg.validate(known_tasks=set(TASKS) | {f"{t}-v3" for t in TASKS})
-    if cfg.algo != "sac" and cfg.resolved_reward != "code":
+    if cfg.loads_encoder:
         from furl_fast.vlm import task_prompt
 
         task_prompt(cfg.task, cfg.vlm.prompt)  # tasks outside MT10 need --vlm.prompt
@@ -216,14 +216,17 @@ class Trainer:
             # index when sampling (with the random shift fused in).
             self.frame_channels = obs_shape[0] // cfg.drq.frame_stack
             stored_shape = (self.frame_channels, *obs_shape[1:])
-            self.agent = make_drq(obs_shape, act_dim, cfg.sac, cfg.drq, self.device)
-            self.relay_agent = make_drq(obs_shape, act_dim, cfg.sac, cfg.drq, self.device,
-                                        metric_prefix="relay_") if cfg.uses_relay else None
         else:
             stored_shape = obs_shape
-            self.agent = SAC(obs_shape[0], act_dim, cfg.sac, self.device)
-            self.relay_agent = SAC(obs_shape[0], act_dim, cfg.sac, self.device, metric_prefix="relay_") \
-                if cfg.uses_relay else None
+
+        def make_agent(metric_prefix: str = ""):
+            if self.pixels:
+                return make_drq(obs_shape, act_dim, cfg.sac, cfg.drq, self.device,
+                                metric_prefix=metric_prefix)
+            return SAC(obs_shape[0], act_dim, cfg.sac, self.device, metric_prefix=metric_prefix)
+
+        self.agent = make_agent()
+        self.relay_agent = make_agent("relay_") if cfg.uses_relay else None
         self.schedule = RelaySchedule.from_config(cfg.furl, num_envs=cfg.num_envs, seed=cfg.seed) \
             if cfg.uses_relay else None
         if cfg.algo == "furl":
@@ -297,9 +300,7 @@ class Trainer:
             return lambda: inputs
 
         def encode_on_side_stream() -> torch.Tensor:
-            if self.encode_stream is None:
-                return self.encode(frames[env_ids])
-            with torch.cuda.stream(self.encode_stream):
+            with torch.cuda.stream(self.encode_stream):  # None (CPU): a no-op
                 return self.encode(frames[env_ids])
 
         future = self.encode_pool.submit(encode_on_side_stream)
@@ -678,7 +679,7 @@ def train(cfg: Config) -> int:
         check_config(cfg)
         if cfg.torch_threads is not None:
             torch.set_num_threads(cfg.torch_threads)
-        encoder = load_vlm(cfg) if cfg.algo != "sac" and cfg.resolved_reward != "code" else None
+        encoder = load_vlm(cfg) if cfg.loads_encoder else None
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         # Say what to change before any work starts (the weights message says how to pass a checkpoint).
         print(f"furl_fast.train: {exc}", file=sys.stderr)
