@@ -49,7 +49,6 @@ logger = logging.getLogger("furl_fast.sweep")
 RUN_LOG = "train.log"
 LOCK_FILE = ".sweep.lock"
 EVAL_FILE = "eval.json"
-CHECKPOINT = Path("checkpoints") / "state.pt"  # furl_fast.train's CHECKPOINT_DIR / STATE_FILE
 TABLE_MD, TABLE_CSV, PLOTS_DIR = "results.md", "results.csv", "plots"
 INSTALL_HINT = ('furl_fast.sweep needs Ray: pip install "furl_fast[sweep]" (or, in a checkout, '
                 'pip install ".[sweep]").')
@@ -177,11 +176,14 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def checkpoint_step(run_dir: Path) -> int | None:
-    if not (run_dir / CHECKPOINT).exists():
-        return None
     import torch
 
-    return int(torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)["step"])
+    from furl_fast.train import CHECKPOINT_DIR, STATE_FILE
+
+    state = run_dir / CHECKPOINT_DIR / STATE_FILE
+    if not state.exists():
+        return None
+    return int(torch.load(state, map_location="cpu", weights_only=False)["step"])
 
 
 def clear_run_dir(run_dir: Path) -> None:
@@ -393,12 +395,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The paper's layout: a row per task (and goal), a column per algo (and agent), cells
     "mean ± std (n seeds)" of the success rate at the last evaluation."""
     one_agent = len({r["agent"] for r in rows}) <= 1
-    columns = list(dict.fromkeys(r["algo"] if one_agent else f"{r['algo']} ({r['agent']})"
-                                 for r in rows))
+
+    def column(r: dict[str, Any]) -> str:
+        return r["algo"] if one_agent else f"{r['algo']} ({r['agent']})"
+
+    columns = list(dict.fromkeys(column(r) for r in rows))
     cells: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
     for r in rows:
-        column = r["algo"] if one_agent else f"{r['algo']} ({r['agent']})"
-        cells[(r["task"], r["goal"])][column] = \
+        cells[(r["task"], r["goal"])][column(r)] = \
             f"{r['success_mean']:.2f} ± {r['success_std']:.2f} ({r['n_seeds']})"
     lines = ["| task | goal | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for (task, goal), by_column in cells.items():
