@@ -46,3 +46,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def closing():
+    """Collects envs and closes them after the test (GL contexts are per process and not free)."""
+    envs = []
+    yield lambda env: envs.append(env) or env
+    for env in envs:
+        env.close()

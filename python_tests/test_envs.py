@@ -21,15 +21,6 @@ from furl_fast.envs import (
 from furl_fast.reference import preprocess_frames as reference_preprocess
 
 
-@pytest.fixture
-def closing():
-    """Collects envs and closes them after the test (GL contexts are per process and not free)."""
-    envs = []
-    yield lambda env: envs.append(env) or env
-    for env in envs:
-        env.close()
-
-
 def test_task_names():
     assert len(TASKS) == 50 and set(MT10_TASKS) <= set(TASKS)
     assert resolve_task("drawer-open-v3") == "drawer-open" == resolve_task("drawer-open")

@@ -3,7 +3,6 @@ with a tiny random-weight encoder."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -155,14 +154,6 @@ def test_frames_call_equals_embedding_path(encoder, gen):
 
 
 # --- wrappers on Meta-World -----------------------------------------------------------------------
-@pytest.fixture
-def closing():
-    envs = []
-    yield lambda env: envs.append(env) or env
-    for env in envs:
-        env.close()
-
-
 def test_wrapper_passes_env_checker(encoder, closing):
     from gymnasium.utils.env_checker import check_env
 
