@@ -3,6 +3,9 @@ envs. Rendering is software (llvmpipe) here, so frames are only rendered where a
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -218,3 +221,21 @@ def test_vector_env_refuses_fork_after_rendering(closing):
     env.reset()  # this process now holds a GL context
     with pytest.raises(RuntimeError, match="forkserver"):
         make_vector_env("reach", 2, seed=0, context="fork")
+
+
+def test_torch_compile_stack_imports_after_a_rendered_frame():
+    """Mesa's llvmpipe puts its libLLVM in the global symbol scope with the first frame; triton
+    (imported by torch._dynamo, hence by torchvision and open_clip) loaded after that used to
+    segfault in its LLVM's static initialisers. A fresh interpreter, in the order a user writes."""
+    script = (
+        "from furl_fast.envs import make_env\n"
+        "env = make_env('reach', seed=0)\n"
+        "env.reset()\n"
+        "import torch._dynamo, open_clip\n"
+        "_, _, _, _, info = env.step(env.action_space.sample())\n"
+        "print(info['vlm_frame'].shape)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.strip() == "(256, 256, 3)"
