@@ -240,142 +240,112 @@ std::unique_ptr<ReplayHandle> make_replay(py::dict layout_args, py::dict cols, b
 
 }  // namespace
 
-// ---- Reward heads (issue 3): mlp_cosine_reward, clip_similarity, goal_baseline_reward,
-// softmax_goal_reward. Each has a _cpu entry (num_threads) and, in CUDA builds, a _cuda entry
-// (stream). Every tensor is a DLPack capsule; outputs are preallocated float32 tensors. ----
+// ---- Kernels with a CPU and a CUDA implementation: preprocess_frames and the reward heads (issue 3).
+// One definition per op registers <op>_cpu, whose last argument is num_threads (0 = all cores), and
+// in CUDA builds <op>_cuda, whose last argument is the torch stream. Every tensor is a DLPack
+// capsule; outputs are preallocated float32 tensors. ----
 namespace {
 
-void register_reward_ops(py::module_& m) {
-  m.def(
-      "mlp_cosine_reward_cpu",
-      [](py::object emb, py::object w1, py::object b1, py::object w2, py::object b2,
-         py::object target, py::object out, int num_threads) {
-        const char* op = "mlp_cosine_reward_cpu";
-        const TensorView e = tensor_arg(emb, op, "emb"), a1 = tensor_arg(w1, op, "w1"),
-                         c1 = tensor_arg(b1, op, "b1"), a2 = tensor_arg(w2, op, "w2"),
-                         c2 = tensor_arg(b2, op, "b2"), t = tensor_arg(target, op, "target"),
-                         o = tensor_arg(out, op, "out");
-        MlpCosineParams p;
-        p.num_threads = num_threads;
-        py::gil_scoped_release release;
-        mlp_cosine_reward_cpu(e, a1, c1, a2, c2, t, o, p);
-      },
-      py::arg("emb"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
-      py::arg("target"), py::arg("out"), py::arg("num_threads") = 0);
-  m.def(
-      "clip_similarity_cpu",
-      [](py::object img, py::object text, py::object out, bool normalize, int num_threads) {
-        const char* op = "clip_similarity_cpu";
-        const TensorView i = tensor_arg(img, op, "img_emb"), t = tensor_arg(text, op, "text_emb"),
-                         o = tensor_arg(out, op, "out");
-        ClipSimilarityParams p;
-        p.normalize = normalize;
-        p.num_threads = num_threads;
-        py::gil_scoped_release release;
-        clip_similarity_cpu(i, t, o, p);
-      },
-      py::arg("img_emb"), py::arg("text_emb"), py::arg("out"), py::arg("normalize"),
-      py::arg("num_threads") = 0);
-  m.def(
-      "goal_baseline_reward_cpu",
-      [](py::object img, py::object goal, py::object baseline, py::object out, float alpha,
-         int num_threads) {
-        const char* op = "goal_baseline_reward_cpu";
-        const TensorView i = tensor_arg(img, op, "img_emb"), g = tensor_arg(goal, op, "goal_emb"),
-                         b = tensor_arg(baseline, op, "baseline_emb"),
-                         o = tensor_arg(out, op, "out");
-        GoalBaselineParams p;
-        p.alpha = alpha;
-        p.num_threads = num_threads;
-        py::gil_scoped_release release;
-        goal_baseline_reward_cpu(i, g, b, o, p);
-      },
-      py::arg("img_emb"), py::arg("goal_emb"), py::arg("baseline_emb"), py::arg("out"),
-      py::arg("alpha"), py::arg("num_threads") = 0);
-  m.def(
-      "softmax_goal_reward_cpu",
-      [](py::object img, py::object text, py::object out, int64_t goal_index, float temperature,
-         std::optional<float> threshold, int num_threads) {
-        const char* op = "softmax_goal_reward_cpu";
-        const TensorView i = tensor_arg(img, op, "img_emb"), t = tensor_arg(text, op, "text_emb"),
-                         o = tensor_arg(out, op, "out");
-        SoftmaxGoalParams p;
-        p.goal_index = goal_index;
-        p.temperature = temperature;
-        p.has_threshold = threshold.has_value();
-        p.threshold = threshold.value_or(0.f);
-        p.num_threads = num_threads;
-        py::gil_scoped_release release;
-        softmax_goal_reward_cpu(i, t, o, p);
-      },
-      py::arg("img_emb"), py::arg("text_emb"), py::arg("out"), py::arg("goal_index"),
-      py::arg("temperature"), py::arg("threshold"), py::arg("num_threads") = 0);
+template <bool kCuda>
+void register_kernels(py::module_& m) {
+  using Where = std::conditional_t<kCuda, uintptr_t, int>;  // the stream, or num_threads
+  const auto where_arg = [] {
+    if constexpr (kCuda) return py::arg("stream");
+    else return py::arg("num_threads") = 0;
+  };
+  const auto entry = [](const char* op) { return std::string(op) + (kCuda ? "_cuda" : "_cpu"); };
+  // The CPU entry points carry their thread count in the op's parameters.
+  const auto on_cpu = [](auto params, Where threads) {
+    params.num_threads = static_cast<int>(threads);
+    return params;
+  };
 
-#ifdef FURL_FAST_WITH_CUDA
   m.def(
-      "mlp_cosine_reward_cuda",
-      [](py::object emb, py::object w1, py::object b1, py::object w2, py::object b2,
-         py::object target, py::object out, uintptr_t stream) {
-        const char* op = "mlp_cosine_reward_cuda";
-        const TensorView e = tensor_arg(emb, op, "emb"), a1 = tensor_arg(w1, op, "w1"),
-                         c1 = tensor_arg(b1, op, "b1"), a2 = tensor_arg(w2, op, "w2"),
-                         c2 = tensor_arg(b2, op, "b2"), t = tensor_arg(target, op, "target"),
-                         o = tensor_arg(out, op, "out");
+      entry("preprocess_frames").c_str(),
+      [op = entry("preprocess_frames")](py::object frames, py::object out,
+                                        std::array<int64_t, 4> crop, int64_t size, bool flip,
+                                        bool bgr, int interpolation, std::array<float, 3> mean,
+                                        std::array<float, 3> std, Where where) {
+        const TensorView f = tensor_arg(frames, op.c_str(), "frames");
+        const TensorView o = tensor_arg(out, op.c_str(), "out");
+        const PreprocessParams p = preprocess_params(crop, size, flip, bgr, interpolation, mean, std);
         py::gil_scoped_release release;
-        mlp_cosine_reward_cuda(e, a1, c1, a2, c2, t, o, stream);
+        if constexpr (kCuda) preprocess_frames_cuda(f, o, p, where);
+        else preprocess_frames_cpu(f, o, p, where);
+      },
+      py::arg("frames"), py::arg("out"), py::arg("crop"), py::arg("size"), py::arg("flip_vertical"),
+      py::arg("bgr"), py::arg("interpolation"), py::arg("mean"), py::arg("std"), where_arg());
+  m.def(
+      entry("mlp_cosine_reward").c_str(),
+      [op = entry("mlp_cosine_reward"), on_cpu](py::object emb, py::object w1, py::object b1,
+                                                py::object w2, py::object b2, py::object target,
+                                                py::object out, Where where) {
+        const char* name = op.c_str();
+        const TensorView e = tensor_arg(emb, name, "emb"), a1 = tensor_arg(w1, name, "w1"),
+                         c1 = tensor_arg(b1, name, "b1"), a2 = tensor_arg(w2, name, "w2"),
+                         c2 = tensor_arg(b2, name, "b2"), t = tensor_arg(target, name, "target"),
+                         o = tensor_arg(out, name, "out");
+        py::gil_scoped_release release;
+        if constexpr (kCuda) mlp_cosine_reward_cuda(e, a1, c1, a2, c2, t, o, where);
+        else mlp_cosine_reward_cpu(e, a1, c1, a2, c2, t, o, on_cpu(MlpCosineParams{}, where));
       },
       py::arg("emb"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
-      py::arg("target"), py::arg("out"), py::arg("stream"));
+      py::arg("target"), py::arg("out"), where_arg());
   m.def(
-      "clip_similarity_cuda",
-      [](py::object img, py::object text, py::object out, bool normalize, uintptr_t stream) {
-        const char* op = "clip_similarity_cuda";
-        const TensorView i = tensor_arg(img, op, "img_emb"), t = tensor_arg(text, op, "text_emb"),
-                         o = tensor_arg(out, op, "out");
+      entry("clip_similarity").c_str(),
+      [op = entry("clip_similarity"), on_cpu](py::object img, py::object text, py::object out,
+                                              bool normalize, Where where) {
+        const char* name = op.c_str();
+        const TensorView i = tensor_arg(img, name, "img_emb"),
+                         t = tensor_arg(text, name, "text_emb"), o = tensor_arg(out, name, "out");
         ClipSimilarityParams p;
         p.normalize = normalize;
         py::gil_scoped_release release;
-        clip_similarity_cuda(i, t, o, p, stream);
+        if constexpr (kCuda) clip_similarity_cuda(i, t, o, p, where);
+        else clip_similarity_cpu(i, t, o, on_cpu(p, where));
       },
-      py::arg("img_emb"), py::arg("text_emb"), py::arg("out"), py::arg("normalize"),
-      py::arg("stream"));
+      py::arg("img_emb"), py::arg("text_emb"), py::arg("out"), py::arg("normalize"), where_arg());
   m.def(
-      "goal_baseline_reward_cuda",
-      [](py::object img, py::object goal, py::object baseline, py::object out, float alpha,
-         uintptr_t stream) {
-        const char* op = "goal_baseline_reward_cuda";
-        const TensorView i = tensor_arg(img, op, "img_emb"), g = tensor_arg(goal, op, "goal_emb"),
-                         b = tensor_arg(baseline, op, "baseline_emb"),
-                         o = tensor_arg(out, op, "out");
+      entry("goal_baseline_reward").c_str(),
+      [op = entry("goal_baseline_reward"), on_cpu](py::object img, py::object goal,
+                                                   py::object baseline, py::object out,
+                                                   float alpha, Where where) {
+        const char* name = op.c_str();
+        const TensorView i = tensor_arg(img, name, "img_emb"),
+                         g = tensor_arg(goal, name, "goal_emb"),
+                         b = tensor_arg(baseline, name, "baseline_emb"),
+                         o = tensor_arg(out, name, "out");
         GoalBaselineParams p;
         p.alpha = alpha;
         py::gil_scoped_release release;
-        goal_baseline_reward_cuda(i, g, b, o, p, stream);
+        if constexpr (kCuda) goal_baseline_reward_cuda(i, g, b, o, p, where);
+        else goal_baseline_reward_cpu(i, g, b, o, on_cpu(p, where));
       },
       py::arg("img_emb"), py::arg("goal_emb"), py::arg("baseline_emb"), py::arg("out"),
-      py::arg("alpha"), py::arg("stream"));
+      py::arg("alpha"), where_arg());
   m.def(
-      "softmax_goal_reward_cuda",
-      [](py::object img, py::object text, py::object out, int64_t goal_index, float temperature,
-         std::optional<float> threshold, uintptr_t stream) {
-        const char* op = "softmax_goal_reward_cuda";
-        const TensorView i = tensor_arg(img, op, "img_emb"), t = tensor_arg(text, op, "text_emb"),
-                         o = tensor_arg(out, op, "out");
+      entry("softmax_goal_reward").c_str(),
+      [op = entry("softmax_goal_reward"), on_cpu](py::object img, py::object text, py::object out,
+                                                  int64_t goal_index, float temperature,
+                                                  std::optional<float> threshold, Where where) {
+        const char* name = op.c_str();
+        const TensorView i = tensor_arg(img, name, "img_emb"),
+                         t = tensor_arg(text, name, "text_emb"), o = tensor_arg(out, name, "out");
         SoftmaxGoalParams p;
         p.goal_index = goal_index;
         p.temperature = temperature;
         p.has_threshold = threshold.has_value();
         p.threshold = threshold.value_or(0.f);
         py::gil_scoped_release release;
-        softmax_goal_reward_cuda(i, t, o, p, stream);
+        if constexpr (kCuda) softmax_goal_reward_cuda(i, t, o, p, where);
+        else softmax_goal_reward_cpu(i, t, o, on_cpu(p, where));
       },
       py::arg("img_emb"), py::arg("text_emb"), py::arg("out"), py::arg("goal_index"),
-      py::arg("temperature"), py::arg("threshold"), py::arg("stream"));
-#endif
+      py::arg("temperature"), py::arg("threshold"), where_arg());
 }
 
 }  // namespace
-// ---- end of reward heads ----
+// ---- end of CPU + CUDA kernels ----
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "furl_fast native core (CPU and CUDA kernels, replay buffer)";
@@ -383,37 +353,6 @@ PYBIND11_MODULE(_C, m) {
   py::register_exception<ValueError>(m, "NativeValueError", PyExc_ValueError);
 
   m.def("build_info", &build_info, "Build and CUDA runtime facts of the native module.");
-
-  m.def(
-      "preprocess_frames_cpu",
-      [](py::object frames, py::object out, std::array<int64_t, 4> crop, int64_t size, bool flip,
-         bool bgr, int interpolation, std::array<float, 3> mean, std::array<float, 3> std,
-         int num_threads) {
-        const TensorView f = tensor_arg(frames, "preprocess_frames_cpu", "frames");
-        const TensorView o = tensor_arg(out, "preprocess_frames_cpu", "out");
-        const PreprocessParams p = preprocess_params(crop, size, flip, bgr, interpolation, mean, std);
-        py::gil_scoped_release release;
-        preprocess_frames_cpu(f, o, p, num_threads);
-      },
-      py::arg("frames"), py::arg("out"), py::arg("crop"), py::arg("size"), py::arg("flip_vertical"),
-      py::arg("bgr"), py::arg("interpolation"), py::arg("mean"), py::arg("std"),
-      py::arg("num_threads") = 0);
-
-#ifdef FURL_FAST_WITH_CUDA
-  m.def(
-      "preprocess_frames_cuda",
-      [](py::object frames, py::object out, std::array<int64_t, 4> crop, int64_t size, bool flip,
-         bool bgr, int interpolation, std::array<float, 3> mean, std::array<float, 3> std,
-         uintptr_t stream) {
-        const TensorView f = tensor_arg(frames, "preprocess_frames_cuda", "frames");
-        const TensorView o = tensor_arg(out, "preprocess_frames_cuda", "out");
-        const PreprocessParams p = preprocess_params(crop, size, flip, bgr, interpolation, mean, std);
-        py::gil_scoped_release release;
-        preprocess_frames_cuda(f, o, p, stream);
-      },
-      py::arg("frames"), py::arg("out"), py::arg("crop"), py::arg("size"), py::arg("flip_vertical"),
-      py::arg("bgr"), py::arg("interpolation"), py::arg("mean"), py::arg("std"), py::arg("stream"));
-#endif
 
   // ---- replay buffer (csrc/replay/; facade furl_fast/replay.py) ---------------------------------
   py::class_<ReplayHandle>(m, "ReplayCore")
@@ -528,5 +467,8 @@ PYBIND11_MODULE(_C, m) {
 #endif
   // ---- end replay buffer ----------------------------------------------------------------------
 
-  register_reward_ops(m);  // reward heads (issue 3)
+  register_kernels</*kCuda=*/false>(m);
+#ifdef FURL_FAST_WITH_CUDA
+  register_kernels</*kCuda=*/true>(m);
+#endif
 }
