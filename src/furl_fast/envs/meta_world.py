@@ -133,6 +133,25 @@ class MetaWorldEnv(gym.Env):
         action_repeat: int | None = None,
         max_episode_steps: int = EPISODE_STEPS,
     ) -> None:
+        """Arguments (build it with make_env(task, **these)):
+
+        task: a plain name ("drawer-open") or "-v3" name; unknown names raise ValueError listing
+          all 50.
+        seed: for goal="fixed" it picks the one scene (object and goal positions) every reset
+          shows, and the goal is hidden from the state; for goal="random" it seeds the sampler
+          that draws a new scene on every reset, and the goal xyz is in the state. Scenes are
+          drawn by the env's own seeded generator, so a seed's scene is not the one Meta-World's
+          "Meta-World/goal_hidden" id (numpy's global RNG) gives for that seed.
+        obs: "state" (39-d float32) or "pixels" (DrQ: (3 * frame_stack, pixel_size, pixel_size)
+          uint8, action_repeat 2 by default; 1 for state). The pixels are the whole VLM frame of
+          the same render resized (antialiased bilinear, fused op, rounded to uint8), not a second
+          render.
+        fast_render: no shadows, no multisampling (about 6x faster in software rendering); False
+          keeps Meta-World's visuals.
+        vlm_frames: render the upright frame_size^2 frame of `camera` on every step into
+          info["vlm_frame"]. Turn off for state-only runs that need no VLM (frames then render
+          only on render()).
+        """
         self.task = resolve_task(task)
         if goal not in ("fixed", "random"):
             raise ValueError(f"make_env: 'goal' must be 'fixed' or 'random', got {goal!r}.")
@@ -293,38 +312,7 @@ class MetaWorldEnv(gym.Env):
         return info
 
 
-def make_env(
-    task: str,
-    *,
-    seed: int,
-    goal: Literal["fixed", "random"] = "fixed",
-    obs: Literal["state", "pixels"] = "state",
-    fast_render: bool = True,
-    vlm_frames: bool = True,
-    frame_size: int = VLM_FRAME_SIZE,
-    camera: str = VLM_CAMERA,
-    pixel_size: int = 84,
-    frame_stack: int = 3,
-    action_repeat: int | None = None,
-    max_episode_steps: int = EPISODE_STEPS,
-) -> MetaWorldEnv:
-    """A Meta-World v3 task as a Gymnasium env with FuRL's conventions (see MetaWorldEnv).
-
-    task: a plain name ("drawer-open") or "-v3" name; unknown names raise ValueError listing all 50.
-    seed: for goal="fixed" it picks the one scene (object and goal positions) every reset shows, and
-      the goal is hidden from the state; for goal="random" it seeds the sampler that draws a new scene
-      on every reset, and the goal xyz is in the state.
-      Scenes are drawn by the env's own seeded generator, so a seed's scene is not the one Meta-World's
-      "Meta-World/goal_hidden" id (numpy's global RNG) gives for that seed.
-    obs: "state" (39-d float32) or "pixels" (DrQ: (3 * frame_stack, pixel_size, pixel_size) uint8,
-      action_repeat 2 by default; 1 for state). The pixels are the whole VLM frame of the same render
-      resized (antialiased bilinear, fused op, rounded to uint8), not a second render.
-    fast_render: no shadows, no multisampling (about 6x faster in software rendering); False keeps
-      Meta-World's visuals.
-    vlm_frames: render the upright frame_size^2 frame of `camera` on every step into info["vlm_frame"].
-      Turn off for state-only runs that need no VLM (frames then render only on render()).
-    """
-    return MetaWorldEnv(task, seed=seed, goal=goal, obs=obs, fast_render=fast_render,
-                        vlm_frames=vlm_frames, frame_size=frame_size, camera=camera,
-                        pixel_size=pixel_size, frame_stack=frame_stack, action_repeat=action_repeat,
-                        max_episode_steps=max_episode_steps)
+def make_env(task: str, **options: Any) -> MetaWorldEnv:
+    """A Meta-World v3 task as a Gymnasium env with FuRL's conventions: MetaWorldEnv(task, **options),
+    with the options (seed is required) documented there."""
+    return MetaWorldEnv(task, **options)
