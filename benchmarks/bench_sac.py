@@ -1,5 +1,6 @@
 """SAC update throughput (FuRL's sizes: 39-d state, 4-d action, 256-256 nets, batch 256): furl_fast's
-SAC.update vs a straightforward PyTorch SAC update measured in the same run; plus the FuRL head update.
+SAC.update, eager and compiled (`SACConfig.compile`: torch.compile, on CUDA as CUDA graphs), vs a
+straightforward PyTorch SAC update measured in the same run; plus the FuRL head update.
 
 Run: python -m pytest benchmarks/bench_sac.py --benchmark-only -o python_files='bench_*.py' \
          --benchmark-json=sac.json && python benchmarks/report.py sac.json --unit updates --baseline naive_torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from furl_fast.agents.sac import SAC
-from furl_fast.config import FuRLConfig
+from furl_fast.config import FuRLConfig, SACConfig
 from furl_fast.rewards.furl import FuRLReward
 
 OBS, ACT, BATCH, HIDDEN = 39, 4, 256, 256
@@ -83,12 +84,17 @@ class NaiveSAC:
                     pt.mul_(0.99).add_(0.01 * p)
 
 
+IMPLS = ["furl_fast", "furl_fast_compiled", "naive_torch"]
+
+
 def _make(impl: str, device: str):
     torch.manual_seed(0)
-    return SAC(OBS, ACT, device=device) if impl == "furl_fast" else NaiveSAC(device)
+    if impl == "naive_torch":
+        return NaiveSAC(device)
+    return SAC(OBS, ACT, SACConfig(compile=impl == "furl_fast_compiled"), device=device)
 
 
-@pytest.mark.parametrize("impl", ["furl_fast", "naive_torch"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_sac_update_cpu(benchmark, impl):
     agent, batch = _make(impl, "cpu"), _batch("cpu")
     benchmark.group = f"sac update cpu B={BATCH}"
@@ -97,7 +103,7 @@ def test_sac_update_cpu(benchmark, impl):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("impl", ["furl_fast", "naive_torch"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_sac_update_cuda(benchmark, impl):
     agent, batch = _make(impl, "cuda"), _batch("cuda")
 

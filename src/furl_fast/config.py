@@ -41,6 +41,10 @@ class SACConfig:
     """Target policy entropy; None means -act_dim / 2 (the FuRL setting)."""
     std_min: float = 1e-3
     """Added to softplus(.) for the policy's standard deviation, so it never collapses to 0."""
+    compile: bool = False
+    """torch.compile the update's loss computation (and its backward); on CUDA as a CUDA graph
+    (mode "reduce-overhead"). Off by default: on a CPU it measured slower than eager (see
+    benchmarks/README.md), on a GPU it is not measured yet."""
 
 
 @dataclass(frozen=True)
