@@ -18,9 +18,9 @@ import torch
 from furl_fast import ReplayBuffer
 from furl_fast.train import CHECKPOINT_DIR, STATE_FILE
 
-# Per agent: total steps, warm-up, checkpoint interval, batch. State SAC: three 500-step episodes;
+# Per agent: total steps, warm-up, checkpoint interval, batch. State SAC: two 500-step episodes;
 # DrQ (action repeat 2, 250 agent steps an episode, slow conv updates on a CPU): just over one.
-SETTINGS = {"sac": (1500, 600, 500, 32), "drq": (300, 200, 150, 8)}
+SETTINGS = {"sac": (1000, 600, 500, 32), "drq": (300, 200, 150, 8)}
 def train_args(run_dir: Path, algo: str, model: str, agent: str = "sac", video: bool = False) -> list[str]:
     steps, warmup, checkpoint_every, batch = SETTINGS[agent]
     return ["--eval-video" if video else "--no-eval-video", "--algo", algo, "--agent", agent, "--task", "reach", "--seed", "0",
@@ -156,10 +156,11 @@ def test_cli_code_reward_stores_each_episodes_progress(tmp_path, agent):
     programs = ProgramSet.from_dict(MOVED_PROGRAMS)
     programs.save(tmp_path / "programs.json")
     run_dir = tmp_path / "run"
-    steps = SETTINGS[agent][0]
+    # State SAC: 1500 steps, so that each of the 2 envs starts a second episode (its reset matters).
+    steps = {"sac": 1500, "drq": SETTINGS["drq"][0]}[agent]
     args = train_args(run_dir, "vlm", "not-loaded", agent) + [
         "--reward", "code", "--code-programs", str(tmp_path / "programs.json"), "--num-envs", "2",
-        "--warmup-steps", str(steps - 100)]
+        "--total-steps", str(steps), "--eval-every", str(steps), "--warmup-steps", str(steps - 100)]
     result = run_cli(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     values = [float(line.split(",")[2]) for line in (run_dir / "metrics.csv").read_text().splitlines()
