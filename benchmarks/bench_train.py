@@ -14,7 +14,8 @@ first and are not timed; evaluation and checkpoints are left out of both.
 Environment knobs: FURL_BENCH_MODEL (default ViT-S-32 on CPU, RN50 on CUDA; random weights: speed does
 not depend on them), FURL_BENCH_DEVICE (auto), FURL_BENCH_STEPS (timed steps, 400),
 FURL_BENCH_NUM_ENVS (the machine's cores, at most 16), FURL_BENCH_THREADS (torch threads; unset keeps
-torch's default).
+torch's default), FURL_BENCH_COMPILE=1 (furl_fast's SAC updates with --sac.compile: CUDA graphs on a
+GPU; the release loop stays eager).
 
 MUJOCO_GL=egl python -m pytest benchmarks/bench_train.py --benchmark-only -o python_files='bench_*.py'
 """
@@ -37,6 +38,7 @@ MODEL = os.environ.get("FURL_BENCH_MODEL", "RN50" if DEVICE.type == "cuda" else 
 TIMED_STEPS = int(os.environ.get("FURL_BENCH_STEPS", "400"))
 NUM_ENVS = int(os.environ.get("FURL_BENCH_NUM_ENVS", min(16, os.cpu_count() or 1)))
 THREADS = os.environ.get("FURL_BENCH_THREADS")
+COMPILE = os.environ.get("FURL_BENCH_COMPILE") == "1"
 WARMUP = 512  # > batch 256 + a vector step, so the first timed step can update
 
 
@@ -165,6 +167,8 @@ def run_trainer(cfg: Config, encoder, run_dir: Path) -> float:
 def test_train_throughput(benchmark, encoder, tmp_path, impl):
     num_envs = NUM_ENVS if impl == "furl_fast" else 1
     cfg = config(num_envs, tmp_path / "run")
+    if impl == "furl_fast":
+        cfg = dataclasses.replace(cfg, sac=dataclasses.replace(cfg.sac, compile=COMPILE))
     seconds: list[float] = []
 
     def once():
@@ -176,6 +180,7 @@ def test_train_throughput(benchmark, encoder, tmp_path, impl):
     benchmark.pedantic(once, rounds=1, iterations=1)
     # Steps/s of the timed learning phase only (the pedantic time also holds set-up and warm-up).
     benchmark.extra_info.update(impl=impl, num_envs=num_envs, model=MODEL, device=str(DEVICE),
+                                sac_compile=cfg.sac.compile,
                                 steps=TIMED_STEPS, learning_seconds=seconds[0],
                                 env_steps_per_second=TIMED_STEPS / seconds[0],
                                 torch_threads=torch.get_num_threads())
