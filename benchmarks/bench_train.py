@@ -153,6 +153,9 @@ def run_trainer(cfg: Config, encoder, run_dir: Path) -> float:
     try:
         trainer.cfg = dataclasses.replace(cfg, total_steps=cfg.warmup_steps)
         trainer.run([])  # warm-up: random actions, no updates
+        if cfg.sac.compile:  # compile (and on CUDA record the graphs) before the clock starts
+            for _ in range(3):
+                trainer.update(log=False)
         trainer.cfg = cfg
         start = time.perf_counter()
         trainer.run([])
