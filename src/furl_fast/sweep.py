@@ -369,15 +369,16 @@ def find_run_dirs(results: Path) -> list[Path]:
     return sorted(found)
 
 
-def collect(results: Path) -> tuple[list[dict[str, Any]], list[Path]]:
-    """(rows, unfinished run dirs): one row per (task, goal, algo, agent) over its finished seeds."""
+def collect(results: Path) -> tuple[list[dict[str, Any]], dict[Path, dict[str, Any]], list[Path]]:
+    """(rows, {finished run dir: its config}, unfinished run dirs): one row per (task, goal, algo,
+    agent) over its finished seeds."""
     groups: dict[tuple, list[tuple[int, dict]]] = defaultdict(list)
-    unfinished = []
+    finished, unfinished = {}, []
     for run_dir in find_run_dirs(results):
         if not is_finished(run_dir):
             unfinished.append(run_dir)
             continue
-        config = json.loads((run_dir / CONFIG_FILE).read_text())
+        config = finished[run_dir] = json.loads((run_dir / CONFIG_FILE).read_text())
         key = (config["task"].removesuffix("-v3"), config["goal"], config["algo"], config["agent"])
         groups[key].append((config["seed"], json.loads((run_dir / EVAL_FILE).read_text())))
     rows = []
@@ -388,7 +389,7 @@ def collect(results: Path) -> tuple[list[dict[str, Any]], list[Path]]:
         rows.append(dict(zip(("task", "goal", "algo", "agent"), key), success_mean=mean, success_std=std,
                          ever_success_mean=ever, n_seeds=len(seeds),
                          seeds=" ".join(str(s) for s, _ in seeds), step=min(e["step"] for _, e in seeds)))
-    return rows, unfinished
+    return rows, finished, unfinished
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -415,7 +416,7 @@ def write_report(results: Path) -> tuple[Path, Path, list[Path]]:
     from the finished runs under results."""
     from furl_fast.plot import plot
 
-    rows, unfinished = collect(results)
+    rows, finished, unfinished = collect(results)
     results.mkdir(parents=True, exist_ok=True)
     csv_path = results / TABLE_CSV
     columns = ["task", "goal", "algo", "agent", "success_mean", "success_std", "ever_success_mean",
@@ -433,9 +434,7 @@ def write_report(results: Path) -> tuple[Path, Path, list[Path]]:
     md = results / TABLE_MD
     md.write_text("\n".join(text) + "\n")
     by_task: dict[tuple[str, str], list[Path]] = defaultdict(list)
-    finished = set(find_run_dirs(results)) - set(unfinished)
-    for run_dir in sorted(finished):
-        config = json.loads((run_dir / CONFIG_FILE).read_text())
+    for run_dir, config in finished.items():
         by_task[(config["task"].removesuffix("-v3"), config["goal"])].append(run_dir)
     plots = [plot(dirs, results / PLOTS_DIR / f"{task}-{goal}.png") for (task, goal), dirs in
              sorted(by_task.items())]
