@@ -22,15 +22,6 @@ if "MUJOCO_GL" not in os.environ and "mujoco" in sys.modules:
     )
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-# Software rendering (Mesa's llvmpipe) brings libLLVM into the process's global symbol scope with
-# the first frame. Triton, which torch._dynamo imports (and through it torchvision, so open_clip),
-# links its own LLVM statically: loaded after a frame was rendered, its static initialisers bind to
-# Mesa's LLVM and the process dies with a segfault. Loaded first, it keeps its LLVM to itself.
-try:
-    import triton  # noqa: F401
-except ImportError:  # torch builds without triton (CPU-only wheels) are not affected
-    pass
-
 # MUJOCO_GL must be set before these import mujoco.
 from furl_fast.envs.meta_world import (
     MT10_TASKS,

@@ -73,6 +73,15 @@ class FrameRenderer:
         model.vis.global_.offheight = max(model.vis.global_.offheight, size)
         self._data = data
         self._camera = camera
+        # Software rendering (Mesa's llvmpipe) brings libLLVM into the process's global symbol
+        # scope with the first GL context. Triton, which torch._dynamo imports (and through it
+        # torchvision, so open_clip), links its own LLVM statically: loaded after that, its static
+        # initialisers bind to Mesa's LLVM and the process dies with a segfault. Loaded first, it
+        # keeps its LLVM to itself.
+        try:
+            import triton  # noqa: F401
+        except ImportError:  # torch builds without triton (CPU-only wheels) are not affected
+            pass
         try:
             self._renderer = mujoco.Renderer(model, size, size)
         except Exception as exc:
