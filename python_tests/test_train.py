@@ -21,8 +21,11 @@ from furl_fast.train import CHECKPOINT_DIR, STATE_FILE
 # Per agent: total steps, warm-up, checkpoint interval, batch. State SAC: two 500-step episodes;
 # DrQ (action repeat 2, 250 agent steps an episode, slow conv updates on a CPU): just over one.
 SETTINGS = {"sac": (1000, 600, 500, 32), "drq": (300, 200, 150, 8)}
-def train_args(run_dir: Path, algo: str, model: str, agent: str = "sac", video: bool = False) -> list[str]:
-    steps, warmup, checkpoint_every, batch = SETTINGS[agent]
+def train_args(run_dir: Path, algo: str, model: str, agent: str = "sac", video: bool = False,
+               steps: int | None = None) -> list[str]:
+    """CLI arguments of a smoke run; steps (total, and the one evaluation) default to SETTINGS'."""
+    default_steps, warmup, checkpoint_every, batch = SETTINGS[agent]
+    steps = steps or default_steps
     return ["--eval-video" if video else "--no-eval-video", "--algo", algo, "--agent", agent, "--task", "reach", "--seed", "0",
             "--total-steps", str(steps), "--warmup-steps", str(warmup), "--batch-size", str(batch),
             "--buffer-size", "5000", "--eval-every", str(steps), "--checkpoint-every",
@@ -157,10 +160,10 @@ def test_cli_code_reward_stores_each_episodes_progress(tmp_path, agent):
     programs.save(tmp_path / "programs.json")
     run_dir = tmp_path / "run"
     # State SAC: 1500 steps, so that each of the 2 envs starts a second episode (its reset matters).
-    steps = {"sac": 1500, "drq": SETTINGS["drq"][0]}[agent]
-    args = train_args(run_dir, "vlm", "not-loaded", agent) + [
+    steps = 1500 if agent == "sac" else SETTINGS[agent][0]
+    args = train_args(run_dir, "vlm", "not-loaded", agent, steps=steps) + [
         "--reward", "code", "--code-programs", str(tmp_path / "programs.json"), "--num-envs", "2",
-        "--total-steps", str(steps), "--eval-every", str(steps), "--warmup-steps", str(steps - 100)]
+        "--warmup-steps", str(steps - 100)]
     result = run_cli(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     values = [float(line.split(",")[2]) for line in (run_dir / "metrics.csv").read_text().splitlines()
