@@ -55,6 +55,34 @@ def test_gymnasium_env_checker(obs, closing):
     assert env.observation_space.dtype == (np.float32 if obs == "state" else np.uint8)
 
 
+@pytest.mark.parametrize("action_repeat", [1, 2])
+def test_dense_reward_is_meta_worlds_shaped_reward_summed_over_repeats(action_repeat, closing):
+    """reward="dense" (the oracle) hands the critic Meta-World's own reward: the raw env's reward,
+    summed over the repeated simulator steps; success stays the flag after the last repeat."""
+    env = closing(make_env("reach", seed=0, vlm_frames=False, reward="dense",
+                           action_repeat=action_repeat))
+    twin = closing(make_env("reach", seed=0, vlm_frames=False, action_repeat=1))
+    policy = expert_policy(env)
+    state, _ = env.reset()
+    twin.reset()
+    rewards, raw_sums = [], []
+    for _ in range(60):
+        action = policy(state)
+        state, reward, _, _, info = env.step(action)
+        raw_sum = 0.0
+        for _ in range(action_repeat):
+            _, _, _, _, twin_info = twin.step(action)
+            raw_sum += float(twin.unwrapped._raw.compute_reward(np.clip(action, -1, 1),
+                                                                twin.unwrapped._raw._get_obs())[0])
+        assert info["success"] == twin_info["success"]
+        rewards.append(reward)
+        raw_sums.append(raw_sum)
+    np.testing.assert_allclose(rewards, raw_sums, rtol=1e-6)
+    assert min(rewards) > 0 and len(set(rewards)) > 10  # shaped: positive and varying, not -1/0
+    with pytest.raises(ValueError, match="'reward' must be 'sparse' or 'dense'"):
+        make_env("reach", seed=0, reward="shaped")
+
+
 def test_sparse_reward_matches_success_and_truncates_at_500(closing):
     env = closing(make_env("reach", seed=0, vlm_frames=False))
     policy = expert_policy(env)

@@ -14,6 +14,7 @@ ALGOS = ("sac", "vlm", "relay", "furl")
 AGENTS = ("sac", "drq")
 REWARDS = ("furl", "cosine", "goal_baseline", "binary", "code")
 GOALS = ("fixed", "random")
+ENV_REWARDS = ("sparse", "dense")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -136,6 +137,10 @@ class Config:
     """Meta-World v3 task name."""
     goal: Literal["fixed", "random"] = "fixed"
     """fixed: hidden goal, same scene every reset; random: goal in the state, resampled each reset."""
+    env_reward: Literal["sparse", "dense"] = "sparse"
+    """The environment's reward in the critic: sparse (success - 1, FuRL's setting) or dense
+    (Meta-World's own shaped reward: the oracle upper bound, and a check without any VLM weights that
+    the RL stack learns the task). VLM rewards are added on top of it (weight rho)."""
     seed: int = 0
     """Seed of the environment, networks, replay sampling and relay schedule."""
     total_steps: int = 100_000
@@ -249,6 +254,7 @@ def _problems(cfg: Config, known_tasks: Collection[str] | None) -> list[str]:
     if cfg.reward is not None:
         p += _one_of("reward", cfg.reward, REWARDS)
     p += _one_of("goal", cfg.goal, GOALS)
+    p += _one_of("env_reward", cfg.env_reward, ENV_REWARDS)
     if cfg.algo == "furl" and cfg.reward not in (None, "furl"):
         p.append(f"algo=furl trains the aligned heads, so reward must be 'furl' (got {cfg.reward!r}); "
                  "for a raw VLM reward use --algo vlm or --algo relay.")

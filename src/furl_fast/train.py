@@ -202,6 +202,7 @@ class Trainer:
                           action_repeat=cfg.drq.action_repeat) if self.pixels else {}
         # Programs that never read their frame spare the render.
         self.vlm_frames = self.uses_vlm and (self.code is None or self.code.reads_frames)
+        env_kwargs["reward"] = cfg.env_reward
         self.envs = make_vector_env(cfg.task, cfg.num_envs, seed=cfg.seed, goal=cfg.goal,
                                     vlm_frames=self.vlm_frames, asynchronous=cfg.num_envs > 1,
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, **env_kwargs)

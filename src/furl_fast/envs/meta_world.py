@@ -118,7 +118,10 @@ class MetaWorldEnv(gym.Env):
     Observations: obs="state" gives the 39-d state, float32 (goal xyz zeroed for goal="fixed");
     obs="pixels" gives (3 * frame_stack, pixel_size, pixel_size) uint8 channel-first RGB frames, stacked
     oldest first (DrQ's input), with the state in info["state"].
-    Reward: success - 1 (-1.0 or 0.0) after the last repeated action; info["success"] (bool) says which.
+    Reward: reward="sparse" (FuRL's setting) gives success - 1 (-1.0 or 0.0) after the last repeated
+    action; reward="dense" gives Meta-World's own shaped reward (0..10 per simulator step), summed over
+    the repeated actions: the "ground-truth reward" upper bound of VLM-reward papers. info["success"]
+    (bool) is the success flag after the last repeated action in both cases.
     Episodes never terminate; they truncate after 500 simulator steps (500 / action_repeat agent steps).
     info["vlm_frame"]: the upright (frame_size, frame_size, 3) uint8 camera frame after the step, on reset
     and every step when vlm_frames=True; render() returns the same array without rendering again.
@@ -133,6 +136,7 @@ class MetaWorldEnv(gym.Env):
         seed: int,
         goal: Literal["fixed", "random"] = "fixed",
         obs: Literal["state", "pixels"] = "state",
+        reward: Literal["sparse", "dense"] = "sparse",
         fast_render: bool = True,
         vlm_frames: bool = True,
         frame_size: int = VLM_FRAME_SIZE,
@@ -155,6 +159,8 @@ class MetaWorldEnv(gym.Env):
           uint8, action_repeat 2 by default; 1 for state). The pixels are the whole VLM frame of
           the same render resized (antialiased bilinear, fused op, rounded to uint8), not a second
           render.
+        reward: "sparse" (success - 1) or "dense" (Meta-World's shaped reward, summed over the
+          repeated actions).
         fast_render: no shadows, no multisampling (about 6x faster in software rendering); False
           keeps Meta-World's visuals.
         vlm_frames: render the upright frame_size^2 frame of `camera` on every step into
@@ -166,6 +172,8 @@ class MetaWorldEnv(gym.Env):
             raise ValueError(f"make_env: 'goal' must be 'fixed' or 'random', got {goal!r}.")
         if obs not in ("state", "pixels"):
             raise ValueError(f"make_env: 'obs' must be 'state' or 'pixels', got {obs!r}.")
+        if reward not in ("sparse", "dense"):
+            raise ValueError(f"make_env: 'reward' must be 'sparse' or 'dense', got {reward!r}.")
         if not isinstance(seed, (int, np.integer)):
             raise TypeError(f"make_env: 'seed' must be an int, got {type(seed).__name__}.")
         action_repeat = (2 if obs == "pixels" else 1) if action_repeat is None else action_repeat
@@ -174,7 +182,7 @@ class MetaWorldEnv(gym.Env):
                             ("max_episode_steps", max_episode_steps)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"make_env: {name!r} must be a positive int, got {value!r}.")
-        self.goal, self.obs_mode, self.fast_render = goal, obs, fast_render
+        self.goal, self.obs_mode, self.reward_mode, self.fast_render = goal, obs, reward, fast_render
         self.vlm_frames, self.frame_size, self.camera = vlm_frames, frame_size, camera
         self.pixel_size, self.frame_stack, self.action_repeat = pixel_size, frame_stack, action_repeat
         self.max_episode_steps = max_episode_steps
@@ -248,8 +256,10 @@ class MetaWorldEnv(gym.Env):
         if not np.all(np.isfinite(action)):
             raise ValueError(f"MetaWorldEnv.step: 'action' must be finite, got {action}.")
         action = np.clip(action, -1.0, 1.0)
+        dense = 0.0
         for _ in range(self.action_repeat):
-            state, _, _, _, raw_info = self._raw.step(action)
+            state, raw_reward, _, _, raw_info = self._raw.step(action)
+            dense += float(raw_reward)
             self._steps += 1
             if self._steps >= self.max_episode_steps:
                 break
@@ -259,8 +269,8 @@ class MetaWorldEnv(gym.Env):
         if self.obs_mode == "pixels":
             self._stack.append(self._pixels(frame))
         truncated = self._steps >= self.max_episode_steps
-        return (self._observation(state), float(success) - 1.0, False, truncated,
-                self._info(success, state, frame))
+        reward = dense if self.reward_mode == "dense" else float(success) - 1.0
+        return self._observation(state), reward, False, truncated, self._info(success, state, frame)
 
     def render(self) -> np.ndarray:
         """The upright VLM frame of the current step (H, W, 3) uint8; rendered now only if the step did
