@@ -17,7 +17,14 @@ def test_defaults_and_presets_validate():
         cfg.validate()
     cfg = Config()
     cfg.validate(known_tasks={"drawer-open-v3"})
-    assert cfg.algo == "furl" and cfg.rho == 0.05 and cfg.sac.tau == 0.01 and cfg.furl.lag == 10
+    assert cfg.algo == "furl" and cfg.resolved_rho == 0.05 and cfg.sac.tau == 0.01 and cfg.furl.lag == 10
+
+
+def test_rho_defaults_per_reward_and_an_explicit_rho_wins():
+    assert _replace(Config(), algo="vlm").resolved_rho == 0.05  # cosine
+    assert _replace(Config(), algo="vlm", reward="code").resolved_rho == 1.0
+    assert _replace(Config(), algo="relay", reward="code", rho=0.2).resolved_rho == 0.2
+    assert _replace(Config(), algo="furl", rho=0.0).resolved_rho == 0.0
 
 
 def test_paper_preset_matches_the_spec():

@@ -281,10 +281,11 @@ def test_run_without_checkpoint_starts_from_a_clean_directory(tmp_path):
     assert log.count(ATTEMPT) == 1 and "task='no-such-task' is unknown" in log
 
 
-def write_run(run_dir: Path, algo: str, seed: int, success: float, step: int, total: int = 100) -> None:
+def write_run(run_dir: Path, algo: str, seed: int, success: float, step: int, total: int = 100,
+              **config_fields) -> None:
     run_dir.mkdir(parents=True)
     config = {"task": "push-v3", "goal": "random", "algo": algo, "agent": "drq", "seed": seed,
-              "total_steps": total}
+              "total_steps": total, **config_fields}
     (run_dir / "config.json").write_text(json.dumps(config))
     (run_dir / "eval.json").write_text(json.dumps({"step": step, "eval/success": success,
                                                    "eval/ever_success": 1.0}))
@@ -311,6 +312,26 @@ def test_table_from_synthetic_runs(tmp_path):
     assert "| push | random | 0.30 ± 0.00 (1) | 0.67 ± 0.47 (3) |" in table
     assert f"- sac/s1: {results / 'sac/s1/train.log'}" in table
     assert (results / "plots" / "push-random.png").exists()
+
+
+def test_dense_env_reward_and_chosen_rewards_get_their_own_runs_and_columns(tmp_path):
+    cfg = sweep.SweepConfig(tasks=("reach",), algos=("sac", "vlm"), env_rewards=("sparse", "dense"),
+                            seeds=(0,))
+    runs = sweep.grid(cfg)
+    assert sorted(r.name for r in runs) == ["reach/fixed/sac-sac-dense/seed0", "reach/fixed/sac-sac/seed0",
+                                            "reach/fixed/vlm-sac-dense/seed0", "reach/fixed/vlm-sac/seed0"]
+    dense = next(r for r in runs if r.name == "reach/fixed/sac-sac-dense/seed0")
+    assert dense.train_args()[dense.train_args().index("--env-reward") + 1] == "dense"
+
+    results = tmp_path / "results"
+    write_run(results / "oracle", "sac", 0, 1.0, step=100, env_reward="dense")
+    write_run(results / "sparse", "sac", 0, 0.0, step=100, env_reward="sparse")
+    write_run(results / "code", "vlm", 0, 0.5, step=100, reward="code")
+    md, _, _ = sweep.write_report(results)
+    rows = read_csv(results / "results.csv")
+    assert [(r["method"], float(r["success_mean"])) for r in rows] == \
+        [("sac", 0.0), ("sac+dense", 1.0), ("vlm+code", 0.5)]
+    assert "| task | goal | sac | sac+dense | vlm+code |" in md.read_text()
 
 
 def test_without_ray_says_how_to_install(tmp_path, monkeypatch, capsys):

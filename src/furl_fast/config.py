@@ -152,8 +152,13 @@ class Config:
     """Replay batch size of every SAC update."""
     buffer_size: int | None = 100_000
     """Replay capacity in transitions; None means the spec's 500,000 for furl, 1,000,000 otherwise."""
-    rho: float = 0.05
-    """Weight of the VLM reward: critic reward = (success - 1) + rho * vlm_reward."""
+    rho: float | None = None
+    """Weight of the VLM reward: critic reward = env reward + rho * vlm_reward. None picks the
+    reward's default: 0.05 for the VLM similarity rewards (FuRL's setting: a noisy cosine must not
+    outweigh the task reward) and 1.0 for the code reward, whose staged progress in [0, 1] comes from
+    verified checker programs and is weighted like the task reward itself (as VLM-CaR adds it to the
+    sparse reward): with 0.05 its first stage is worth 0.0125 per step, far below the entropy
+    bonus SAC starts with."""
     eval_every: int = 10_000
     """Environment steps between evaluations of the deterministic policy."""
     eval_video: bool = True
@@ -202,6 +207,13 @@ class Config:
         if self.reward is not None:
             return self.reward
         return "furl" if self.algo == "furl" else "cosine"
+
+    @property
+    def resolved_rho(self) -> float:
+        """The VLM reward's weight in the critic (see rho)."""
+        if self.rho is not None:
+            return self.rho
+        return 1.0 if self.resolved_reward == "code" else 0.05
 
     @property
     def resolved_buffer_size(self) -> int:
@@ -280,7 +292,7 @@ def _problems(cfg: Config, known_tasks: Collection[str] | None) -> list[str]:
     if cfg.batch_size > cfg.resolved_buffer_size > 0:
         p.append(f"batch_size={cfg.batch_size} is larger than the replay buffer "
                  f"({cfg.resolved_buffer_size}); lower --batch-size or raise --buffer-size.")
-    if cfg.rho < 0:
+    if cfg.rho is not None and cfg.rho < 0:
         p.append(f"rho={cfg.rho} must be >= 0 (it weighs the VLM reward; 0 turns it off).")
     p += _positive("eval_every", cfg.eval_every)
     if cfg.eval_episodes is not None:

@@ -1,4 +1,5 @@
-"""`python -m furl_fast.sweep`: a grid of training runs (tasks x goals x algos x agents x seeds) on Ray.
+"""`python -m furl_fast.sweep`: a grid of training runs (tasks x goals x algos x agents x env rewards x
+seeds) on Ray.
 
     python -m furl_fast.sweep --tasks reach drawer-open --algos sac furl --seeds 0 1 2 3 4
     python -m furl_fast.sweep --address auto --gpus-per-run 0.25 -- --preset paper
@@ -10,7 +11,7 @@ a cluster, where --results-dir must be a directory every node sees (a shared fil
 node needs furl_fast installed.
 
 Each run is one Ray task with its CPU / GPU share (fractional GPUs let small runs share a card). The
-task runs the trainer as a subprocess in RESULTS/<task>/<goal>/<algo>-<agent>/seed<k>/, logging to
+task runs the trainer as a subprocess in RESULTS/<task>/<goal>/<algo>-<agent>[-dense]/seed<k>/, logging to
 train.log there, so a crash of the trainer fails that run only. A run is finished when its eval.json
 holds the final step; starting the same sweep again skips finished runs and continues the others
 with `--resume` from their last checkpoint. Failed runs (trainer exit, killed worker) are retried
@@ -53,7 +54,7 @@ TABLE_MD, TABLE_CSV, PLOTS_DIR = "results.md", "results.csv", "plots"
 INSTALL_HINT = ('furl_fast.sweep needs Ray: pip install "furl_fast[sweep]" (or, in a checkout, '
                 'pip install ".[sweep]").')
 # The sweep sets these per run itself; the same flag after `--` would silently collapse the grid.
-GRID_FLAGS = ("--task", "--goal", "--algo", "--agent", "--seed", "--run-dir", "--resume")
+GRID_FLAGS = ("--task", "--goal", "--algo", "--agent", "--env-reward", "--seed", "--run-dir", "--resume")
 
 
 def _mt10() -> tuple[str, ...]:
@@ -74,6 +75,10 @@ class SweepConfig:
     """Algorithms (furl_fast.train --algo)."""
     agents: Annotated[tuple[Literal["sac", "drq"], ...], tyro.conf.arg(aliases=("--agent",))] = ("sac",)
     """Agents: sac (states) and/or drq (pixels)."""
+    env_rewards: tuple[Literal["sparse", "dense"], ...] = ("sparse",)
+    """The environment's reward in the critic (furl_fast.train --env-reward): sparse (the paper's
+    setting) and/or dense, Meta-World's shaped reward (the oracle row; its runs live in
+    <algo>-<agent>-dense/)."""
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     """Seeds; the table reports mean and std over them."""
     results_dir: str = "results"
@@ -107,21 +112,24 @@ class Run:
     algo: str
     agent: str
     seed: int
+    env_reward: str = "sparse"
 
     @property
     def name(self) -> str:
-        return f"{self.task}/{self.goal}/{self.algo}-{self.agent}/seed{self.seed}"
+        dense = "-dense" if self.env_reward == "dense" else ""
+        return f"{self.task}/{self.goal}/{self.algo}-{self.agent}{dense}/seed{self.seed}"
 
     def train_args(self) -> list[str]:
         return ["--task", self.task, "--goal", self.goal, "--algo", self.algo, "--agent", self.agent,
-                "--seed", str(self.seed)]
+                "--env-reward", self.env_reward, "--seed", str(self.seed)]
 
 
 def grid(cfg: SweepConfig) -> list[Run]:
     """Seed-major order: a sweep stopped half-way has results for every task and algo, not all seeds
     of the first ones."""
-    runs = [Run(task.removesuffix("-v3"), goal, algo, agent, seed) for seed in cfg.seeds
-            for task in cfg.tasks for goal in cfg.goals for agent in cfg.agents for algo in cfg.algos]
+    runs = [Run(task.removesuffix("-v3"), goal, algo, agent, seed, env_reward) for seed in cfg.seeds
+            for task in cfg.tasks for goal in cfg.goals for agent in cfg.agents for algo in cfg.algos
+            for env_reward in cfg.env_rewards]
     return list(dict.fromkeys(runs))  # "reach" and "reach-v3" are one run
 
 
@@ -144,8 +152,9 @@ def check(cfg: SweepConfig) -> None:
     clashes = sorted({a.split("=")[0] for a in cfg.train_args} & set(GRID_FLAGS))
     if clashes:
         problems.append(f"{', '.join(clashes)} after `--` would apply to every run; the sweep sets them "
-                        "per run (use --tasks, --goals, --algos, --agents, --seeds, --results-dir).")
-    for name in ("tasks", "goals", "algos", "agents", "seeds"):
+                        "per run (use --tasks, --goals, --algos, --agents, --env-rewards, --seeds, "
+                        "--results-dir).")
+    for name in ("tasks", "goals", "algos", "agents", "env_rewards", "seeds"):
         if not getattr(cfg, name):
             problems.append(f"--{name} is empty.")
     if cfg.retries < 0:
@@ -159,7 +168,7 @@ def check(cfg: SweepConfig) -> None:
     base = parse_config(run_train_args(cfg))
     for run in {dataclasses.replace(r, seed=0) for r in grid(cfg)}:
         check_config(dataclasses.replace(base, task=run.task, goal=run.goal, algo=run.algo,
-                                         agent=run.agent))
+                                         agent=run.agent, env_reward=run.env_reward))
 
 
 # ---- one run (executes in a Ray worker) -----------------------------------------------------------
@@ -369,8 +378,19 @@ def find_run_dirs(results: Path) -> list[Path]:
     return sorted(found)
 
 
+def method(config: dict[str, Any]) -> str:
+    """A run's column in the table: its algo, the reward when one was chosen (vlm+code), and +dense
+    for Meta-World's shaped env reward (sac+dense is the oracle)."""
+    name = config["algo"]
+    if config.get("reward") and config["algo"] != "sac":
+        name += f"+{config['reward']}"
+    if config.get("env_reward", "sparse") == "dense":
+        name += "+dense"
+    return name
+
+
 def collect(results: Path) -> tuple[list[dict[str, Any]], dict[Path, dict[str, Any]], list[Path]]:
-    """(rows, {finished run dir: its config}, unfinished run dirs): one row per (task, goal, algo,
+    """(rows, {finished run dir: its config}, unfinished run dirs): one row per (task, goal, method,
     agent) over its finished seeds."""
     groups: dict[tuple, list[tuple[int, dict]]] = defaultdict(list)
     finished, unfinished = {}, []
@@ -379,26 +399,28 @@ def collect(results: Path) -> tuple[list[dict[str, Any]], dict[Path, dict[str, A
             unfinished.append(run_dir)
             continue
         config = finished[run_dir] = json.loads((run_dir / CONFIG_FILE).read_text())
-        key = (config["task"].removesuffix("-v3"), config["goal"], config["algo"], config["agent"])
+        key = (config["task"].removesuffix("-v3"), config["goal"], config["algo"], config["agent"],
+               method(config))
         groups[key].append((config["seed"], json.loads((run_dir / EVAL_FILE).read_text())))
     rows = []
-    for key in sorted(groups, key=lambda k: (k[0], k[1], ALGOS.index(k[2]), AGENTS.index(k[3]))):
+    for key in sorted(groups, key=lambda k: (k[0], k[1], ALGOS.index(k[2]), AGENTS.index(k[3]), k[4])):
         seeds = sorted(groups[key], key=lambda s: s[0])
         mean, std = mean_std([e["eval/success"] for _, e in seeds])
         ever, _ = mean_std([e["eval/ever_success"] for _, e in seeds])
-        rows.append(dict(zip(("task", "goal", "algo", "agent"), key), success_mean=mean, success_std=std,
+        rows.append(dict(zip(("task", "goal", "algo", "agent", "method"), key), success_mean=mean,
+                         success_std=std,
                          ever_success_mean=ever, n_seeds=len(seeds),
                          seeds=" ".join(str(s) for s, _ in seeds), step=min(e["step"] for _, e in seeds)))
     return rows, finished, unfinished
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The paper's layout: a row per task (and goal), a column per algo (and agent), cells
+    """The paper's layout: a row per task (and goal), a column per method (and agent), cells
     "mean ± std (n seeds)" of the success rate at the last evaluation."""
     one_agent = len({r["agent"] for r in rows}) <= 1
 
     def column(r: dict[str, Any]) -> str:
-        return r["algo"] if one_agent else f"{r['algo']} ({r['agent']})"
+        return r["method"] if one_agent else f"{r['method']} ({r['agent']})"
 
     columns = list(dict.fromkeys(column(r) for r in rows))
     cells: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
@@ -419,7 +441,7 @@ def write_report(results: Path) -> tuple[Path, Path, list[Path]]:
     rows, finished, unfinished = collect(results)
     results.mkdir(parents=True, exist_ok=True)
     csv_path = results / TABLE_CSV
-    columns = ["task", "goal", "algo", "agent", "success_mean", "success_std", "ever_success_mean",
+    columns = ["task", "goal", "algo", "agent", "method", "success_mean", "success_std", "ever_success_mean",
                "n_seeds", "seeds", "step"]
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)

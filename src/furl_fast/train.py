@@ -355,7 +355,7 @@ class Trainer:
             if self.uses_vlm:
                 # Heads as they are before this step's update (spec: pre-update reward).
                 vlm = self.vlm_reward(batch.next_embedding)
-                reward = batch.reward + cfg.rho * vlm
+                reward = batch.reward + cfg.resolved_rho * vlm
                 if log:
                     metrics["charts/vlm_reward"] = vlm.mean()
             metrics.update(self.agent.update(batch._replace(reward=reward), log=log))

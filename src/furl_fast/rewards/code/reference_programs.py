@@ -15,6 +15,12 @@ Thresholds follow each task's own success test in metaworld (evaluate_state):
   after the button has gone in by ~0.074;
 - window-open: success when the window is within 0.05 (in x) of a target 0.2 along +x; the handle
   has then moved ~0.195 along +x.
+drawer-open, button-press-topdown and window-open start with two approach stages: the gripper has
+closed a tenth, then half, of its initial distance to the object. Measured over 16 random-action
+episodes of 500 steps: the first stage completes in 9, 16 and 15 of them (drawer-open,
+button-press-topdown, window-open), the second in 3, 0 and 4, while the contact stage (within
+0.02-0.06) practically never happens by chance. Without the approach stages a random explorer sees a
+code reward of exactly 0 and the reward teaches nothing.
 (drawer-close has no set on purpose: random actions close the drawer in about half of the rollouts,
 so no correct program set can pass the 10% random-rollout test.)
 Programs remember the first state of the episode in a global (programs are re-instantiated per
@@ -27,13 +33,35 @@ from furl_fast.rewards.code.program_set import ProgramSet
 
 __all__ = ["REFERENCE_PROGRAM_SETS", "reference_program_set"]
 
+
+def _approach(fraction: float) -> str:
+    """A program that completes once the gripper is within `fraction` of its distance at the start
+    of the episode from the first object (state[4:7]: the drawer handle, the button, the window
+    handle)."""
+    return f"""
+import numpy as np
+
+start = None
+
+def done(frame, state):
+    global start
+    d = float(np.linalg.norm(state[0:3] - state[4:7]))
+    if start is None:
+        start = d
+    return d <= {fraction} * start
+"""
+
 _DRAWER_OPEN = ProgramSet(
     task="drawer-open-v3",
     subtasks=(
+        "move the gripper towards the drawer handle",
+        "move the gripper halfway to the drawer handle",
         "move the gripper to the drawer handle",
         "pull the drawer open",
     ),
     programs=(
+        _approach(0.9),
+        _approach(0.5),
         """
 import numpy as np
 
@@ -56,10 +84,14 @@ def done(frame, state):
 _BUTTON_PRESS_TOPDOWN = ProgramSet(
     task="button-press-topdown-v3",
     subtasks=(
+        "move the gripper towards the button",
+        "move the gripper halfway to the button",
         "move the gripper right above the button",
         "press the button down",
     ),
     programs=(
+        _approach(0.9),
+        _approach(0.5),
         """
 import numpy as np
 
@@ -139,10 +171,14 @@ def done(frame, state):
 _WINDOW_OPEN = ProgramSet(
     task="window-open-v3",
     subtasks=(
+        "move the gripper towards the window handle",
+        "move the gripper halfway to the window handle",
         "move the gripper to the window handle",
         "slide the window open",
     ),
     programs=(
+        _approach(0.9),
+        _approach(0.5),
         """
 import numpy as np
 
