@@ -1,0 +1,129 @@
+"""Does the RL stack learn Meta-World? One command, a 2-core CPU, about an hour.
+
+    python benchmarks/learning_study.py --out docs/results/learning
+
+Three methods on the same tasks, seeds and step budget, state-based SAC, fixed goal:
+- sac+dense: Meta-World's own shaped reward (the oracle upper bound; no VLM, no weights needed);
+- sac: the sparse reward success - 1 alone (FuRL's setting without any VLM);
+- vlm+code: the sparse reward plus the code reward of the task's reference checker programs.
+
+The runs go through furl_fast.sweep (Ray, one CPU per run, `--torch-threads 1`), so the same command
+run again skips finished runs and resumes the others from their checkpoints. At the end OUT/README.md
+holds the table (success at the last evaluation and "ever succeeded", per task and method), each run's
+wall time and steps/s, the machine, the date, the commit and the command; OUT/plots/ the learning
+curves and OUT/results.md the sweep's own table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TASKS = ("reach", "drawer-open", "window-open")
+METHODS = {
+    # name: (sweep flags, flags after `--`)
+    "sac+dense": (["--algos", "sac", "--env-rewards", "dense"], []),
+    "sac": (["--algos", "sac", "--env-rewards", "sparse"], []),
+    "vlm+code": (["--algos", "vlm", "--env-rewards", "sparse"], ["--reward", "code"]),
+}
+
+
+def sweep_commands(args: argparse.Namespace) -> list[list[str]]:
+    train = ["--total-steps", str(args.steps), "--eval-every", str(args.eval_every), "--no-eval-video",
+             "--checkpoint-every", str(args.eval_every * 2), "--log-every", "1000"]
+    common = ["--tasks", *args.tasks, "--seeds", *map(str, args.seeds), "--results-dir", str(args.out),
+              "--num-cpus", str(args.num_cpus), "--cpus-per-run", "1", "--summary-every", "120"]
+    return [[sys.executable, "-m", "furl_fast.sweep", *common, *flags, "--", *train, *extra]
+            for flags, extra in METHODS.values()]
+
+
+def run_stats(run_dir: Path) -> tuple[float, float]:
+    """(wall seconds from config.json to the final eval.json, mean env steps/s over the run's logs)."""
+    wall = (run_dir / "eval.json").stat().st_mtime - (run_dir / "config.json").stat().st_mtime
+    with open(run_dir / "metrics.csv") as f:
+        sps = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "perf/steps_per_second"]
+    return wall, sps[-1] if sps else float("nan")
+
+
+def write_readme(args: argparse.Namespace, commands: list[list[str]], seconds: float) -> Path:
+    from furl_fast.sweep import collect, find_run_dirs, is_finished, method
+
+    rows, finished, _ = collect(args.out)
+    lines = [
+        "# Learning study: SAC on Meta-World with the oracle, sparse and code rewards", "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU "
+        f"({platform.platform()}). Date: {time.strftime('%Y-%m-%d')}. Commit: {git_commit()}.",
+        f"Wall time of the whole study: {seconds / 60:.0f} min (this invocation).", "",
+        "Command:", "", "```bash", f"python benchmarks/learning_study.py --out {args.out} --steps {args.steps} "
+        f"--eval-every {args.eval_every} --seeds {' '.join(map(str, args.seeds))} "
+        f"--tasks {' '.join(args.tasks)}", "```", "",
+        "which runs:", "", "```bash", *(" ".join(c[1:]) for c in commands), "```", "",
+        f"Eval: the deterministic policy every {args.eval_every} steps, 1 episode (fixed goal); success "
+        "is success at the last step of the episode (the paper's measure), \"ever\" whether it "
+        "succeeded at any step.", "",
+        "| task | method | success (last eval) | ever succeeded | seeds | steps |",
+        "|---|---|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['method']} | {r['success_mean']:.2f} ± {r['success_std']:.2f} | "
+                     f"{r['ever_success_mean']:.2f} | {r['seeds']} | {r['step']} |")
+    lines += ["", "Per run:", "", "| run | method | wall time | env steps/s |", "|---|---|---:|---:|"]
+    for run_dir in find_run_dirs(args.out):
+        if not is_finished(run_dir):
+            lines.append(f"| {run_dir.relative_to(args.out)} | – | unfinished | – |")
+            continue
+        wall, sps = run_stats(run_dir)
+        lines.append(f"| {run_dir.relative_to(args.out)} | {method(finished[run_dir])} | "
+                     f"{wall / 60:.1f} min | {sps:.0f} |")
+    plots = sorted((args.out / "plots").glob("*.png"))
+    lines += ["", "Learning curves:", "", *(f"![{p.stem}](plots/{p.name})" for p in plots)]
+    path = args.out / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("docs/results/learning"))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int, default=30_000)
+    parser.add_argument("--eval-every", type=int, default=2_500)
+    parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--report-only", action="store_true", help="only rewrite OUT/README.md")
+    args = parser.parse_args()
+    args.out = args.out.resolve()
+    commands = sweep_commands(args)
+    start = time.time()
+    if not args.report_only:
+        for cmd in commands:
+            print("+", " ".join(cmd), flush=True)
+            code = subprocess.run(cmd, check=False).returncode
+            if code != 0:
+                print(f"learning_study: the sweep exited {code}; run the same command again to resume",
+                      file=sys.stderr)
+                return code
+        # The last sweep's report covers every run under OUT; rebuild it once more to be sure.
+        subprocess.run([sys.executable, "-m", "furl_fast.sweep", "--results-dir", str(args.out),
+                        "--report-only"], check=True, stdout=subprocess.DEVNULL)
+    print(write_readme(args, commands, time.time() - start).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
