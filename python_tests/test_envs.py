@@ -149,6 +149,18 @@ def test_frames_upright_and_identical_for_fixed_scene(closing):
     np.testing.assert_array_equal(info["vlm_frame"], frame)
 
 
+def test_info_state_holds_the_goal_a_fixed_goal_observation_hides(closing):
+    env = closing(make_env("reach", seed=0, vlm_frames=False))
+    obs, info = env.reset()
+    np.testing.assert_array_equal(obs[-3:], 0.0)
+    np.testing.assert_allclose(info["state"][-3:], env.goal_position, rtol=1e-6)
+    assert np.any(info["state"][-3:] != 0.0)
+    np.testing.assert_array_equal(info["state"][:-3], obs[:-3])
+    obs, _, _, _, info = env.step(env.action_space.sample())
+    np.testing.assert_allclose(info["state"][-3:], env.goal_position, rtol=1e-6)
+    np.testing.assert_array_equal(info["state"][:-3], obs[:-3])
+
+
 def test_pixel_observations_action_repeat_and_stack(closing):
     env = closing(make_env("reach", seed=0, obs="pixels", max_episode_steps=10))
     assert env.action_repeat == 2

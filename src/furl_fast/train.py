@@ -124,8 +124,8 @@ class Transition:
 
 
 def env_states(obs: np.ndarray, info: dict[str, Any]) -> np.ndarray:
-    """The 39-d env states of a vector observation: the observation itself, or info["state"] when
-    the observation is pixels (the code reward reads states)."""
+    """The 39-d env states of a vector step for the code reward: info["state"] (the state with the
+    goal xyz, even when the observation hides it), else the observation itself."""
     return np.asarray(info["state"]) if "state" in info else obs
 
 

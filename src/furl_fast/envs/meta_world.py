@@ -117,7 +117,10 @@ class MetaWorldEnv(gym.Env):
 
     Observations: obs="state" gives the 39-d state, float32 (goal xyz zeroed for goal="fixed");
     obs="pixels" gives (3 * frame_stack, pixel_size, pixel_size) uint8 channel-first RGB frames, stacked
-    oldest first (DrQ's input), with the state in info["state"].
+    oldest first (DrQ's input).
+    info["state"]: the 39-d state with the goal xyz always filled in, also when the observation hides
+    it (goal="fixed"): reward functions such as the code reward's checker programs may know the goal,
+    as Meta-World's own reward does; the policy sees only the observation.
     Reward: reward="sparse" (FuRL's setting) gives success - 1 (-1.0 or 0.0) after the last repeated
     action; reward="dense" gives Meta-World's own shaped reward (0..10 per simulator step), summed over
     the repeated actions: the "ground-truth reward" upper bound of VLM-reward papers. info["success"]
@@ -326,8 +329,9 @@ class MetaWorldEnv(gym.Env):
         info: dict[str, Any] = {"success": success}
         if self.vlm_frames:
             info["vlm_frame"] = frame
-        if self.obs_mode == "pixels":
-            info["state"] = state
+        full = state.copy()
+        full[-3:] = self._raw._get_pos_goal()  # zeros in a fixed-goal observation
+        info["state"] = full
         return info
 
 

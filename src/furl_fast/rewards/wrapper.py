@@ -4,7 +4,8 @@ so other libraries' agents (Stable-Baselines3, CleanRL scripts) can train on VLM
 Frames: info["vlm_frame"] when the env provides it (furl_fast's Meta-World envs render it on every
 step anyway), else env.render(); in a vector env, the "frame" entry of a dict observation (what
 furl_fast.envs.make_vector_env gives), else the sub-envs' renders. States (for rewards that need them,
-e.g. code-as-reward): info["state"] when present (pixel observations), else the observation.
+e.g. code-as-reward): info["state"] when present (furl_fast's Meta-World envs: the state with the goal
+filled in), else the observation.
 """
 
 from __future__ import annotations
