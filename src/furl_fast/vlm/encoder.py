@@ -269,28 +269,6 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _load_open_clip(model: str, pretrained: str, **kwargs) -> tuple[torch.nn.Module, str | None]:
-    """(open_clip model, weights id) for load_encoder's open_clip names and pretrained values."""
-    if model.startswith(("hf-hub:", "local-dir:")):
-        return open_clip.create_model(model, **kwargs), model
-    if pretrained.lower() == "none":
-        warnings.warn(RANDOM_WEIGHTS_WARNING, UserWarning, stacklevel=3)
-        logger.warning(RANDOM_WEIGHTS_WARNING)
-        return open_clip.create_model(model, pretrained=None, **kwargs), None
-    if open_clip.get_pretrained_cfg(model, pretrained):
-        return _create_from_tag(model, pretrained, **kwargs), f"tag:{pretrained}"
-    if os.path.isfile(pretrained):
-        return (open_clip.create_model(model, pretrained=pretrained, **kwargs),
-                f"sha256:{_file_digest(Path(pretrained))}")
-    if os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES):
-        raise FileNotFoundError(f"load_encoder: checkpoint file not found: {pretrained!r} (pretrained "
-                                f"must be an open_clip tag, an existing checkpoint file, or 'none').")
-    tags = open_clip.list_pretrained_tags_by_model(model)
-    raise ValueError(f"load_encoder: {pretrained!r} is neither a pretrained tag of {model!r} "
-                     f"(known: {', '.join(tags) or 'none'}) nor an existing checkpoint file; "
-                     "pass a tag, a checkpoint path, or 'none' for random weights.")
-
-
 def _no_liv_weights_message(reason: str) -> str:
     return (
         f"load_encoder: could not obtain LIV's weights ({LIV_HUB_FILE} of the Hugging Face hub repo "
@@ -335,9 +313,9 @@ def _liv_state_dict(path: Path) -> dict[str, torch.Tensor]:
     state = payload.get("liv") if isinstance(payload, dict) else None
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and k.startswith(_LIV_PREFIX) for k in state):
-        found = sorted(payload)[:5] if isinstance(payload, dict) else type(payload).__name__
-        if isinstance(state, dict):
-            found = sorted(state)[:5]
+        seen = state if isinstance(state, dict) else payload
+        found = f"keys {sorted(map(str, seen))[:4]}" if isinstance(seen, dict) else \
+            f"a {type(payload).__name__}"
         raise ValueError(f"load_encoder: {str(path)!r} is not a LIV checkpoint (found {found}); "
                          f"expected {_LIV_LAYOUT}.")
     return {k.removeprefix(_LIV_PREFIX): v for k, v in state.items()}
@@ -431,16 +409,38 @@ def load_encoder(
     if precision not in _DTYPES:
         raise ValueError(f"load_encoder: 'precision' must be 'auto' or one of {sorted(_DTYPES)}, got "
                          f"{precision!r}.")
-    if model != LIV and not model.startswith(("hf-hub:", "local-dir:")) \
-            and model not in open_clip.list_models():
+    has_schema = model.startswith(("hf-hub:", "local-dir:"))
+    if not has_schema and model != LIV and model not in open_clip.list_models():
         raise ValueError(f"load_encoder: unknown open_clip model {model!r}. Known models: {LIV!r}, "
                          f"{', '.join(open_clip.list_models())}.")
     kwargs = {"precision": precision, "device": device}
+    liv_weights = pretrained  # None keeps its meaning for LIV: the release's weights from the hub
+    pretrained = "openai" if pretrained is None else str(pretrained)
+
     if model == LIV:
-        net, weights_id = _load_liv(pretrained, **kwargs)
+        net, weights_id = _load_liv(liv_weights, **kwargs)
+    elif has_schema:
+        net = open_clip.create_model(model, **kwargs)
+        weights_id: str | None = model
+    elif pretrained.lower() == "none":
+        warnings.warn(RANDOM_WEIGHTS_WARNING, UserWarning, stacklevel=2)
+        logger.warning(RANDOM_WEIGHTS_WARNING)
+        net = open_clip.create_model(model, pretrained=None, **kwargs)
+        weights_id = None
+    elif open_clip.get_pretrained_cfg(model, pretrained):
+        net = _create_from_tag(model, pretrained, **kwargs)
+        weights_id = f"tag:{pretrained}"
+    elif os.path.isfile(pretrained):
+        net = open_clip.create_model(model, pretrained=pretrained, **kwargs)
+        weights_id = f"sha256:{_file_digest(Path(pretrained))}"
+    elif os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES):
+        raise FileNotFoundError(f"load_encoder: checkpoint file not found: {pretrained!r} (pretrained "
+                                f"must be an open_clip tag, an existing checkpoint file, or 'none').")
     else:
-        net, weights_id = _load_open_clip(model, "openai" if pretrained is None else str(pretrained),
-                                          **kwargs)
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        raise ValueError(f"load_encoder: {pretrained!r} is neither a pretrained tag of {model!r} "
+                         f"(known: {', '.join(tags) or 'none'}) nor an existing checkpoint file; "
+                         "pass a tag, a checkpoint path, or 'none' for random weights.")
     net.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(_LIV_ARCH if model == LIV else model)
     return Encoder(net, tokenizer, model_name=model, weights_id=weights_id, device=device,
