@@ -277,7 +277,8 @@ def test_liv_checkpoint_gives_the_embeddings_of_the_model_it_came_from(liv_check
     frames = smooth_frames(1, 256, 256, seed=6)  # one frame: a random RN50 is slow on a CPU
     ref = liv_reference(source, frames)
     # Both resize bilinearly (upsampling 192 -> 224) in fp32; only summation order differs.
-    torch.testing.assert_close(enc.encode_frames(frames), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    torch.testing.assert_close(enc.encode_frames(frames), ref, rtol=1e-4,
+                               atol=1e-4 * ref.abs().max().item())
     prompts = [MT10_PROMPTS["drawer-open"]]
     with torch.no_grad():
         text_ref = source.encode_text(open_clip.get_tokenizer("RN50-quickgelu")(prompts))
@@ -294,7 +295,8 @@ def test_liv_checkpoint_in_another_layout_names_the_layout_expected(checkpoints,
     for name, payload in files.items():
         torch.save(payload, tmp_path / f"{name}.pt")
     (tmp_path / "text.pt").write_text("not a checkpoint")
-    layout = r"expected LIV's release layout: a dict whose 'liv' entry .* 'module.model.' \+ an OpenAI CLIP RN50"
+    layout = (r"expected LIV's release layout: a dict whose 'liv' entry .* 'module.model.' \+ an "
+              r"OpenAI CLIP RN50")
     for name in [*files, "text"]:
         with pytest.raises(ValueError, match=layout) as err:
             load_encoder("liv", pretrained=str(tmp_path / f"{name}.pt"), device="cpu")
@@ -304,8 +306,9 @@ def test_liv_checkpoint_in_another_layout_names_the_layout_expected(checkpoints,
 
 
 def test_liv_default_weights_come_from_the_hub_cache_or_a_download(liv_checkpoint, tmp_path, monkeypatch):
-    """pretrained=None takes the release's model.pt through huggingface_hub: from the cache without any
-    network probe, else (host reachable) downloaded; offline without it, a fast error saying what to do."""
+    """pretrained=None takes the release's model.pt through huggingface_hub: from the cache without
+    any network probe, else (host reachable) downloaded; offline without it, a fast error saying what
+    to do."""
     import huggingface_hub
     import huggingface_hub.constants as hub
     from huggingface_hub.errors import LocalEntryNotFoundError
