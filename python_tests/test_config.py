@@ -42,7 +42,15 @@ def test_paper_preset_matches_the_spec():
     assert (f.phase_a_gap, f.phase_a_margin, f.phase_b_margin) == (0.25, 0.1, 0.1)
     assert (f.positive_capacity, f.negative_capacity, f.relay_stop_positives) == (20_000, 20_000, 2_500)
     assert f.relay_k_choices == (50, 100, 150, 200) and f.relay_noise_std == 0.2
-    assert (paper.vlm.model, paper.vlm.pretrained, paper.vlm.bgr) == ("RN50", "openai", False)
+    # The VLM's default weights (LIV's release with --vlm.model liv) and its channel order (BGR for liv).
+    assert (paper.vlm.model, paper.vlm.pretrained, paper.vlm.bgr) == ("RN50", None, None)
+    assert paper.render_quality == "paper" and PRESETS["laptop"].render_quality == "fast"
+
+
+def test_relay_per_algo_and_the_no_relay_ablation():
+    assert Config(algo="furl").uses_relay and Config(algo="relay").uses_relay
+    assert not Config(algo="vlm").uses_relay
+    assert not Config(algo="furl", furl=FuRLConfig(relay=False)).uses_relay
 
 
 def test_resolved_reward_per_algo():
@@ -70,6 +78,9 @@ def test_resolved_reward_per_algo():
         ({"furl": FuRLConfig(relay_k_choices=())}, "furl.relay_k_choices=() must be a non-empty"),
         ({"furl": FuRLConfig(phase_b_margin=-1.0)}, "furl.phase_b_margin=-1.0 must be >= 0"),
         ({"vlm": VLMConfig(precision="fp8")}, "vlm.precision='fp8' is unknown"),
+        ({"render_quality": "ultra"}, "render_quality='ultra' is unknown; use one of 'paper', 'fast'"),
+        ({"algo": "relay", "furl": FuRLConfig(relay=False)}, "--furl.no-relay is an ablation of FuRL"),
+        ({"algo": "vlm", "furl": FuRLConfig(phase_a=False)}, "--furl.no-phase-a is an ablation of FuRL"),
     ],
 )
 def test_validation_errors_say_what_to_change(changes, message):
@@ -103,6 +114,15 @@ def test_tyro_parses_nested_overrides_on_a_preset():
     assert cfg.algo == "sac" and cfg.seed == 3 and cfg.sac.tau == 0.02 and cfg.vlm.model == "ViT-B-32"
     assert cfg.furl.relay_k_choices == (10, 20) and cfg.buffer_size == 5000
     assert cfg.total_steps == 1_000_000  # untouched fields keep the preset's values
+
+
+def test_tyro_parses_the_paper_and_ablation_flags():
+    cfg = tyro.cli(Config, default=PRESETS["paper"],
+                   args=["--vlm.model", "liv", "--vlm.pretrained", "/w/model.pt", "--vlm.bgr", "False",
+                         "--furl.no-relay", "--furl.no-phase-a", "--render-quality", "fast"])
+    assert (cfg.vlm.model, cfg.vlm.pretrained, cfg.vlm.bgr) == ("liv", "/w/model.pt", False)
+    assert not cfg.furl.relay and not cfg.furl.phase_a and cfg.render_quality == "fast"
+    cfg.validate()
 
 
 def test_tyro_help_shows_field_docstrings(capsys):

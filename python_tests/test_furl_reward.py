@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -11,6 +12,7 @@ from furl_fast.rewards.furl import (
     EmbeddingBuffer,
     FuRLReward,
     label_episode,
+    phase_a_active_pairs,
     phase_a_loss,
     phase_b_loss,
 )
@@ -176,11 +178,46 @@ def test_phase_b_update_loss_matches_sampled_triples():
     assert metrics["losses/heads_phase_b"] == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_phase_b_skips_until_a_positive_is_valid():
+def test_phase_a_lasts_until_a_positive_is_valid():
+    """As in FuRL's release: positives without a frame `lag` steps earlier in their episode do not end
+    phase A, and the heads keep training on the goal image meanwhile."""
     m = _model()
+    m.set_goal(torch.randn(16))
     m.add_episode(torch.randn(5, 16), np.ones(5, bool))  # success within the first lag steps
-    assert m.phase == "B" and not m.has_valid_positives
-    assert m.update(None) == {}
+    m.add_episode(torch.randn(12, 16), np.r_[np.zeros(3, bool), np.ones(7, bool), np.zeros(2, bool)])
+    assert m.buffer.num_positives == 15 and not m.has_valid_positives
+    assert m.phase == "A"
+    w_before = m.image_head.w1.detach().clone()
+    assert "losses/heads_phase_a" in m.update(torch.randn(32, 16), log=True)
+    assert not torch.equal(w_before, m.image_head.w1)
+    m.add_episode(torch.randn(12, 16), np.ones(12, bool))  # steps 10, 11 have their lag frame
+    assert m.phase == "B" and m.buffer.valid_positive_slots.size == 2
+    assert "losses/heads_phase_b" in m.update(None, log=True)
+
+
+def test_phase_a_active_pairs_hand_computed_and_logged():
+    dist = torch.tensor([0.0, 0.1, 0.5, 1.0])
+    # Pairs whose distances differ by more than 0.25: (0,2) (0,3) (1,2) (1,3) (2,3); not (0,1).
+    assert phase_a_active_pairs(dist, 0.25).item() == pytest.approx(5 / 6)
+    assert phase_a_active_pairs(dist, 2.0).item() == 0.0
+    m = _model()
+    goal = torch.randn(16)
+    m.set_goal(goal)
+    emb = torch.randn(32, 16)
+    expected = phase_a_active_pairs((emb - goal).norm(dim=1), SMALL.phase_a_gap).item()
+    assert 0 < expected < 1
+    assert m.update(emb, log=True)["furl/phase_a_active_pairs"] == pytest.approx(expected)
+
+
+def test_without_phase_a_the_heads_wait_for_phase_b():
+    """The no-goal-image ablation: no goal needed, no head update until a valid positive exists."""
+    m = _model(config=dataclasses.replace(SMALL, phase_a=False))
+    w_before = m.image_head.w1.detach().clone()
+    assert m.update(torch.randn(32, 16), log=True) == {}
+    assert torch.equal(w_before, m.image_head.w1)
+    m.add_episode(torch.randn(30, 16), np.ones(30, bool))
+    assert m.phase == "B" and "losses/heads_phase_b" in m.update(None, log=True)
+    assert not torch.equal(w_before, m.image_head.w1)
 
 
 def test_phase_b_training_ranks_positives_above_negatives():

@@ -240,6 +240,109 @@ def _only_offline(create_model):
     return wrapped
 
 
+# --- LIV -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def liv_checkpoint(tmp_path_factory):
+    """(path, source model): a random OpenAI-architecture CLIP RN50 saved in exactly the layout of LIV's
+    release, torch.save({"liv": DataParallel(LIV).state_dict(), ...}), so every key is "module.model." +
+    an OpenAI CLIP key; weights in fp16 as LIV's GPU training leaves them. The source model holds the
+    same fp16-rounded values in fp32."""
+    torch.manual_seed(11)
+    source = open_clip.create_model("RN50-quickgelu").eval()
+    state = {k: v.half() if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    source.load_state_dict(state)
+    path = tmp_path_factory.mktemp("liv") / "model.pt"
+    torch.save({"liv": {"module.model." + k: v for k, v in state.items()}, "optimizer": {},
+                "global_step": 0}, path)
+    return path, source
+
+
+def liv_reference(source, frames: np.ndarray) -> torch.Tensor:
+    """LIV's own pipeline on FuRL's crop: BGR frames (cv2), rows/cols 32:224, then LIV's
+    transforms_tensor (torchvision Resize(224) without antialias, CenterCrop(224), CLIP mean/std)."""
+    import torchvision.transforms as T
+
+    x = torch.from_numpy(frames[..., ::-1].copy()).permute(0, 3, 1, 2)[:, :, 32:224, 32:224] / 255.0
+    x = T.Normalize(open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)(
+        T.CenterCrop(224)(T.Resize(224, antialias=False)(x)))
+    with torch.no_grad():
+        return source.encode_image(x)
+
+
+def test_liv_checkpoint_gives_the_embeddings_of_the_model_it_came_from(liv_checkpoint, tmp_path):
+    path, source = liv_checkpoint
+    enc = load_encoder("liv", pretrained=str(path), device="cpu", cache_dir=tmp_path)
+    assert enc.bgr and enc.embed_dim == 1024 and enc.image_size == 224 and enc.interpolation == "bilinear"
+    assert enc.weights_id.startswith("sha256:") and enc.dtype == torch.float32
+    frames = smooth_frames(1, 256, 256, seed=6)  # one frame: a random RN50 is slow on a CPU
+    ref = liv_reference(source, frames)
+    # Both resize bilinearly (upsampling 192 -> 224) in fp32; only summation order differs.
+    torch.testing.assert_close(enc.encode_frames(frames), ref, rtol=1e-4,
+                               atol=1e-4 * ref.abs().max().item())
+    prompts = [MT10_PROMPTS["drawer-open"]]
+    with torch.no_grad():
+        text_ref = source.encode_text(open_clip.get_tokenizer("RN50-quickgelu")(prompts))
+    torch.testing.assert_close(enc.encode_text(prompts), text_ref)
+
+
+def test_liv_checkpoint_in_another_layout_names_the_layout_expected(checkpoints, tmp_path):
+    tiny = torch.load(checkpoints["furl-test-tiny-rn"], weights_only=True)  # a plain open_clip state dict
+    files = {
+        "plain": tiny,
+        "no_module_prefix": {"liv": {"model." + k: v for k, v in tiny.items()}},
+        "not_rn50": {"liv": {"module.model." + k: v for k, v in tiny.items()}},
+    }
+    for name, payload in files.items():
+        torch.save(payload, tmp_path / f"{name}.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    layout = (r"expected LIV's release layout: a dict whose 'liv' entry .* 'module.model.' \+ an "
+              r"OpenAI CLIP RN50")
+    for name in [*files, "text"]:
+        with pytest.raises(ValueError, match=layout) as err:
+            load_encoder("liv", pretrained=str(tmp_path / f"{name}.pt"), device="cpu")
+        assert ("does not hold a CLIP RN50" in str(err.value)) == (name == "not_rn50")
+    with pytest.raises(FileNotFoundError, match="LIV checkpoint file not found: 'openai'"):
+        load_encoder("liv", pretrained="openai", device="cpu")
+
+
+def test_liv_default_weights_come_from_the_hub_cache_or_a_download(liv_checkpoint, tmp_path, monkeypatch):
+    """pretrained=None takes the release's model.pt through huggingface_hub: from the cache without
+    any network probe, else (host reachable) downloaded; offline without it, a fast error saying what
+    to do."""
+    import huggingface_hub
+    import huggingface_hub.constants as hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    path, _ = liv_checkpoint
+    calls, cached = [], [False]
+
+    def fake_download(repo_id, filename, *, local_files_only=False, **kwargs):
+        calls.append((repo_id, filename, local_files_only))
+        if local_files_only and not cached[0]:
+            raise LocalEntryNotFoundError("not in the cache")
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    probed = []
+    monkeypatch.setattr(encoder_module, "_host_reachable", lambda host: probed.append(host) or True)
+    enc = load_encoder("liv", device="cpu", cache_dir=tmp_path)
+    assert calls == [("jasonyma/LIV", "model.pt", True), ("jasonyma/LIV", "model.pt", False)]
+    assert probed == ["huggingface.co"] and enc.bgr
+    assert enc.weights_id == f"sha256:{encoder_module._file_digest(path)}"
+
+    cached[0], calls[:] = True, []
+    monkeypatch.setattr(encoder_module, "_host_reachable", lambda host: pytest.fail("probed the net"))
+    assert encoder_module._liv_hub_file() == path  # what load_encoder loads, as above
+    assert calls == [("jasonyma/LIV", "model.pt", True)]
+
+    cached[0] = False
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match=r"offline mode .*resolve/main/model.pt.*--vlm.pretrained"):
+        load_encoder("liv", device="cpu")
+
+
 def test_prompts():
     assert len(MT10_PROMPTS) == 10
     assert task_prompt("drawer-open") == "open a drawer"

@@ -15,6 +15,7 @@ AGENTS = ("sac", "drq")
 REWARDS = ("furl", "cosine", "goal_baseline", "binary", "code")
 GOALS = ("fixed", "random")
 ENV_REWARDS = ("sparse", "dense")
+RENDER_QUALITIES = ("paper", "fast")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -79,8 +80,16 @@ class FuRLConfig:
     """Adam learning rate of the one optimiser over both heads."""
     pair_batch: int = 256
     """Samples per head update: replay embeddings in phase A, (positive, negative, lag) triples in B."""
+    phase_a: bool = True
+    """Phase A (goal-image ranking) before the first valid positive; --furl.no-phase-a is the paper's
+    "FuRL without goal image" ablation: no expert rollout, and the heads keep their initial weights
+    until phase B."""
     phase_a_gap: float = 0.25
-    """Phase A: frame i must be closer to the goal image than frame j by this L2 distance to rank."""
+    """Phase A: frame i must be closer to the goal image than frame j by this L2 distance to rank.
+    0.25 is in the units of LIV's (unnormalised, 1024-d) embeddings, the paper's VLM. For another VLM,
+    scale it to that model's distances from the goal image: watch furl/phase_a_active_pairs (the
+    fraction of frame pairs ranked per head update) early in a run; near 0 means the gap is too wide
+    (phase A learns nothing), near 1 that it ranks pairs that differ by noise."""
     phase_a_margin: float = 0.1
     """Phase A: hinge margin on c_i - c_j."""
     phase_b_margin: float = 0.1
@@ -91,6 +100,9 @@ class FuRLConfig:
     """Embedding buffer: positive frames kept (FIFO)."""
     negative_capacity: int = 20_000
     """Embedding buffer: negative frames kept (FIFO)."""
+    relay: bool = True
+    """Relay RL for algo=furl; --furl.no-relay is the paper's "FuRL without relay" ablation (only the
+    FuRL agent acts and trains)."""
     relay_stop_positives: int = 2_500
     """Relay RL stops for good once this many positive frames have been stored."""
     relay_k_choices: tuple[int, ...] = (50, 100, 150, 200)
@@ -104,14 +116,18 @@ class VLMConfig:
     """The frozen vision-language model that embeds frames and the task text."""
 
     model: str = "RN50"
-    """open_clip architecture name (RN50 is the closest to the paper's LIV)."""
-    pretrained: str = "openai"
-    """open_clip pretrained tag, a local checkpoint path, or 'none' for random weights (meaningless
-    rewards; for tests and throughput only)."""
+    """liv (the paper's VLM: LIV, a CLIP RN50 fine-tuned by its authors) or an open_clip architecture
+    name (RN50 with OpenAI's weights is the closest open_clip model to LIV)."""
+    pretrained: str | None = None
+    """None: the model's default weights (liv: the release's model.pt from the Hugging Face hub repo
+    jasonyma/LIV, downloaded once into the hub cache; open_clip models: the 'openai' tag). Else an
+    open_clip pretrained tag, a local checkpoint path (for liv: LIV's model.pt), or 'none' for random
+    weights (meaningless rewards; for tests and throughput only)."""
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    """Encoder precision; auto = fp16 on CUDA, fp32 on CPU."""
-    bgr: bool = False
-    """Feed channels in BGR order like FuRL's release (a quirk kept for parity)."""
+    """Encoder precision; auto = fp16 on CUDA (as FuRL's release runs LIV), fp32 on CPU."""
+    bgr: bool | None = None
+    """Feed channels in BGR order; None: the model's default, True for liv (FuRL's release feeds LIV
+    cv2's BGR frames), False for open_clip models."""
     prompt: str | None = None
     """Task description for the text encoder; None takes the task's prompt from the task table."""
     cache_dir: str | None = None
@@ -137,6 +153,10 @@ class Config:
     """Meta-World v3 task name."""
     goal: Literal["fixed", "random"] = "fixed"
     """fixed: hidden goal, same scene every reset; random: goal in the state, resampled each reset."""
+    render_quality: Literal["paper", "fast"] = "fast"
+    """Frames of the training envs, the evaluation videos and FuRL's goal image: paper keeps
+    Meta-World's visuals (4096 shadow map, 4x MSAA), the images the paper's VLM rewards saw; fast
+    drops shadows and multisampling (about 6x faster in software rendering)."""
     env_reward: Literal["sparse", "dense"] = "sparse"
     """The environment's reward in the critic: sparse (success - 1, FuRL's setting) or dense
     (Meta-World's own shaped reward: the oracle upper bound, and a check without any VLM weights that
@@ -235,7 +255,7 @@ class Config:
 
     @property
     def uses_relay(self) -> bool:
-        return self.algo in ("relay", "furl")
+        return self.algo == "relay" or (self.algo == "furl" and self.furl.relay)
 
     def validate(self, known_tasks: Collection[str] | None = None) -> None:
         """Raises ValueError listing every problem, each with what to change.
@@ -267,12 +287,17 @@ def _problems(cfg: Config, known_tasks: Collection[str] | None) -> list[str]:
         p += _one_of("reward", cfg.reward, REWARDS)
     p += _one_of("goal", cfg.goal, GOALS)
     p += _one_of("env_reward", cfg.env_reward, ENV_REWARDS)
+    p += _one_of("render_quality", cfg.render_quality, RENDER_QUALITIES)
     if cfg.algo == "furl" and cfg.reward not in (None, "furl"):
         p.append(f"algo=furl trains the aligned heads, so reward must be 'furl' (got {cfg.reward!r}); "
                  "for a raw VLM reward use --algo vlm or --algo relay.")
     if cfg.algo in ("vlm", "relay") and cfg.reward == "furl":
         p.append(f"reward='furl' needs the aligned heads, which only algo=furl trains; use --algo furl "
                  f"or a raw reward (cosine, goal_baseline, binary, code) with --algo {cfg.algo}.")
+    for flag, on in (("relay", cfg.furl.relay), ("phase-a", cfg.furl.phase_a)):
+        if not on and cfg.algo != "furl":
+            p.append(f"--furl.no-{flag} is an ablation of FuRL and needs --algo furl (got "
+                     f"{cfg.algo!r}).")
     if cfg.code_programs is not None and cfg.resolved_reward != "code":
         p.append(f"code_programs={cfg.code_programs!r} is only read with --reward code (this run's "
                  f"reward is {cfg.resolved_reward!r}).")
@@ -342,16 +367,19 @@ def _problems(cfg: Config, known_tasks: Collection[str] | None) -> list[str]:
 
     p += _one_of("vlm.precision", cfg.vlm.precision, PRECISIONS)
     if not cfg.vlm.model:
-        p.append("vlm.model must name an open_clip architecture, e.g. RN50 or ViT-B-32.")
-    if not cfg.vlm.pretrained:
-        p.append("vlm.pretrained must be a pretrained tag, a checkpoint path, or 'none'.")
+        p.append("vlm.model must be liv or name an open_clip architecture, e.g. RN50 or ViT-B-32.")
+    if cfg.vlm.pretrained == "":
+        p.append("vlm.pretrained must be a pretrained tag, a checkpoint path, 'none', or unset (the "
+                 "model's default weights).")
     return p
 
 
 def _paper() -> Config:
-    """The FuRL paper's settings (spec: 1M steps, 10k warm-up, replay 500k for FuRL / 1M baselines)."""
+    """The FuRL paper's settings (spec: 1M steps, 10k warm-up, replay 500k for FuRL / 1M baselines,
+    Meta-World's own visuals). Add --vlm.model liv for the paper's VLM."""
     return dataclasses.replace(
         Config(),
+        render_quality="paper",
         total_steps=1_000_000,
         warmup_steps=10_000,
         buffer_size=None,

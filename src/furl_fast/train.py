@@ -203,6 +203,7 @@ class Trainer:
         # Programs that never read their frame spare the render.
         self.vlm_frames = self.uses_vlm and (self.code is None or self.code.reads_frames)
         env_kwargs["reward"] = cfg.env_reward
+        env_kwargs["fast_render"] = cfg.render_quality == "fast"
         self.envs = make_vector_env(cfg.task, cfg.num_envs, seed=cfg.seed, goal=cfg.goal,
                                     vlm_frames=self.vlm_frames, asynchronous=cfg.num_envs > 1,
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, **env_kwargs)
@@ -236,7 +237,8 @@ class Trainer:
 
             text_emb = self.encoder.encode_text([task_prompt(cfg.task, cfg.vlm.prompt)])[0].float()
             self.furl = FuRLReward(self.encoder.embed_dim, text_emb, cfg.furl, self.device, seed=cfg.seed)
-            self.furl.set_goal(self.goal_embedding())
+            if cfg.furl.phase_a:  # only phase A reads the goal image (and its expert rollout)
+                self.furl.set_goal(self.goal_embedding())
 
         # Capacity counts observation slots: each episode also stores its final observation.
         episode_steps = self.eval_env.unwrapped.max_episode_steps // (
@@ -267,10 +269,12 @@ class Trainer:
 
     def goal_embedding(self) -> torch.Tensor:
         """FuRL's goal image: the first success frame of the scripted expert (same seed and goal
-        setting as training), through the same 256 x 256 render and preprocessing as every frame."""
+        setting as training), through the same 256 x 256 render (render_quality) and preprocessing as
+        every frame."""
         from furl_fast.envs import expert_rollout
 
-        rollout = expert_rollout(self.cfg.task, self.cfg.seed, goal=self.cfg.goal)
+        rollout = expert_rollout(self.cfg.task, self.cfg.seed, goal=self.cfg.goal, stop_on_success=True,
+                                 fast_render=self.cfg.render_quality == "fast")
         index = rollout.first_success()
         if index is None:
             raise RuntimeError(f"the scripted expert did not solve {self.cfg.task} with seed "
@@ -678,6 +682,10 @@ def train(cfg: Config) -> int:
     try:
         cfg, run_dir, resuming = prepare(cfg)
         check_config(cfg)
+        logger.info("%s %s-%s on %s, seed %d: VLM %s, render quality %s, env reward %s; run directory %s",
+                    "resuming" if resuming else "starting", cfg.algo, cfg.agent, cfg.task, cfg.seed,
+                    f"{cfg.vlm.model} ({cfg.vlm.pretrained or 'default weights'})" if cfg.loads_encoder
+                    else "none", cfg.render_quality, cfg.env_reward, run_dir)
         if cfg.torch_threads is not None:
             torch.set_num_threads(cfg.torch_threads)
         encoder = load_vlm(cfg) if cfg.loads_encoder else None

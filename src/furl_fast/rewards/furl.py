@@ -3,8 +3,11 @@
 Two trainable projection heads map the frozen VLM's image and text embeddings (D wide) to a small
 space (D -> 256 -> ReLU -> 64); the fuzzy reward is cos(f_I(e_img), f_L(e_text)). The heads are trained
 online with ranking losses:
-- Phase A (until the end of the first successful episode): frames closer to the goal image's
-  embedding must score higher (`phase_a_loss`).
+- Phase A (until a *valid* positive is stored, i.e. one with a frame `lag` steps earlier in its
+  episode, as FuRL's release does): frames closer to the goal image's embedding must score higher
+  (`phase_a_loss`). A successful episode that succeeds within its first `lag` steps has no valid
+  positive, so it does not end phase A. With `FuRLConfig.phase_a=False` (the "no goal image"
+  ablation) the heads are not trained at all in this phase.
 - Phase B (from then on, never back): positives must score higher than negatives and than the frame
   `lag` steps earlier in the same episode (`phase_b_loss`), with triples drawn from an
   `EmbeddingBuffer` of labelled episodes.
@@ -36,6 +39,7 @@ __all__ = [
     "FuRLReward",
     "ProjectionHead",
     "label_episode",
+    "phase_a_active_pairs",
     "phase_a_loss",
     "phase_b_loss",
 ]
@@ -70,9 +74,22 @@ def phase_a_loss(c: torch.Tensor, dist: torch.Tensor, gap: float, margin: float)
     M_ij = [dist_i < dist_j - gap] (frame i clearly closer to the goal than frame j);
     loss = mean_i sum_j M_ij * max(0, margin - (c_i - c_j)). Returns a 0-dim tensor.
     """
-    mask = dist.unsqueeze(1) < dist.unsqueeze(0) - gap
     hinge = torch.relu(margin - (c.unsqueeze(1) - c.unsqueeze(0)))
-    return (hinge * mask).sum(dim=1).mean()
+    return (hinge * _ranked_pairs(dist, gap)).sum(dim=1).mean()
+
+
+def phase_a_active_pairs(dist: torch.Tensor, gap: float) -> torch.Tensor:
+    """The fraction of frame pairs phase A ranks: pairs {i, j} whose goal distances differ by more
+    than gap (M_ij or M_ji of phase_a_loss), out of the N (N - 1) / 2 pairs. dist: (N,).
+    Returns a 0-dim float32 tensor in [0, 1]: near 0, the gap is too wide for the VLM's embedding
+    scale and phase A learns nothing; near 1, it ranks almost every pair, however close."""
+    n = dist.shape[0]
+    return _ranked_pairs(dist, gap).sum(dtype=torch.float32) / max(n * (n - 1) // 2, 1)
+
+
+def _ranked_pairs(dist: torch.Tensor, gap: float) -> torch.Tensor:
+    """M_ij = [dist_i < dist_j - gap], (N, N) bool."""
+    return dist.unsqueeze(1) < dist.unsqueeze(0) - gap
 
 
 def phase_b_loss(
@@ -328,10 +345,11 @@ class FuRLReward:
         return self.buffer.valid_positive_slots.size > 0
 
     def add_episode(self, embs: torch.Tensor, success: np.ndarray | torch.Tensor | list[bool]) -> int:
-        """Stores a finished episode (see EmbeddingBuffer.add_episode); the first successful episode
-        switches to phase B for good. Returns the number of positives added."""
+        """Stores a finished episode (see EmbeddingBuffer.add_episode); once a valid positive is
+        stored (one whose frame `lag` steps earlier in its episode is stored too), phase B starts for
+        good. Returns the number of positives added."""
         n_pos = self.buffer.add_episode(embs, success)
-        if n_pos > 0:
+        if n_pos > 0 and self.has_valid_positives:
             self.phase = "B"
         return n_pos
 
@@ -339,11 +357,14 @@ class FuRLReward:
         """One Adam step of both heads.
 
         replay_emb: (N, D) float embeddings of sampled replay frames (phase A ranks them by distance
-        to the goal image; phase B samples its own triples and ignores them). Returns losses/* and
-        charts/* metrics as 0-dim tensors, or floats with log=True; empty when phase B has no valid
-        positive yet (the step is skipped).
+        to the goal image; phase B samples its own triples and ignores them). Returns losses/*,
+        charts/* and furl/phase_a_active_pairs (phase_a_active_pairs of the batch) metrics as 0-dim
+        tensors, or floats with log=True; empty when the step is skipped: in phase A with
+        config.phase_a=False, or in phase B when no positive is valid.
         """
         cfg = self.config
+        if self.phase == "A" and not cfg.phase_a:
+            return {}  # the no-goal-image ablation: the heads wait for phase B
         if self.phase == "A":
             if self.goal_emb is None:
                 raise RuntimeError("FuRLReward.update: phase A needs the goal image's embedding; "
@@ -354,9 +375,10 @@ class FuRLReward:
             dist = (emb - self.goal_emb).norm(dim=-1)
             c = self._rewards(emb)
             loss = phase_a_loss(c, dist, cfg.phase_a_gap, cfg.phase_a_margin)
-            metrics = {"losses/heads_phase_a": loss.detach(), "charts/heads_reward_mean": c.detach().mean()}
+            metrics = {"losses/heads_phase_a": loss.detach(), "charts/heads_reward_mean": c.detach().mean(),
+                       "furl/phase_a_active_pairs": phase_a_active_pairs(dist, cfg.phase_a_gap)}
         else:
-            if not self.has_valid_positives:
+            if not self.has_valid_positives:  # phase B starts with one, but the FIFO may evict them all
                 return {}
             pos, neg, lag = self.buffer.sample(cfg.pair_batch)
             n = pos.shape[0]

@@ -1,5 +1,6 @@
-"""open_clip encoders behind one small interface: load_encoder() -> Encoder with encode_frames (uint8
-frames in, embeddings out, preprocessing fused on the device) and encode_text (cached on disk)."""
+"""open_clip encoders, and LIV (FuRL's VLM) on open_clip's RN50, behind one small interface:
+load_encoder() -> Encoder with encode_frames (uint8 frames in, embeddings out, preprocessing fused on
+the device) and encode_text (cached on disk)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,16 @@ logger = logging.getLogger("furl_fast")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 _PROBE_TIMEOUT_S = 3.0  # how long to wait for the weights host before failing: no hub, no retries
+LIV = "liv"
+"""load_encoder's name for LIV (Ma et al. 2023), the VLM of the FuRL paper: OpenAI's CLIP RN50
+fine-tuned by LIV's authors, run here as open_clip's RN50 with QuickGELU."""
+LIV_HUB_REPO, LIV_HUB_FILE = "jasonyma/LIV", "model.pt"  # the release's weights on the Hugging Face hub
+_LIV_ARCH = "RN50-quickgelu"  # OpenAI's CLIP architecture: LIV fine-tunes it, QuickGELU included
+_LIV_PREFIX = "module.model."  # LIV saves the state dict of DataParallel(LIV), whose .model is the CLIP
+_LIV_LAYOUT = ("LIV's release layout: a dict whose 'liv' entry is the state dict of "
+               "torch.nn.DataParallel(LIV), every key 'module.model.' + an OpenAI CLIP RN50 key "
+               "(visual.*, transformer.*, token_embedding.weight, positional_embedding, ln_final.*, "
+               "text_projection, logit_scale)")
 RANDOM_WEIGHTS_WARNING = (
     "load_encoder: pretrained='none' -> the VLM has RANDOM weights. Its embeddings carry no meaning, "
     "so every VLM reward computed from it is meaningless. Use this only for tests and throughput "
@@ -258,30 +269,134 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _no_liv_weights_message(reason: str) -> str:
+    return (
+        f"load_encoder: could not obtain LIV's weights ({LIV_HUB_FILE} of the Hugging Face hub repo "
+        f"{LIV_HUB_REPO}): {reason}. Without network access, download "
+        f"https://huggingface.co/{LIV_HUB_REPO}/resolve/main/{LIV_HUB_FILE} on a machine that has it "
+        "and pass the file: load_encoder('liv', pretrained='/path/to/model.pt') (furl_fast.train: "
+        "--vlm.model liv --vlm.pretrained /path/to/model.pt). pretrained='none' runs with random "
+        "weights, whose rewards mean nothing."
+    )
+
+
+def _liv_hub_file() -> Path:
+    """The release's model.pt: from the Hugging Face cache (where open_clip's downloads live too) when
+    present, else downloaded into it; fails within seconds when the hub is unreachable."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(LIV_HUB_REPO, LIV_HUB_FILE, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001  (any failure here means: not usable from the cache)
+        cache_error = exc
+    if _offline_requested():
+        raise RuntimeError(_no_liv_weights_message(
+            f"offline mode (HF_HUB_OFFLINE) and not in the local cache ({cache_error})")) from cache_error
+    host = _weights_host({"hf_hub": LIV_HUB_REPO})
+    if not _host_reachable(host):
+        raise RuntimeError(_no_liv_weights_message(
+            f"not in the local cache and {host} is unreachable (no network?)")) from cache_error
+    try:
+        return Path(hf_hub_download(LIV_HUB_REPO, LIV_HUB_FILE))
+    except Exception as exc:
+        raise RuntimeError(_no_liv_weights_message(f"download failed ({exc})")) from exc
+
+
+def _liv_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The OpenAI-CLIP RN50 state dict inside a LIV checkpoint (see _LIV_LAYOUT); ValueError naming
+    the expected layout for any other file."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (not a torch file, or one that pickles arbitrary objects)
+        raise ValueError(f"load_encoder: cannot read {str(path)!r} as a LIV checkpoint ({exc}); "
+                         f"expected {_LIV_LAYOUT}.") from exc
+    state = payload.get("liv") if isinstance(payload, dict) else None
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and k.startswith(_LIV_PREFIX) for k in state):
+        seen = state if isinstance(state, dict) else payload
+        found = f"keys {sorted(map(str, seen))[:4]}" if isinstance(seen, dict) else \
+            f"a {type(payload).__name__}"
+        raise ValueError(f"load_encoder: {str(path)!r} is not a LIV checkpoint (found {found}); "
+                         f"expected {_LIV_LAYOUT}.")
+    return {k.removeprefix(_LIV_PREFIX): v for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def _no_random_init_notice(active: bool) -> Iterator[None]:
+    """Drops open_clip's "initialized randomly" log line while active: LIV's weights come right after."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    if active:
+        root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def _load_liv(pretrained: str | None, **kwargs) -> tuple[torch.nn.Module, str | None]:
+    """(open_clip RN50-quickgelu with LIV's weights, weights id). pretrained: None (the release's
+    model.pt from the hub), a local model.pt, or 'none' (random weights)."""
+    if pretrained is not None and str(pretrained).lower() == "none":
+        warnings.warn(RANDOM_WEIGHTS_WARNING, UserWarning, stacklevel=3)
+        logger.warning(RANDOM_WEIGHTS_WARNING)
+        path = None
+    elif pretrained is None:
+        path = _liv_hub_file()
+    elif os.path.isfile(pretrained):
+        path = Path(pretrained)
+    else:
+        raise FileNotFoundError(f"load_encoder: LIV checkpoint file not found: {pretrained!r} (for "
+                                "'liv', pretrained must be None for the release's weights from the "
+                                "Hugging Face hub, a local model.pt, or 'none').")
+    state = None if path is None else _liv_state_dict(path)
+    with _no_random_init_notice(state is not None):
+        net = open_clip.create_model(_LIV_ARCH, pretrained=None, **kwargs)
+    if state is not None:
+        try:
+            net.load_state_dict(state)  # strict: every RN50 weight present, nothing else
+        except RuntimeError as exc:
+            raise ValueError(f"load_encoder: {str(path)!r} does not hold a CLIP RN50 ({exc}); "
+                             f"expected {_LIV_LAYOUT}.") from exc
+    # LIV's transform resizes with torchvision's Resize (bilinear) and normalises with CLIP's mean/std.
+    open_clip.set_model_preprocess_cfg(net, {"size": 224, "mean": ops.CLIP_MEAN, "std": ops.CLIP_STD,
+                                             "interpolation": "bilinear"})
+    return net, None if path is None else f"sha256:{_file_digest(path)}"
+
+
 def load_encoder(
     model: str = "RN50",
-    pretrained: str = "openai",
+    pretrained: str | None = None,
     device: str | torch.device = "auto",
     precision: str = "auto",
     *,
     crop: str = "furl",
-    bgr: bool = False,
+    bgr: bool | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> Encoder:
-    """A frozen open_clip encoder.
+    """A frozen open_clip encoder, or LIV.
 
-    model: an open_clip architecture name (open_clip.list_models(), or one added with
-      open_clip.add_model_config), or an "hf-hub:org/repo" / "local-dir:/path" name (pretrained ignored).
-    pretrained: an open_clip tag for that model (open_clip.list_pretrained_tags_by_model; loaded from
-      the local cache, else downloaded; fails fast with instructions when neither works), a local
-      checkpoint file (a state dict, or OpenAI's TorchScript archive with a "-quickgelu" model name),
-      or "none": random weights, with a loud warning that the rewards mean nothing.
+    model: "liv" (FuRL's VLM, see LIV), an open_clip architecture name (open_clip.list_models(), or one
+      added with open_clip.add_model_config), or an "hf-hub:org/repo" / "local-dir:/path" name
+      (pretrained ignored).
+    pretrained: None, the model's default weights: for "liv" the release's model.pt from the Hugging
+      Face hub repo jasonyma/LIV (cached by huggingface_hub like open_clip's downloads), for open_clip
+      models the "openai" tag. For open_clip models also any tag of the model
+      (open_clip.list_pretrained_tags_by_model; loaded from the local cache, else downloaded; fails
+      fast with instructions when neither works) or a local checkpoint file (a state dict, or OpenAI's
+      TorchScript archive with a "-quickgelu" model name); for "liv" a local model.pt in LIV's own
+      layout (torch.load(path)["liv"], keys "module.model." + OpenAI CLIP RN50 keys). "none": random
+      weights, with a loud warning that the rewards mean nothing.
     device: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
-    precision: "auto" (fp16 on CUDA as in FuRL, fp32 on CPU), "fp32", "fp16" or "bf16".
+    precision: "auto" (fp16 on CUDA as in FuRL's release, fp32 on CPU), "fp32", "fp16" or "bf16".
     crop: "furl" (default): FuRL's crop of the central 3/4 (32:224 of a 256 frame), bilinear resize to
-      the model input. "clip": open_clip's own geometry, the centred square, bicubic (or the model's
-      interpolation) resize.
-    bgr: feed channels in BGR order (a quirk of FuRL's release; off by default).
+      the model input (for LIV this is exactly LIV's own transform of that crop: resize to 224,
+      centre crop 224, CLIP mean/std). "clip": open_clip's own geometry, the centred square, bicubic
+      (or the model's interpolation; bilinear for LIV) resize.
+    bgr: feed channels in BGR order; None, the model's default: True for "liv" (FuRL's release feeds
+      LIV the BGR frames of cv2), False for open_clip models.
     cache_dir: where text embeddings are cached (default $FURL_FAST_CACHE or ~/.cache/furl_fast).
     """
     if crop not in ("furl", "clip"):
@@ -295,13 +410,16 @@ def load_encoder(
         raise ValueError(f"load_encoder: 'precision' must be 'auto' or one of {sorted(_DTYPES)}, got "
                          f"{precision!r}.")
     has_schema = model.startswith(("hf-hub:", "local-dir:"))
-    if not has_schema and model not in open_clip.list_models():
-        raise ValueError(f"load_encoder: unknown open_clip model {model!r}. Known models: "
+    if not has_schema and model != LIV and model not in open_clip.list_models():
+        raise ValueError(f"load_encoder: unknown open_clip model {model!r}. Known models: {LIV!r}, "
                          f"{', '.join(open_clip.list_models())}.")
     kwargs = {"precision": precision, "device": device}
-    pretrained = str(pretrained)
+    liv_weights = pretrained  # None keeps its meaning for LIV: the release's weights from the hub
+    pretrained = "openai" if pretrained is None else str(pretrained)
 
-    if has_schema:
+    if model == LIV:
+        net, weights_id = _load_liv(liv_weights, **kwargs)
+    elif has_schema:
         net = open_clip.create_model(model, **kwargs)
         weights_id: str | None = model
     elif pretrained.lower() == "none":
@@ -324,7 +442,7 @@ def load_encoder(
                          f"(known: {', '.join(tags) or 'none'}) nor an existing checkpoint file; "
                          "pass a tag, a checkpoint path, or 'none' for random weights.")
     net.eval().requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer(model)
+    tokenizer = open_clip.get_tokenizer(_LIV_ARCH if model == LIV else model)
     return Encoder(net, tokenizer, model_name=model, weights_id=weights_id, device=device,
-                   dtype=_DTYPES[precision], crop=crop, bgr=bgr,
+                   dtype=_DTYPES[precision], crop=crop, bgr=model == LIV if bgr is None else bgr,
                    cache_dir=Path(cache_dir) if cache_dir is not None else default_cache_dir())
