@@ -440,13 +440,14 @@ class Trainer:
                     for k in range(updates):
                         metrics = self.update(log=log and k == updates - 1)
                 self.add_to_buffer(tr, actions, inputs())
+                if self.schedule is not None:
+                    # Before the resets below: a new episode's first action is its step 0.
+                    self.schedule.step()
                 done_ids = np.flatnonzero(tr.done)
                 for e in done_ids:
                     writer.log(self.step, self.finish_episode(int(e)))
                 if done_ids.size:
                     self.start_episodes(tr.reset_obs, tr.reset_frames, tr.reset_states, done_ids)
-                if self.schedule is not None:
-                    self.schedule.step()
                 states = tr.reset_obs
                 if log:
                     elapsed = time.perf_counter() - t_start
