@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from furl_fast import ReplayBuffer
-from furl_fast.train import CHECKPOINT_DIR, STATE_FILE
+from furl_fast.train import CHECKPOINT_DIR, STATE_FILE, nstep_vlm_reward
 
 # Per agent: total steps, warm-up, checkpoint interval, batch. State SAC: two 500-step episodes;
 # DrQ (action repeat 2, 250 agent steps an episode, slow conv updates on a CPU): just over one.
@@ -205,3 +205,37 @@ def test_code_reward_without_a_program_set_is_refused_with_advice(tmp_path):
     result = run_cli(["--algo", "vlm", "--reward", "code", "--code-programs", str(bad),
                       "--run-dir", str(tmp_path / "r")], tmp_path, timeout=300)
     assert result.returncode == 2 and "cannot read a program set" in result.stderr, result.stderr
+
+
+def test_nstep_vlm_reward_is_the_discounted_sum_of_per_step_rewards():
+    """--sac.n-step / --drq.n-step > 1 with a VLM reward: the critic's VLM term is
+    sum_j gamma^j R(o_{t+1+j}) over the same window as the n-step environment reward, cut where the
+    episode ends; checked against a sum written out by hand for every transition."""
+    n, gamma, dim = 3, 0.9, 2
+    buf = ReplayBuffer(64, (1,), 1, embedding_dim=dim, n_step=n, gamma=gamma, seed=0)
+    g = torch.Generator().manual_seed(0)
+    lengths = (5, 2)  # the second episode is shorter than the window
+    embs = [torch.randn(length + 1, dim, generator=g) for length in lengths]
+    for ep, length in zip(embs, lengths):
+        buf.start_episode(np.zeros(1, np.float32), embedding=ep[0])
+        for t in range(length):
+            buf.add(np.zeros(1, np.float32), np.zeros(1, np.float32), 0.0, False, t == length - 1,
+                    embedding=ep[t + 1])
+
+    def reward_fn(e: torch.Tensor) -> torch.Tensor:  # any per-embedding reward (non-linear here)
+        return torch.tanh(e[:, 0] * 2 + e[:, 1] ** 2)
+
+    assert len(buf) == sum(lengths)
+    seen = set()
+    for _ in range(20):  # sampling with replacement sees every transition
+        batch = buf.sample(len(buf), augment=False)
+        got, per_step = nstep_vlm_reward(batch, reward_fn)
+        for i in range(len(buf)):
+            e, t = int(batch.episodes[i]), int(batch.steps[i])
+            ep, length = embs[e], lengths[e]
+            want = sum(gamma ** j * float(reward_fn(ep[t + 1 + j : t + 2 + j]))
+                       for j in range(min(n, length - t)))
+            assert float(got[i]) == pytest.approx(want, rel=1e-5, abs=1e-6)
+            assert float(per_step[i, 0]) == pytest.approx(float(reward_fn(ep[t + 1 : t + 2])))
+            seen.add((e, t))
+    assert len(seen) == sum(lengths)  # windows of every length (3, 2 and 1 steps) were checked

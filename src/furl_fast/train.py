@@ -354,10 +354,10 @@ class Trainer:
             reward = batch.reward
             if self.uses_vlm:
                 # Heads as they are before this step's update (spec: pre-update reward).
-                vlm = self.vlm_reward(batch.next_embedding)
+                vlm, per_step = nstep_vlm_reward(batch, self.vlm_reward)
                 reward = batch.reward + cfg.rho * vlm
-                if log:
-                    metrics["charts/vlm_reward"] = vlm.mean()
+                if log:  # the reward of one frame, R(o_{t+1}), whatever the n of the n-step sum
+                    metrics["charts/vlm_reward"] = per_step[:, 0].mean()
             metrics.update(self.agent.update(batch._replace(reward=reward), log=log))
             if self.relay_agent is not None and self.schedule.enabled:
                 metrics.update(self.relay_agent.update(batch, log=log))  # sparse reward only
@@ -600,6 +600,20 @@ class _Timer:
 
 
 # ---- helpers -------------------------------------------------------------------------------
+
+
+def nstep_vlm_reward(batch, reward_fn: Callable[[torch.Tensor], torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VLM term of an n-step target: sum_j gamma^j R(o_{t+1+j}) over the steps of the batch's
+    n-step window (cut at episode ends), the same window the buffer sums the environment reward over.
+
+    batch: furl_fast.replay.Batch with step_embeddings (B, n, D) and step_discounts (B, n).
+    reward_fn: (M, D) embeddings -> (M,) float32 rewards.
+    Returns the (B,) float32 n-step sums and the (B, n) per-step rewards R(o_{t+1+j}).
+    """
+    weights = batch.step_discounts
+    rewards = reward_fn(batch.step_embeddings.flatten(0, 1)).view(weights.shape)
+    return (weights * rewards).sum(dim=1), rewards
 
 
 def seed_everything(seed: int) -> None:
