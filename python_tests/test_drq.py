@@ -196,3 +196,14 @@ def test_auto_precision_is_bf16_on_cuda_and_updates():
     batch = {k: v.cuda() for k, v in _batch().items()}
     assert all(torch.isfinite(torch.tensor(v)) for v in agent.update(batch, log=True).values())
     assert agent.act(batch["obs"]).device.type == "cuda"
+
+
+def test_bad_drq_settings_are_refused_by_name():
+    from furl_fast.config import Config
+
+    bad = DrQConfig(n_step=0, update_every_steps=0, stddev_clip=-0.1, critic_target_tau=0.0)
+    with pytest.raises(ValueError) as err:
+        Config(agent="drq", drq=bad).validate()
+    for name in ("drq.n_step=0", "drq.update_every_steps=0", "drq.stddev_clip=-0.1",
+                 "drq.critic_target_tau=0.0"):
+        assert name in str(err.value), name
