@@ -178,6 +178,7 @@ def test_pieces_compose_into_a_furl_step_loop():
     assert reward_model.buffer.num_negatives == 80
 
 
+@pytest.mark.slow
 def test_trainer_switches_control_every_k_steps_from_each_episodes_first_action(tmp_path):
     """The training loop's order of schedule.step() and episode resets: in each of the first three
     episodes control switches after exactly K actions (at steps K, 2K, ...), not K - 1 after the
