@@ -1,5 +1,5 @@
-"""DrQ learner step on the CPU: replay sample + random shift + one SAC/encoder update, batch 256 of
-3-frame 84x84 RGB stacks (the DrQ-v2 defaults).
+"""DrQ learner step on the CPU: replay sample + random shift + one DrQ-v2 update (critic and
+encoder, actor, target), batch 256 of 3-frame 84x84 RGB stacks (the DrQ-v2 defaults).
 
 - fused: furl_fast.ReplayBuffer.sample(augment=True) (shift fused into the gather) + update.
 - drqv2_aug: the same buffer sampled without augmentation, then DrQ-v2's RandomShiftsAug (replicate
@@ -20,7 +20,7 @@ import torch
 
 from bench_replay import RandomShiftsAug
 from furl_fast import ReplayBuffer
-from furl_fast.agents.drq import make_drq
+from furl_fast.agents.drq import DrQV2
 from furl_fast.config import DrQConfig
 
 BATCH = 256
@@ -37,7 +37,7 @@ def setup():
         for t in range(EPISODE_STEPS):
             buf.add(rng.integers(0, 256, (3, 84, 84), dtype=np.uint8),
                     rng.uniform(-1, 1, 4).astype(np.float32), -1.0, False, t == EPISODE_STEPS - 1)
-    agents = {p: make_drq((9, 84, 84), 4, drq=DrQConfig(precision=p)) for p in ("fp32", "bf16")}
+    agents = {p: DrQV2((9, 84, 84), 4, DrQConfig(precision=p)) for p in ("fp32", "bf16")}
     return buf, agents, RandomShiftsAug(4)
 
 

@@ -416,10 +416,11 @@ PYBIND11_MODULE(_C, m) {
             const auto idx = optional_tensor(indices, "gather", "indices");
             const auto sh = optional_tensor(shifts, "gather", "shifts");
             static const char* kNames[] = {"obs", "next_obs", "embedding", "next_embedding",
+                                           "step_embeddings", "step_slots", "step_discounts",
                                            "obs_slots", "next_slots", "shifts", "action", "reward",
                                            "discount", "goal_distance", "success", "indices",
                                            "episodes", "steps"};
-            std::array<std::optional<TensorView>, 15> views;
+            std::array<std::optional<TensorView>, 18> views;
             for (const auto& item : outputs) {
               const std::string key = py::str(item.first);
               size_t i = 0;
@@ -430,6 +431,7 @@ PYBIND11_MODULE(_C, m) {
             }
             ReplayOutViews o;
             const TensorView** slots[] = {&o.obs, &o.next_obs, &o.embedding, &o.next_embedding,
+                                          &o.step_embeddings, &o.step_slots, &o.step_discounts,
                                           &o.obs_slots, &o.next_slots, &o.shifts, &o.action,
                                           &o.reward, &o.discount, &o.goal_distance, &o.success,
                                           &o.indices, &o.episodes, &o.steps};

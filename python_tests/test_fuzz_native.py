@@ -643,8 +643,9 @@ def test_public_ops_validate_or_match_reference(data):
 
 
 SAMPLE_OUTPUTS = (
-    "obs", "next_obs", "embedding", "next_embedding", "obs_slots", "next_slots", "shifts", "action",
-    "reward", "discount", "goal_distance", "success", "indices", "episodes", "steps",
+    "obs", "next_obs", "embedding", "next_embedding", "step_embeddings", "step_slots",
+    "step_discounts", "obs_slots", "next_slots", "shifts", "action", "reward", "discount",
+    "goal_distance", "success", "indices", "episodes", "steps",
 )  # fmt: skip
 
 
@@ -766,6 +767,9 @@ def core_call(draw, buf: ReplayBuffer, src: Source):
     shapes = {
         "obs": ((rows, f * c, *buf.obs_shape[1:]), buf._obs_dtype),
         "embedding": ((rows, d), emb_dtype),
+        "step_embeddings": ((rows, cfg["n_step"], d), emb_dtype),
+        "step_slots": ((rows, cfg["n_step"]), torch.int64),
+        "step_discounts": ((rows, cfg["n_step"]), torch.float32),
         "obs_slots": ((rows, f), torch.int64),
         "shifts": ((rows, 4), torch.int32),
         "action": ((rows, cfg["action_dim"]), torch.float32),

@@ -176,3 +176,39 @@ def test_pieces_compose_into_a_furl_step_loop():
     assert used_relay and reward_model.phase == "B"
     assert reward_model.buffer.positives_added == 80 and not sched.enabled  # 2 x 40 >= 60: relay off
     assert reward_model.buffer.num_negatives == 80
+
+
+@pytest.mark.slow
+def test_trainer_switches_control_every_k_steps_from_each_episodes_first_action(tmp_path):
+    """The training loop's order of schedule.step() and episode resets: in each of the first three
+    episodes control switches after exactly K actions (at steps K, 2K, ...), not K - 1 after the
+    first episode. Recorded at every env.step of a real (state SAC, relay) run."""
+    from furl_fast.config import Config, SACConfig
+    from furl_fast.train import Trainer
+
+    cfg = Config(algo="relay", reward="code", task="reach-v3", total_steps=1500, warmup_steps=1499,
+                 batch_size=8, buffer_size=2000, eval_every=1500, eval_video=False, eval_episodes=1,
+                 checkpoint_every=1500, log_every=1500, device="cpu", run_dir=str(tmp_path),
+                 sac=SACConfig(hidden_dims=(8,)))
+    trainer = Trainer(cfg, tmp_path)
+    relay, ks = [], []
+    env_step = trainer.envs.step
+
+    def recording_step(actions):
+        relay.append(bool(trainer.schedule.relay_mask()[0]))
+        ks.append(int(trainer.schedule.k[0]))
+        return env_step(actions)
+
+    trainer.envs.step = recording_step
+    try:
+        assert trainer.run([]) == 0
+    finally:
+        trainer.close()
+    assert len(relay) == 1500
+    for episode in range(3):
+        mask, k = np.array(relay[500 * episode: 500 * (episode + 1)]), ks[500 * episode]
+        assert set(ks[500 * episode: 500 * (episode + 1)]) == {k}
+        runs = _runs(mask)
+        assert runs[0][0] == (episode % 2 == 1)
+        assert [n for _, n in runs[:-1]] == [k] * (len(runs) - 1), (episode, k, runs)
+        assert 0 < runs[-1][1] <= k

@@ -16,11 +16,20 @@ import pytest
 import torch
 
 from furl_fast import ReplayBuffer
-from furl_fast.train import CHECKPOINT_DIR, STATE_FILE
+from furl_fast.train import CHECKPOINT_DIR, STATE_FILE, nstep_vlm_reward, updates_due
 
-# Per agent: total steps, warm-up, checkpoint interval, batch. State SAC: two 500-step episodes;
-# DrQ (action repeat 2, 250 agent steps an episode, slow conv updates on a CPU): just over one.
-SETTINGS = {"sac": (1000, 600, 500, 32), "drq": (300, 200, 150, 8)}
+# Per agent: total steps, warm-up, checkpoint interval (simulator steps), batch. State SAC: two
+# 500-step episodes; DrQ (action repeat 2: 250 agent steps an episode, slow conv updates on a CPU):
+# just over one, and 50 updates (one every 2 agent steps after the warm-up).
+SETTINGS = {"sac": (1000, 600, 500, 32), "drq": (600, 400, 300, 8)}
+REPEAT = {"sac": 1, "drq": 2}  # simulator steps per agent step (stored transition)
+
+
+def sampleable(agent: str) -> int:
+    """Transitions the replay buffer can sample at the end of a smoke run: one per agent step, less
+    the last n - 1 of the episode still open (their n-step windows are incomplete; DrQ-v2: n = 3)."""
+    steps, n_step = SETTINGS[agent][0], {"sac": 1, "drq": 3}[agent]
+    return steps // REPEAT[agent] - (n_step - 1)
 def train_args(run_dir: Path, algo: str, model: str, agent: str = "sac", video: bool = False,
                steps: int | None = None) -> list[str]:
     """CLI arguments of a smoke run; steps (total, and the one evaluation) default to SETTINGS'."""
@@ -30,7 +39,8 @@ def train_args(run_dir: Path, algo: str, model: str, agent: str = "sac", video: 
             "--total-steps", str(steps), "--warmup-steps", str(warmup), "--batch-size", str(batch),
             "--buffer-size", "5000", "--eval-every", str(steps), "--checkpoint-every",
             str(checkpoint_every), "--run-dir", str(run_dir), "--device", "cpu", "--vlm.model", model,
-            "--vlm.pretrained", "none", "--sac.hidden-dims", "32", "32", "--furl.head-hidden", "16",
+            "--vlm.pretrained", "none", "--sac.hidden-dims", "32", "32", "--drq.hidden-dim", "32",
+            "--drq.feature-dim", "16", "--furl.head-hidden", "16",
             "--furl.pair-batch", "32", "--torch-threads", "1", "--log-every", "100"]
 
 
@@ -61,6 +71,8 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_model, algo, agent):
         assert name in metrics, name
     if algo == "furl":
         assert "losses/heads_phase_a" in metrics
+    if agent == "drq":
+        assert "charts/stddev" in metrics and "charts/agent_steps" in metrics
     if algo in ("relay", "furl"):
         assert "losses/relay_critic" in metrics
     evaluation = json.loads((run_dir / "eval.json").read_text())
@@ -71,7 +83,7 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_model, algo, agent):
         assert videos and all(v.stat().st_size > 1000 for v in videos)
     else:
         assert not (run_dir / "videos").exists()
-    assert replay_len(run_dir) == (steps, steps)
+    assert replay_len(run_dir) == (sampleable(agent), steps)
 
 
 @pytest.mark.slow
@@ -79,7 +91,7 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_model, algo, agent):
 def test_sigterm_then_resume_matches_uninterrupted(tmp_path, tiny_model, agent):
     """A run killed with SIGTERM checkpoints; --resume finishes with the same step count and buffer
     size as an uninterrupted run of the same configuration (test_cli_run_writes_every_artefact
-    checks that those are (steps, steps))."""
+    checks those)."""
     steps, _, checkpoint_every, _ = SETTINGS[agent]
     run_dir = tmp_path / "killed"
     env = dict(os.environ, FURL_FAST_CACHE=str(tmp_path / "cache"))
@@ -100,7 +112,7 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, tiny_model, agent):
 
     result = run_cli(["--resume", str(run_dir)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert replay_len(run_dir) == (steps, steps)
+    assert replay_len(run_dir) == (sampleable(agent), steps)
     logged = [int(line.split(",")[0]) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
     assert logged == sorted(logged)  # rows past the checkpoint were dropped, not duplicated
 
@@ -205,3 +217,47 @@ def test_code_reward_without_a_program_set_is_refused_with_advice(tmp_path):
     result = run_cli(["--algo", "vlm", "--reward", "code", "--code-programs", str(bad),
                       "--run-dir", str(tmp_path / "r")], tmp_path, timeout=300)
     assert result.returncode == 2 and "cannot read a program set" in result.stderr, result.stderr
+
+
+def test_updates_due_counts_agent_steps_and_update_every_steps():
+    # DrQ-v2: action repeat 2, one update every 2 agent steps, i.e. one per 4 simulator steps.
+    due = [updates_due(s - 2, s, repeat=2, every=2, per_step=1) for s in range(2, 42, 2)]
+    assert due == [0, 1] * 10 and sum(due) == 10
+    # 4 envs (8 simulator steps a vector step) and 3 updates per agent step: 2 agent steps due.
+    assert {updates_due(s - 8, s, 2, 2, 3) for s in range(8, 80, 8)} == {6}
+    # State SAC: every env step of every env, times updates_per_step.
+    assert updates_due(12, 16, repeat=1, every=1, per_step=2) == 8
+
+
+def test_nstep_vlm_reward_is_the_discounted_sum_of_per_step_rewards():
+    """--sac.n-step / --drq.n-step > 1 with a VLM reward: the critic's VLM term is
+    sum_j gamma^j R(o_{t+1+j}) over the same window as the n-step environment reward, cut where the
+    episode ends; checked against a sum written out by hand for every transition."""
+    n, gamma, dim = 3, 0.9, 2
+    buf = ReplayBuffer(64, (1,), 1, embedding_dim=dim, n_step=n, gamma=gamma, seed=0)
+    g = torch.Generator().manual_seed(0)
+    lengths = (5, 2)  # the second episode is shorter than the window
+    embs = [torch.randn(length + 1, dim, generator=g) for length in lengths]
+    for ep, length in zip(embs, lengths):
+        buf.start_episode(np.zeros(1, np.float32), embedding=ep[0])
+        for t in range(length):
+            buf.add(np.zeros(1, np.float32), np.zeros(1, np.float32), 0.0, False, t == length - 1,
+                    embedding=ep[t + 1])
+
+    def reward_fn(e: torch.Tensor) -> torch.Tensor:  # any per-embedding reward (non-linear here)
+        return torch.tanh(e[:, 0] * 2 + e[:, 1] ** 2)
+
+    assert len(buf) == sum(lengths)
+    seen = set()
+    for _ in range(20):  # sampling with replacement sees every transition
+        batch = buf.sample(len(buf), augment=False)
+        got, per_step = nstep_vlm_reward(batch, reward_fn)
+        for i in range(len(buf)):
+            e, t = int(batch.episodes[i]), int(batch.steps[i])
+            ep, length = embs[e], lengths[e]
+            want = sum(gamma ** j * float(reward_fn(ep[t + 1 + j : t + 2 + j]))
+                       for j in range(min(n, length - t)))
+            assert float(got[i]) == pytest.approx(want, rel=1e-5, abs=1e-6)
+            assert float(per_step[i, 0]) == pytest.approx(float(reward_fn(ep[t + 1 : t + 2])))
+            seen.add((e, t))
+    assert len(seen) == sum(lengths)  # windows of every length (3, 2 and 1 steps) were checked

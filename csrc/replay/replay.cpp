@@ -449,8 +449,16 @@ void ReplayCore::sample(int64_t batch, bool augment, const int64_t* indices, con
       // continues through a truncation (discount gamma^k) and stops at termination (discount 0).
       int64_t last = s, k = 1;
       double ret = c_.rewards[s], g = 1.0;
+      // Per step j of the window: the observation it returned and gamma^j (for n-step VLM rewards).
+      const auto window_step = [&](int64_t j, int64_t slot, double weight) {
+        if (out.step_embeddings)
+          std::memcpy(out.step_embeddings + (b * l.n_step + j) * eb, c_.embeddings + slot * eb, eb);
+        if (out.step_slots) out.step_slots[b * l.n_step + j] = slot;
+        if (out.step_discounts) out.step_discounts[b * l.n_step + j] = static_cast<float>(weight);
+      };
       while (k < l.n_step && !(c_.flags[last] & (kReplayTerminated | kReplayTruncated))) {
         if (c_.next[last] < 0) corrupted("n-step link");
+        window_step(k - 1, slot_of(c_.next[last]), g);
         last = slot_of(c_.next[last]);
         g *= l.gamma;
         ret += g * c_.rewards[last];
@@ -458,6 +466,8 @@ void ReplayCore::sample(int64_t batch, bool augment, const int64_t* indices, con
       }
       if (c_.next[last] < 0) corrupted("next observation link");
       const int64_t next_slot = slot_of(c_.next[last]);
+      window_step(k - 1, next_slot, g);
+      for (int64_t j = k; j < l.n_step; ++j) window_step(j, next_slot, 0.0);
       const double discount = (c_.flags[last] & kReplayTerminated) ? 0.0 : g * l.gamma;
       stack_of(s, obs_slots.data());
       stack_of(next_slot, next_slots.data());

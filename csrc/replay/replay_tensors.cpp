@@ -254,11 +254,12 @@ void ReplayTensors::sample(int64_t batch, bool augment, const TensorView* indice
   std::vector<int64_t> stack_shape = {batch, F * layout_.channels};
   if (layout_.pixels) stack_shape.insert(stack_shape.end(), {layout_.height, layout_.width});
   const DType obs_dtype = layout_.pixels ? DType::kUInt8 : DType::kFloat32;
-  if ((o.obs || o.next_obs || o.embedding || o.next_embedding) && layout_.device != cpu)
+  const bool embeddings = o.embedding || o.next_embedding || o.step_embeddings;
+  if ((o.obs || o.next_obs || embeddings) && layout_.device != cpu)
     throw ValueError("sample: GPU-mode frames are gathered by replay_gather_frames_cuda.");
-  if ((o.embedding || o.next_embedding) && layout_.embedding_dim == 0)
+  if (embeddings && layout_.embedding_dim == 0)
     throw ValueError("sample: the buffer stores no embeddings.");
-  const int64_t A = layout_.action_dim, D = layout_.embedding_dim;
+  const int64_t A = layout_.action_dim, D = layout_.embedding_dim, N = layout_.n_step;
   const DType f32 = DType::kFloat32, i64 = DType::kInt64;
   ReplaySampleOut out;
   out.obs = static_cast<uint8_t*>(bind(o.obs, "obs", stack_shape, obs_dtype));
@@ -267,6 +268,11 @@ void ReplayTensors::sample(int64_t batch, bool augment, const TensorView* indice
       static_cast<uint8_t*>(bind(o.embedding, "embedding", {batch, D}, layout_.embedding_dtype));
   out.next_embedding = static_cast<uint8_t*>(
       bind(o.next_embedding, "next_embedding", {batch, D}, layout_.embedding_dtype));
+  out.step_embeddings = static_cast<uint8_t*>(
+      bind(o.step_embeddings, "step_embeddings", {batch, N, D}, layout_.embedding_dtype));
+  out.step_slots = static_cast<int64_t*>(bind(o.step_slots, "step_slots", {batch, N}, i64));
+  out.step_discounts =
+      static_cast<float*>(bind(o.step_discounts, "step_discounts", {batch, N}, f32));
   out.obs_slots = static_cast<int64_t*>(bind(o.obs_slots, "obs_slots", {batch, F}, i64));
   out.next_slots = static_cast<int64_t*>(bind(o.next_slots, "next_slots", {batch, F}, i64));
   out.shifts = static_cast<int32_t*>(bind(o.shifts, "shifts", {batch, 4}, DType::kInt32));

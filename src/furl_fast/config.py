@@ -34,7 +34,8 @@ class SACConfig:
     gamma: float = 0.99
     """Discount factor (the replay buffer folds gamma^n * (1 - terminated) into each batch)."""
     n_step: int = 1
-    """n-step returns computed by the replay buffer; FuRL uses 1-step TD."""
+    """n-step returns computed by the replay buffer (a VLM reward is summed over the same steps);
+    FuRL uses 1-step TD."""
     tau: float = 0.01
     """Polyak rate of the target critics, applied after every critic step."""
     init_alpha: float = 1.0
@@ -51,18 +52,42 @@ class SACConfig:
 
 @dataclass(frozen=True)
 class DrQConfig:
-    """Pixel-based agent (agent=drq): DrQ-v2-style defaults (/work/shared/spec/furl.md, baselines)."""
+    """Pixel-based agent (agent=drq): DrQ-v2 (Yarats, Fergus, Lazaric, Pinto 2021), with the defaults
+    of its paper and public code (cfgs/config.yaml; the batch size is Config.batch_size, 256 in both).
+    DrQ-v2 counts its schedule in agent steps (one action = action_repeat simulator steps); so does
+    this config. With --agent drq the sac.* flags are unused."""
 
     image_size: int = 84
-    """Side of the square RGB observation the agent sees."""
+    """Side of the square RGB observation the agent sees (DrQ-v2: 84)."""
     frame_stack: int = 3
-    """Consecutive frames stacked along channels."""
+    """Consecutive frames stacked along channels (DrQ-v2: 3)."""
     action_repeat: int = 2
-    """Environment steps per agent action."""
+    """Simulator steps per agent action (DrQ-v2: 2)."""
     shift_pad: int = 4
-    """Random-shift augmentation: replicate pad, then a random crop back to image_size."""
+    """Random-shift augmentation: replicate pad, then a random crop back to image_size (DrQ-v2: 4)."""
     feature_dim: int = 50
-    """Width of the encoder's output (after Linear + LayerNorm + tanh), the actor's and critics' input."""
+    """Width of the actor's and the critic's trunk (Linear -> LayerNorm -> tanh) (DrQ-v2: 50)."""
+    hidden_dim: int = 1024
+    """Hidden width of the policy MLP and of each of the twin Q MLPs (DrQ-v2: 1024)."""
+    lr: float = 1e-4
+    """Adam learning rate of the encoder, actor and critic (DrQ-v2: 1e-4)."""
+    gamma: float = 0.99
+    """Discount factor (DrQ-v2: 0.99); the replay buffer folds gamma^n into each batch."""
+    n_step: int = 3
+    """n-step returns (DrQ-v2: 3); a VLM reward is summed over the same n steps."""
+    critic_target_tau: float = 0.01
+    """Polyak rate of the target critic (trunk included) after every update (DrQ-v2: 0.01)."""
+    update_every_steps: int = 2
+    """One update (critic, actor, target) every this many agent steps (DrQ-v2: 2)."""
+    stddev_init: float = 1.0
+    """Exploration std at agent step 0 (DrQ-v2: linear(1.0, 0.1, duration))."""
+    stddev_final: float = 0.1
+    """Exploration std from agent step stddev_steps on (DrQ-v2: 0.1)."""
+    stddev_steps: int = 100_000
+    """Agent steps of the linear std schedule. DrQ-v2 uses 100,000 for its easy tasks, whose 1.1M
+    frame budget is the one closest to FuRL's 1M environment steps (500,000 medium, 2M hard)."""
+    stddev_clip: float = 0.3
+    """Clip of the target-policy and actor-loss noise, in units of the action (DrQ-v2: 0.3)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Conv encoder precision: bf16 autocast of the conv stack (float32 weights and optimiser) or
     fp32; auto = bf16 on CUDA, fp32 on CPU (where bf16 convolutions are rarely faster)."""
@@ -142,7 +167,7 @@ class Config:
     algo: Literal["sac", "vlm", "relay", "furl"] = "furl"
     """sac: sparse reward only; vlm: + raw VLM reward; relay: raw VLM + relay RL; furl: aligned + relay."""
     agent: Literal["sac", "drq"] = "sac"
-    """sac: state-based SAC; drq: pixel-based DrQ-v2-style SAC."""
+    """sac: state-based SAC (sac.* flags); drq: DrQ-v2 on 84x84 pixels (drq.* flags)."""
     reward: Literal["furl", "cosine", "goal_baseline", "binary", "code"] | None = None
     """VLM reward family; None picks furl for algo=furl and cosine for vlm/relay (unused by sac)."""
     code_programs: str | None = None
@@ -164,14 +189,17 @@ class Config:
     seed: int = 0
     """Seed of the environment, networks, replay sampling and relay schedule."""
     total_steps: int = 100_000
-    """Environment steps (transitions) to train for; with --agent drq each is drq.action_repeat
-    simulator steps (logged as charts/env_frames)."""
+    """Simulator (environment) steps to train for, the paper's x-axis. Every step count of this
+    config (warm-up, eval/log/checkpoint intervals) is in simulator steps; with --agent drq one
+    agent step (an action, a stored transition) is drq.action_repeat of them (charts/agent_steps)."""
     warmup_steps: int = 2_000
-    """Uniform-random actions before learning starts."""
+    """Simulator steps of uniform-random actions before learning starts (FuRL: 10,000; DrQ-v2:
+    4,000 frames, i.e. its num_expl_steps = 2,000 agent steps at action repeat 2)."""
     batch_size: int = 256
-    """Replay batch size of every SAC update."""
+    """Replay batch size of every SAC / DrQ-v2 update (both papers: 256)."""
     buffer_size: int | None = 100_000
-    """Replay capacity in transitions; None means the spec's 500,000 for furl, 1,000,000 otherwise."""
+    """Replay capacity in transitions (agent steps); None means the spec's 500,000 for furl,
+    1,000,000 otherwise."""
     rho: float | None = None
     """Weight of the VLM reward: critic reward = env reward + rho * vlm_reward. None picks the
     reward's default: 0.05 for the VLM similarity rewards (FuRL's setting: a noisy cosine must not
@@ -180,16 +208,16 @@ class Config:
     sparse reward): with 0.05 its first stage is worth 0.0125 per step, far below the entropy
     bonus SAC starts with."""
     eval_every: int = 10_000
-    """Environment steps between evaluations of the deterministic policy."""
+    """Simulator steps between evaluations of the deterministic policy."""
     eval_video: bool = True
     """Record the first episode of every evaluation as a video (videos/); rendering it costs about
     as much as 500 steps of a state-based run on a CPU."""
     eval_episodes: int | None = None
     """Episodes per evaluation; None means 1 for a fixed goal, 10 for random goals."""
     log_every: int = 1_000
-    """Environment steps between metric logs (losses/*, charts/*, perf/*; the only host syncs)."""
+    """Simulator steps between metric logs (losses/*, charts/*, perf/*; the only host syncs)."""
     checkpoint_every: int = 10_000
-    """Environment steps between checkpoints (also written on SIGINT/SIGTERM)."""
+    """Simulator steps between checkpoints (also written on SIGINT/SIGTERM)."""
     run_dir: str | None = None
     """Run directory; None makes runs/<algo>-<task>-s<seed>-<time>."""
     resume: str | None = None
@@ -199,8 +227,8 @@ class Config:
     num_envs: int = 1
     """Environments stepped in parallel (worker processes); their frames are encoded in one batch."""
     updates_per_step: int = 1
-    """Updates per environment step (UTD): each vector step does num_envs * updates_per_step SAC,
-    relay and head updates."""
+    """Updates per agent step (UTD): each vector step does num_envs * updates_per_step SAC, relay
+    and head updates (DrQ-v2: on every drq.update_every_steps-th agent step only)."""
     overlap_encode: bool = True
     """Encode a step's frames in a background thread (on its own CUDA stream on a GPU) while the
     learner updates; that step's transitions join the buffer right after those updates."""
@@ -211,9 +239,9 @@ class Config:
     profile: bool = False
     """Log per-phase timings (perf/*) at the cost of a host sync per step."""
     sac: SACConfig = field(default_factory=SACConfig)
-    """SAC hyper-parameters."""
+    """SAC hyper-parameters (agent=sac)."""
     drq: DrQConfig = field(default_factory=DrQConfig)
-    """Pixel-agent settings (used when agent=drq)."""
+    """DrQ-v2 hyper-parameters and pixel settings (agent=drq)."""
     furl: FuRLConfig = field(default_factory=FuRLConfig)
     """Reward-alignment and relay hyper-parameters."""
     vlm: VLMConfig = field(default_factory=VLMConfig)
@@ -343,8 +371,16 @@ def _problems(cfg: Config, known_tasks: Collection[str] | None) -> list[str]:
         p.append(f"sac.tau={s.tau} must be in (0, 1].")
 
     d = cfg.drq
-    for name in ("frame_stack", "action_repeat", "feature_dim"):
+    for name in ("frame_stack", "action_repeat", "feature_dim", "hidden_dim", "lr", "n_step",
+                 "update_every_steps", "stddev_steps"):
         p += _positive(f"drq.{name}", getattr(d, name))
+    if not 0 < d.gamma <= 1:
+        p.append(f"drq.gamma={d.gamma} must be in (0, 1].")
+    if not 0 < d.critic_target_tau <= 1:
+        p.append(f"drq.critic_target_tau={d.critic_target_tau} must be in (0, 1].")
+    for name in ("stddev_init", "stddev_final", "stddev_clip"):
+        if getattr(d, name) < 0:
+            p.append(f"drq.{name}={getattr(d, name)} must be >= 0.")
     if d.image_size < 16:
         p.append(f"drq.image_size={d.image_size} must be >= 16 (the encoder's convolutions need room).")
     if d.shift_pad < 0:
@@ -375,8 +411,9 @@ def _problems(cfg: Config, known_tasks: Collection[str] | None) -> list[str]:
 
 
 def _paper() -> Config:
-    """The FuRL paper's settings (spec: 1M steps, 10k warm-up, replay 500k for FuRL / 1M baselines,
-    Meta-World's own visuals). Add --vlm.model liv for the paper's VLM."""
+    """The FuRL paper's settings (spec: 1M environment steps, the paper's x-axis, for every agent;
+    10k warm-up; replay 500k for FuRL / 1M baselines; Meta-World's own visuals). Add --vlm.model liv
+    for the paper's VLM."""
     return dataclasses.replace(
         Config(),
         render_quality="paper",

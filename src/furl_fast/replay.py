@@ -64,7 +64,12 @@ class Batch(NamedTuple):
     (a truncation keeps gamma^k: bootstrap from next_obs). next_obs is the observation after those k
     steps. action (B, A) float32 is a_t. success (B,) bool and goal_distance (B,) float32 (NaN when
     not given) are those of step t. embedding / next_embedding (B, D) are the stored embeddings of
-    the last frame of obs / next_obs (None without embeddings). indices (B,) int64 identify the
+    the last frame of obs / next_obs (None without embeddings). step_embeddings (B, n, D) are those
+    of the observations after each step of the n-step window, o_{t+1} .. o_{t+k} (the last one
+    repeated past an episode end at k < n, so step_embeddings[:, -1] is next_embedding), and
+    step_discounts (B, n) float32 their weights gamma^j for j < k, 0 beyond: the n-step sum of a
+    per-step reward R of the next observation is (step_discounts * R(step_embeddings)).sum(1)
+    (None without embeddings). indices (B,) int64 identify the
     transitions (for gather() and earlier(); valid until overwritten); episodes (B,) int64 are episode
     ids and steps (B,) int64 the step of obs within its episode (0 = first observation).
     """
@@ -81,6 +86,8 @@ class Batch(NamedTuple):
     steps: torch.Tensor
     embedding: torch.Tensor | None = None
     next_embedding: torch.Tensor | None = None
+    step_embeddings: torch.Tensor | None = None
+    step_discounts: torch.Tensor | None = None
 
 
 def _positive_int(value: Any, name: str, minimum: int = 1, maximum: int | None = None) -> int:
@@ -681,16 +688,22 @@ class ReplayBuffer:
             "steps": self._empty((b,), torch.int64),
         }
         cuda = self.device.type == "cuda"
+        n = c["n_step"]
+        if d:
+            out["step_discounts"] = self._empty((b, n), torch.float32)
         if cuda:
             out["obs_slots"] = self._empty((b, f), torch.int64)
             out["next_slots"] = self._empty((b, f), torch.int64)
             out["shifts"] = self._empty((b, 4), torch.int32)
+            if d:
+                out["step_slots"] = self._empty((b, n), torch.int64)
         else:
             out["obs"] = self._empty(stack, self._obs_dtype)
             out["next_obs"] = self._empty(stack, self._obs_dtype)
             if d:
                 out["embedding"] = self._empty((b, d), c["embedding_dtype"])
                 out["next_embedding"] = self._empty((b, d), c["embedding_dtype"])
+                out["step_embeddings"] = self._empty((b, n, d), c["embedding_dtype"])
         self._core.sample(
             b,
             augment,
@@ -746,6 +759,10 @@ class ReplayBuffer:
             emb = self._columns["embeddings"]
             res["embedding"] = emb.index_select(0, slots["obs_slots"][:, -1])
             res["next_embedding"] = emb.index_select(0, slots["next_slots"][:, -1])
+            step_slots = plan["step_slots"].to(dev, non_blocking=self.pin_memory)
+            res["step_embeddings"] = emb.index_select(0, step_slots.flatten()).view(
+                *step_slots.shape, -1)
+            res["step_discounts"] = plan["step_discounts"].to(dev, non_blocking=self.pin_memory)
         return res
 
     # ---- persistence ----------------------------------------------------------------------------

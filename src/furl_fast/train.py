@@ -166,7 +166,7 @@ class Trainer:
     """Owns everything a run needs and the loop that drives it; see the module docstring."""
 
     def __init__(self, cfg: Config, run_dir: Path, encoder=None):
-        from furl_fast.agents.drq import make_drq
+        from furl_fast.agents.drq import DrQV2
         from furl_fast.agents.relay import RelaySchedule
         from furl_fast.agents.sac import SAC
         from furl_fast.envs import make_env, make_vector_env
@@ -198,6 +198,9 @@ class Trainer:
 
         # DrQ: one render per step gives both the agent's stacked 84x84 pixels and the VLM frame.
         self.pixels = cfg.agent == "drq"
+        # Steps (self.step, total/warm-up/eval/log/checkpoint intervals) count simulator steps; an
+        # agent step (one action, one transition) is `repeat` of them.
+        self.repeat = cfg.drq.action_repeat if self.pixels else 1
         env_kwargs = dict(obs="pixels", pixel_size=cfg.drq.image_size, frame_stack=cfg.drq.frame_stack,
                           action_repeat=cfg.drq.action_repeat) if self.pixels else {}
         # Programs that never read their frame spare the render.
@@ -223,8 +226,7 @@ class Trainer:
 
         def make_agent(metric_prefix: str = ""):
             if self.pixels:
-                return make_drq(obs_shape, act_dim, cfg.sac, cfg.drq, self.device,
-                                metric_prefix=metric_prefix)
+                return DrQV2(obs_shape, act_dim, cfg.drq, self.device, metric_prefix=metric_prefix)
             return SAC(obs_shape[0], act_dim, cfg.sac, self.device, metric_prefix=metric_prefix)
 
         self.agent = make_agent()
@@ -241,8 +243,7 @@ class Trainer:
                 self.furl.set_goal(self.goal_embedding())
 
         # Capacity counts observation slots: each episode also stores its final observation.
-        episode_steps = self.eval_env.unwrapped.max_episode_steps // (
-            cfg.drq.action_repeat if self.pixels else 1)
+        episode_steps = self.eval_env.unwrapped.max_episode_steps // self.repeat
         capacity = cfg.resolved_buffer_size + cfg.resolved_buffer_size // episode_steps + 2 * cfg.num_envs
         self.buffer = ReplayBuffer(capacity, stored_shape, act_dim,
                                    frame_stack=cfg.drq.frame_stack if self.pixels else 1,
@@ -250,8 +251,9 @@ class Trainer:
                                    embedding_dim=self.encoder.embed_dim if self.encoder else
                                    int(self.code is not None),
                                    embedding_dtype=torch.float16 if self.encoder else torch.float32,
-                                   n_step=cfg.sac.n_step,
-                                   gamma=cfg.sac.gamma, num_envs=cfg.num_envs,
+                                   n_step=(cfg.drq if self.pixels else cfg.sac).n_step,
+                                   gamma=(cfg.drq if self.pixels else cfg.sac).gamma,
+                                   num_envs=cfg.num_envs,
                                    device=self.device, seed=cfg.seed)
         # The encoder runs beside the learner: a thread (torch ops release the GIL) and, on a GPU, its
         # own stream, so the frames of step t are encoded while step t's updates run.
@@ -358,10 +360,10 @@ class Trainer:
             reward = batch.reward
             if self.uses_vlm:
                 # Heads as they are before this step's update (spec: pre-update reward).
-                vlm = self.vlm_reward(batch.next_embedding)
+                vlm, per_step = nstep_vlm_reward(batch, self.vlm_reward)
                 reward = batch.reward + cfg.resolved_rho * vlm
-                if log:
-                    metrics["charts/vlm_reward"] = vlm.mean()
+                if log:  # the reward of one frame, R(o_{t+1}), whatever the n of the n-step sum
+                    metrics["charts/vlm_reward"] = per_step[:, 0].mean()
             metrics.update(self.agent.update(batch._replace(reward=reward), log=log))
             if self.relay_agent is not None and self.schedule.enabled:
                 metrics.update(self.relay_agent.update(batch, log=log))  # sparse reward only
@@ -370,6 +372,13 @@ class Trainer:
         return metrics
 
     # -- episodes ------------------------------------------------------------------------------
+
+    def sync_agent_steps(self) -> None:
+        """DrQ-v2's exploration std follows the agent step: simulator steps / action repeat."""
+        if self.pixels:
+            for agent in (self.agent, self.relay_agent):
+                if agent is not None:
+                    agent.step = self.step // self.repeat
 
     def start_episodes(self, obs: np.ndarray, frames: np.ndarray | None, env_states: np.ndarray,
                        env_ids: np.ndarray) -> None:
@@ -420,7 +429,9 @@ class Trainer:
         self.start_episodes(states, frames, env_states(states, info), np.arange(n))
         bar = tqdm(total=cfg.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=None, desc=f"{cfg.algo} {cfg.task}")
-        log_every = max(cfg.log_every, n)
+        stride = n * self.repeat  # simulator steps per vector step
+        log_every = max(cfg.log_every, stride)
+        log_updates = False  # the next update's losses go to the log (DrQ-v2 skips agent steps)
         t_start, step_start = time.perf_counter(), self.step
         try:
             while self.step < cfg.total_steps:
@@ -429,6 +440,7 @@ class Trainer:
                     print(f"\nstopped by signal {stop_flag[0]} at step {self.step}; checkpoint saved. "
                           f"Resume with: python -m furl_fast.train --resume {self.run_dir}", flush=True)
                     return 128 + stop_flag[0]
+                self.sync_agent_steps()
                 with self.timed("act"):
                     actions = self.random_actions(n) if self.step < cfg.warmup_steps else \
                         self.policy_actions(states)
@@ -436,38 +448,42 @@ class Trainer:
                     tr = vector_step(self.envs, actions)
                 inputs = self.reward_inputs_later(tr.next_states, tr.next_frames, np.arange(n)) \
                     if self.uses_vlm else lambda: None
-                self.step += n
-                log = self.step // log_every != (self.step - n) // log_every
-                metrics: dict[str, Any] = {}
+                self.step += stride
+                log = self.step // log_every != (self.step - stride) // log_every
+                log_updates |= log
                 if self.step >= cfg.warmup_steps and len(self.buffer) >= cfg.batch_size:
-                    updates = n * cfg.updates_per_step
+                    updates = updates_due(self.step - stride, self.step, self.repeat,
+                                          self.agent.update_every_steps, cfg.updates_per_step)
                     for k in range(updates):
-                        metrics = self.update(log=log and k == updates - 1)
+                        metrics = self.update(log=log_updates and k == updates - 1)
+                    if updates and log_updates:
+                        writer.log(self.step, {name: float(v) for name, v in metrics.items()})
+                        log_updates = False
                 self.add_to_buffer(tr, actions, inputs())
+                if self.schedule is not None:
+                    # Before the resets below: a new episode's first action is its step 0.
+                    self.schedule.step()
                 done_ids = np.flatnonzero(tr.done)
                 for e in done_ids:
                     writer.log(self.step, self.finish_episode(int(e)))
                 if done_ids.size:
                     self.start_episodes(tr.reset_obs, tr.reset_frames, tr.reset_states, done_ids)
-                if self.schedule is not None:
-                    self.schedule.step()
                 states = tr.reset_obs
                 if log:
                     elapsed = time.perf_counter() - t_start
-                    metrics = {k: float(v) for k, v in metrics.items()}
-                    metrics["perf/steps_per_second"] = (self.step - step_start) / max(elapsed, 1e-9)
-                    metrics["charts/env_frames"] = self.step * (cfg.drq.action_repeat if self.pixels else 1)
+                    perf = {"perf/steps_per_second": (self.step - step_start) / max(elapsed, 1e-9),
+                            "charts/agent_steps": self.step // self.repeat}
                     if cfg.profile:
-                        metrics.update({f"perf/{k}_seconds": v for k, v in self.timings.items()})
+                        perf.update({f"perf/{k}_seconds": v for k, v in self.timings.items()})
                         print(self.profile_line(), flush=True)
                         self.timings.clear()
-                    writer.log(self.step, metrics)
+                    writer.log(self.step, perf)
                     bar.set_postfix(episodes=self.episodes, success=f"{self.recent_rate():.2f}",
-                                    sps=f"{metrics['perf/steps_per_second']:.0f}")
-                bar.update(n)
-                if self.step // cfg.eval_every != (self.step - n) // cfg.eval_every:
+                                    sps=f"{perf['perf/steps_per_second']:.0f}")
+                bar.update(stride)
+                if self.step // cfg.eval_every != (self.step - stride) // cfg.eval_every:
                     writer.log(self.step, self.evaluate())
-                if self.step // cfg.checkpoint_every != (self.step - n) // cfg.checkpoint_every:
+                if self.step // cfg.checkpoint_every != (self.step - stride) // cfg.checkpoint_every:
                     self.save_checkpoint()
             if self.last_eval_step != self.step:
                 writer.log(self.step, self.evaluate())
@@ -603,6 +619,26 @@ class _Timer:
 
 
 # ---- helpers -------------------------------------------------------------------------------
+
+
+def updates_due(prev_step: int, step: int, repeat: int, every: int, per_step: int) -> int:
+    """Updates owed when the run went from simulator step prev_step to step: per_step for every
+    every-th agent step (agent step = simulator steps // repeat) in between (DrQ-v2: every 2)."""
+    return (step // repeat // every - prev_step // repeat // every) * per_step
+
+
+def nstep_vlm_reward(batch, reward_fn: Callable[[torch.Tensor], torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VLM term of an n-step target: sum_j gamma^j R(o_{t+1+j}) over the steps of the batch's
+    n-step window (cut at episode ends), the same window the buffer sums the environment reward over.
+
+    batch: furl_fast.replay.Batch with step_embeddings (B, n, D) and step_discounts (B, n).
+    reward_fn: (M, D) embeddings -> (M,) float32 rewards.
+    Returns the (B,) float32 n-step sums and the (B, n) per-step rewards R(o_{t+1+j}).
+    """
+    weights = batch.step_discounts
+    rewards = reward_fn(batch.step_embeddings.flatten(0, 1)).view(weights.shape)
+    return (weights * rewards).sum(dim=1), rewards
 
 
 def seed_everything(seed: int) -> None:

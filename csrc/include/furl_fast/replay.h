@@ -100,12 +100,18 @@ struct ReplayStep {
 
 // What sample() writes; null pointers are skipped. Shapes for batch B and stack F:
 // obs / next_obs (B, F * frame) in frame layout; obs_slots / next_slots (B, F) int64 (oldest first);
-// shifts (B, 4) int32 = (obs x, obs y, next x, next y); the rest (B,) or (B, width).
+// shifts (B, 4) int32 = (obs x, obs y, next x, next y); step_embeddings (B, n, embedding) and
+// step_slots (B, n) int64: o_{t+1} .. o_{t+k} of the n-step window, the last one repeated when the
+// episode ended after k < n steps; step_discounts (B, n) float32: gamma^j for j < k, 0 beyond (the
+// weights of a per-step reward of those observations in the n-step sum); the rest (B,) or (B, width).
 struct ReplaySampleOut {
   uint8_t* obs = nullptr;
   uint8_t* next_obs = nullptr;
   uint8_t* embedding = nullptr;
   uint8_t* next_embedding = nullptr;
+  uint8_t* step_embeddings = nullptr;
+  int64_t* step_slots = nullptr;
+  float* step_discounts = nullptr;
   int64_t* obs_slots = nullptr;
   int64_t* next_slots = nullptr;
   int32_t* shifts = nullptr;

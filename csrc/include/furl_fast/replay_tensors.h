@@ -22,7 +22,9 @@ struct ReplayColumnViews {
 // Optional outputs of sample(); null ones are not written. See ReplaySampleOut for the shapes.
 struct ReplayOutViews {
   const TensorView *obs = nullptr, *next_obs = nullptr, *embedding = nullptr,
-                   *next_embedding = nullptr, *obs_slots = nullptr, *next_slots = nullptr,
+                   *next_embedding = nullptr, *step_embeddings = nullptr,
+                   *step_slots = nullptr, *step_discounts = nullptr, *obs_slots = nullptr,
+                   *next_slots = nullptr,
                    *shifts = nullptr, *action = nullptr, *reward = nullptr, *discount = nullptr,
                    *goal_distance = nullptr, *success = nullptr, *indices = nullptr,
                    *episodes = nullptr, *steps = nullptr;

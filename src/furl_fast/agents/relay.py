@@ -6,13 +6,16 @@ environment's first episode). The relay agent's actions get N(0, 0.2^2) noise, c
 Relay stops for good once 2,500 positive frames are stored; from then on only the FuRL agent acts.
 
 The schedule is a small state machine, deterministic given its seed, with one stream per parallel
-environment, and is checkpointed with state_dict()/load_state_dict(). Per environment step:
+environment, and is checkpointed with state_dict()/load_state_dict(). Steps count actions (agent
+steps; with action repeat each is several simulator steps). Per environment step:
 
-    sched.begin_episode(env_ids)           # after each reset (all envs at the start)
+    sched.begin_episode()                  # once, after the first reset (all envs)
+    ...
     mask = sched.relay_mask()              # (num_envs,) bool: where the relay agent acts now
     actions = sched.choose_actions(furl_actions, relay_actions)
     ... env.step(actions) ...
     sched.step()                           # every env advanced one step
+    sched.begin_episode(done_ids)          # after step(): a new episode's first action is its step 0
     sched.observe_positives(buffer.positives_added)
 """
 

@@ -119,26 +119,21 @@ def _adam(groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Ada
 class SAC:
     """Soft actor-critic agent.
 
-    obs_dim: width of the state, or of the encoder's features when an encoder is given.
+    obs_dim: width of the state.
     act_dim: action width (actions live in [-1, 1]).
-    encoder: optional module mapping raw observations to (B, obs_dim) features (DrQ: pixels), with an
-    `input_shape` attribute (one unbatched observation's shape). It is trained by the critic loss
-    only (critic learning rate); the actor reads its features detached, and next observations go
-    through it without gradient (DrQ-v2).
     metric_prefix: inserted into metric names, e.g. "relay_" -> "losses/relay_critic".
     """
 
     def __init__(self, obs_dim: int, act_dim: int, config: SACConfig | None = None,
-                 device: torch.device | str = "cpu", encoder: nn.Module | None = None,
-                 metric_prefix: str = ""):
+                 device: torch.device | str = "cpu", metric_prefix: str = ""):
         if obs_dim <= 0 or act_dim <= 0:
             raise ValueError(f"SAC: obs_dim and act_dim must be positive, got {obs_dim}, {act_dim}.")
         self.config = config = config or SACConfig()
         self.device = torch.device(device)
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.metric_prefix = metric_prefix
+        self.update_every_steps = 1  # FuRL: one update per environment step
         hidden = tuple(config.hidden_dims)
-        self.encoder = None if encoder is None else encoder.to(self.device)
         self.actor = Actor(obs_dim, act_dim, hidden, config.std_min).to(self.device)
         self.critic = TwinCritic(obs_dim, act_dim, hidden).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
@@ -148,15 +143,12 @@ class SAC:
         self.target_entropy = (
             -act_dim / 2.0 if config.target_entropy is None else float(config.target_entropy)
         )
-        critic_params = list(self.critic.parameters())
-        if self.encoder is not None:
-            critic_params += list(self.encoder.parameters())
         # One optimiser, three parameter groups: Adam is per-parameter, so this equals three
         # optimisers, at the cost of one fused step instead of three.
         self.optimizer = _adam(
             [
                 {"params": list(self.actor.parameters()), "lr": config.actor_lr},
-                {"params": critic_params, "lr": config.critic_lr},
+                {"params": list(self.critic.parameters()), "lr": config.critic_lr},
                 {"params": [self.log_alpha], "lr": config.alpha_lr},
             ],
             self.device,
@@ -176,39 +168,29 @@ class SAC:
         """Current temperature, 0-dim float32 tensor (no host sync)."""
         return self.log_alpha.detach().exp()
 
-    def _features(self, obs: torch.Tensor) -> torch.Tensor:
-        return obs if self.encoder is None else self.encoder(obs)
-
     @torch.no_grad()
     def act(self, obs: torch.Tensor | np.ndarray, deterministic: bool = False) -> torch.Tensor:
-        """obs: (B, obs_dim) or (obs_dim,) float (with an encoder: its input, batched or single)
-        -> actions (B, act_dim) or (act_dim,) float32 in [-1, 1] on the agent's device;
+        """obs: (B, obs_dim) or (obs_dim,) float -> actions (B, act_dim) or (act_dim,) float32 in [-1, 1] on the agent's device;
         deterministic=True gives tanh(mean) (evaluation)."""
-        obs = torch.as_tensor(obs, device=self.device)
-        if self.encoder is None:
-            obs = obs.float()
-            single = obs.dim() == 1
-        else:
-            single = obs.dim() == len(self.encoder.input_shape)
+        obs = torch.as_tensor(obs, device=self.device).float()
+        single = obs.dim() == 1
         if single:
             obs = obs.unsqueeze(0)
-        features = self._features(obs)
-        if features.dim() != 2 or features.shape[1] != self.obs_dim:
+        if obs.dim() != 2 or obs.shape[1] != self.obs_dim:
             raise ValueError(f"SAC.act: obs must have shape (B, {self.obs_dim}), got {tuple(obs.shape)}.")
         if deterministic:
-            action = torch.tanh(self.actor(features)[0])
+            action = torch.tanh(self.actor(obs)[0])
         else:
-            action = self.actor.sample(features)[0]
+            action = self.actor.sample(obs)[0]
         return action[0] if single else action
 
     def update(self, batch: Mapping[str, torch.Tensor] | Any, log: bool = False) -> dict[str, Any]:
-        """One gradient step of critics (and encoder), actor and temperature, then Polyak-average
+        """One gradient step of critics, actor and temperature, then Polyak-average
         the target critics.
 
         batch: a mapping or an object with attributes (e.g. furl_fast.replay.Batch) holding
         obs (B, obs_dim), action (B, act_dim), reward (B,), discount (B,) = gamma^n * (1 -
-        terminated), next_obs (B, obs_dim), float32 on the agent's device (with an encoder, obs and
-        next_obs are the encoder's input, e.g. (B, C, H, W) uint8).
+        terminated), next_obs (B, obs_dim), float32 on the agent's device.
         Returns losses/* and charts/* metrics: 0-dim tensors (no host sync) unless log=True, then
         Python floats (one sync for all of them).
         """
@@ -240,18 +222,15 @@ class SAC:
         """The summed critic, actor and temperature losses, all from the pre-update networks, and
         (6,) detached stats: critic, actor and alpha losses, alpha, entropy, mean Q."""
         alpha = self.log_alpha.detach().exp()
-        features = self._features(obs)  # the critic loss trains the encoder through these
         with torch.no_grad():
-            next_features = self._features(next_obs)
-            next_action, next_log_prob = self.actor.sample(next_features)
-            next_q = self.critic_target(next_features, next_action).min(dim=0).values
+            next_action, next_log_prob = self.actor.sample(next_obs)
+            next_q = self.critic_target(next_obs, next_action).min(dim=0).values
             target = reward + discount * (next_q - alpha * next_log_prob)
-        q = self.critic(features, action)
+        q = self.critic(obs, action)
         critic_loss = (q - target).square().mean(dim=1).sum()
 
-        actor_features = features.detach()
-        new_action, log_prob = self.actor.sample(actor_features)
-        q_pi = self.critic(actor_features, new_action, detach=True).min(dim=0).values
+        new_action, log_prob = self.actor.sample(obs)
+        q_pi = self.critic(obs, new_action, detach=True).min(dim=0).values
         actor_loss = (alpha * log_prob - q_pi).mean()
 
         entropy = -log_prob.detach().mean()
@@ -260,9 +239,8 @@ class SAC:
         return critic_loss + actor_loss + alpha_loss, stats
 
     def state_dict(self) -> dict[str, Any]:
-        """Encoder (if any), networks, target critics, log_alpha and the optimiser state."""
+        """Networks, target critics, log_alpha and the optimiser state."""
         return {
-            "encoder": None if self.encoder is None else self.encoder.state_dict(),
             "actor": self.actor.state_dict(),
             "critic": self.critic.state_dict(),
             "critic_target": self.critic_target.state_dict(),
@@ -271,11 +249,9 @@ class SAC:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if (state.get("encoder") is None) != (self.encoder is None):
-            raise ValueError("SAC.load_state_dict: the checkpoint and this agent disagree on having a "
-                             "pixel encoder (agent sac vs drq).")
-        if self.encoder is not None:
-            self.encoder.load_state_dict(state["encoder"])
+        if "log_alpha" not in state:
+            raise ValueError("SAC.load_state_dict: the checkpoint is not a SAC agent's (agent sac vs "
+                             "drq).")
         self.actor.load_state_dict(state["actor"])
         self.critic.load_state_dict(state["critic"])
         self.critic_target.load_state_dict(state["critic_target"])
