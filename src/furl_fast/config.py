@@ -6,6 +6,7 @@ settings (/work/shared/spec/furl.md). Call `Config.validate()` before any traini
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Literal
@@ -233,8 +234,32 @@ class Config:
         training starts.
         """
         problems = _problems(self, known_tasks)
+        if len(problems) == 1:
+            raise ValueError(f"invalid configuration: {problems[0]}")
         if problems:
             raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def describe_unknown_task(task: str, known_tasks: Collection[str]) -> str:
+    """What follows "task X is unknown": the closest known name, then each task once (names are
+    accepted with and without the -v3 suffix)."""
+    names = sorted({t.removesuffix("-v3") for t in known_tasks})
+    close = difflib.get_close_matches(str(task).removesuffix("-v3"), names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; the {len(names)} tasks (each also as NAME-v3): {', '.join(names)}."
+
+
+def _cuda_problems(device: str) -> list[str]:
+    import torch  # kept local: the config module stays importable (and fast) without torch
+
+    if not torch.cuda.is_available():
+        return [f"device={device!r} but torch sees no usable CUDA GPU here (no GPU or driver, or a "
+                "CPU-only torch build); use --device cpu (or auto)."]
+    index = int(device[5:]) if device.startswith("cuda:") else 0
+    if index >= torch.cuda.device_count():
+        return [f"device={device!r} but torch sees only {torch.cuda.device_count()} GPU(s); use "
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}."]
+    return []
 
 
 def _one_of(name: str, value: object, allowed: Collection[object]) -> list[str]:
@@ -265,7 +290,7 @@ def _problems(cfg: Config, known_tasks: Collection[str] | None) -> list[str]:
         p.append(f"code_programs={cfg.code_programs!r} is only read with --reward code (this run's "
                  f"reward is {cfg.resolved_reward!r}).")
     if known_tasks is not None and cfg.task not in known_tasks:
-        p.append(f"task={cfg.task!r} is unknown; use one of {', '.join(sorted(known_tasks))}.")
+        p.append(f"task={cfg.task!r} is unknown{describe_unknown_task(cfg.task, known_tasks)}")
     if cfg.seed < 0:
         p.append(f"seed={cfg.seed} must be >= 0.")
     p += _positive("total_steps", cfg.total_steps)
@@ -294,6 +319,8 @@ def _problems(cfg: Config, known_tasks: Collection[str] | None) -> list[str]:
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         p.append(f"device={dev!r} is unknown; use auto, cpu, cuda or cuda:N.")
+    elif dev.startswith("cuda"):
+        p += _cuda_problems(dev)
 
     s = cfg.sac
     if not s.hidden_dims or any(h <= 0 for h in s.hidden_dims):
