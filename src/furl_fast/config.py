@@ -166,10 +166,17 @@ class Config:
     """Environment steps between metric logs (losses/*, charts/*, perf/*; the only host syncs)."""
     checkpoint_every: int = 10_000
     """Environment steps between checkpoints (also written on SIGINT/SIGTERM)."""
+    checkpoint_replay: bool = True
+    """Save the replay buffer in checkpoints (its filled part). --no-checkpoint-replay keeps them
+    small (networks, optimisers, heads and counters only); a resume then starts with an empty buffer
+    and learns again once it holds --batch-size transitions."""
     run_dir: str | None = None
     """Run directory; None makes runs/<algo>-<task>-s<seed>-<time>."""
     resume: str | None = None
-    """Run directory of an interrupted run to continue from its last checkpoint."""
+    """Run directory of an interrupted or finished run to continue from its last checkpoint, with
+    its saved settings. A resume may change only total_steps (to extend a finished run),
+    eval_every, eval_episodes, eval_video, log_every, checkpoint_every, checkpoint_replay, device,
+    torch_threads, profile and overlap_encode; any other flag is refused."""
     device: str = "auto"
     """auto (CUDA when available, else CPU), cpu, cuda or cuda:N."""
     num_envs: int = 1
@@ -180,10 +187,12 @@ class Config:
     overlap_encode: bool = True
     """Encode a step's frames in a background thread (on its own CUDA stream on a GPU) while the
     learner updates; that step's transitions join the buffer right after those updates."""
-    torch_threads: int | None = None
-    """CPU threads torch may use in this process; None keeps torch's default (all cores). Use 1 when
-    several runs share a machine: the networks are small, and oversubscribed threads spin (measured
-    here: a SAC update 40x slower with 2 threads on 2 busy cores)."""
+    torch_threads: int | None = 1
+    """CPU threads torch may use in this process; None keeps torch's default (one per core). 1 by
+    default: with more threads than free cores, torch's threads spin and wait on each other, and a
+    run slows down 10x or more as soon as anything else uses the machine (measured on a 2-core CPU
+    under load: SAC updates 34-76/s with 1 thread, 3-7/s with 2; RN50 frames 1.8-4.2/s vs 0.2-0.4/s).
+    Raise it on an otherwise idle machine with many cores (the CPU encoder gains most)."""
     profile: bool = False
     """Log per-phase timings (perf/*) at the cost of a host sync per step."""
     sac: SACConfig = field(default_factory=SACConfig)

@@ -853,6 +853,14 @@ class ReplayBuffer:
         return header
 
     @classmethod
+    def check_file(cls, path: str | os.PathLike) -> None:
+        """Raises ValueError unless path holds a replay buffer file of a version this furl_fast
+        reads, whole (header and size; load() verifies the data's checksums). Reads the header only."""
+        path = Path(path)
+        with open(path, "rb") as f:
+            cls._read_header(f, path)
+
+    @classmethod
     def load(
         cls,
         path: str | os.PathLike,
