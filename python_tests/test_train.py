@@ -72,6 +72,13 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_model, algo, agent):
     else:
         assert not (run_dir / "videos").exists()
     assert replay_len(run_dir) == (steps, steps)
+    # Output is a pipe here, not a terminal: a plain progress line every --log-every (100) steps,
+    # after the line saying what to expect.
+    progress = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert "furl_fast.train: steps 0 -> " in result.stdout and "on a 2-core CPU" in result.stdout
+    assert len(progress) == steps // 100, result.stdout[-3000:]
+    assert progress[-1].startswith(f"step {steps}/{steps} (100%) | ") and " steps/s | " in progress[-1]
+    assert " episodes | success (last " in progress[-1] and progress[-1].endswith("ETA 0m00s")
 
 
 @pytest.mark.slow
@@ -103,6 +110,33 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, tiny_model, agent):
     assert replay_len(run_dir) == (steps, steps)
     logged = [int(line.split(",")[0]) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
     assert logged == sorted(logged)  # rows past the checkpoint were dropped, not duplicated
+
+
+@pytest.mark.slow
+def test_resume_extends_a_finished_run_with_or_without_the_replay_in_checkpoints(tmp_path):
+    """--resume RUN --total-steps N trains on to N; --no-checkpoint-replay leaves the buffer out of
+    checkpoints, and the next resume says it starts with an empty one."""
+    run_dir = tmp_path / "run"
+    result = run_cli(train_args(run_dir, "sac", "not-loaded", steps=600) + ["--warmup-steps", "500"],
+                     tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert replay_len(run_dir) == (600, 600)
+
+    result = run_cli(["--resume", str(run_dir), "--total-steps", "700", "--no-checkpoint-replay"],
+                     tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "done: 700 steps" in result.stdout
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["total_steps"] == 700 and config["checkpoint_replay"] is False
+    assert json.loads((run_dir / "eval.json").read_text())["step"] == 700
+    state = torch.load(run_dir / CHECKPOINT_DIR / STATE_FILE, weights_only=False)
+    assert state["step"] == 700 and state["replay"] is None
+    assert not list((run_dir / CHECKPOINT_DIR).glob("replay-*"))  # the old one is gone too
+
+    result = run_cli(["--resume", str(run_dir), "--total-steps", "800", "--checkpoint-replay"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "holds no replay buffer" in result.stdout and "empty buffer" in result.stdout
+    assert replay_len(run_dir) == (100, 800)  # only what the last resume collected
 
 
 def fake_run(run_dir: Path, damage: str) -> None:

@@ -812,8 +812,9 @@ def train(cfg: Config) -> int:
         check_config(cfg)
         if cfg.torch_threads is not None:
             torch.set_num_threads(cfg.torch_threads)
-        print(f"furl_fast.train: starting {cfg.algo} {cfg.task} in {run_dir} (loading the VLM and "
-              "the environments)", flush=True)
+        loading = "the VLM and the environments" if cfg.loads_encoder else "the environments"
+        print(f"furl_fast.train: starting {cfg.algo} {cfg.task} in {run_dir} (loading {loading})",
+              flush=True)
         encoder = load_vlm(cfg) if cfg.loads_encoder else None
         trainer = Trainer(cfg, run_dir, encoder)
         if state is not None:
