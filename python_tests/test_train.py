@@ -77,7 +77,8 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_model, algo, agent):
     progress = [line for line in result.stdout.splitlines() if line.startswith("step ")]
     assert "furl_fast.train: steps 0 -> " in result.stdout and "on a 2-core CPU" in result.stdout
     assert len(progress) == steps // 100, result.stdout[-3000:]
-    assert progress[-1].startswith(f"step {steps}/{steps} (100%) | ") and " steps/s | " in progress[-1]
+    assert progress[-1].startswith(f"step {steps}/{steps} (100%) | ")
+    assert " steps/s | " in progress[-1]
     assert " episodes | success (last " in progress[-1] and progress[-1].endswith("ETA 0m00s")
 
 
@@ -117,8 +118,8 @@ def test_resume_extends_a_finished_run_with_or_without_the_replay_in_checkpoints
     """--resume RUN --total-steps N trains on to N; --no-checkpoint-replay leaves the buffer out of
     checkpoints, and the next resume says it starts with an empty one."""
     run_dir = tmp_path / "run"
-    result = run_cli(train_args(run_dir, "sac", "not-loaded", steps=600) + ["--warmup-steps", "500"],
-                     tmp_path)
+    args = train_args(run_dir, "sac", "not-loaded", steps=600) + ["--warmup-steps", "500"]
+    result = run_cli(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert replay_len(run_dir) == (600, 600)
 
@@ -133,7 +134,8 @@ def test_resume_extends_a_finished_run_with_or_without_the_replay_in_checkpoints
     assert state["step"] == 700 and state["replay"] is None
     assert not list((run_dir / CHECKPOINT_DIR).glob("replay-*"))  # the old one is gone too
 
-    result = run_cli(["--resume", str(run_dir), "--total-steps", "800", "--checkpoint-replay"], tmp_path)
+    result = run_cli(["--resume", str(run_dir), "--total-steps", "800", "--checkpoint-replay"],
+                     tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "holds no replay buffer" in result.stdout and "empty buffer" in result.stdout
     assert replay_len(run_dir) == (100, 800)  # only what the last resume collected
@@ -163,7 +165,8 @@ BAD_INPUT = {
     "unknown task": (["--task", "drawr-open"], None, "task='drawr-open' is unknown (did you mean "
                      "'drawer-open'?); the 50 tasks (each also as NAME-v3): assembly, "),
     "run dir is a file": (["--run-dir", "TMP/file"], "file", "TMP/file is a file, not a directory"),
-    "run dir under a file": (["--run-dir", "TMP/file/run"], "file", "TMP/file is a file, not a directory"),
+    "run dir under a file": (["--run-dir", "TMP/file/run"], "file",
+                             "TMP/file is a file, not a directory"),
     "cuda without a GPU": (["--device", "cuda"], "no gpu", "device='cuda' but torch sees no usable CUDA"),
     "no prompt": (["--task", "assembly"], None, '--task assembly has no built-in prompt'),
     "missing checkpoint": (["--vlm.pretrained", "TMP/weights.pt"], None, "checkpoint file not found"),

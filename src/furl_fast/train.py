@@ -644,8 +644,9 @@ class Trainer:
         else:
             try:
                 self.buffer.restore(self.run_dir / CHECKPOINT_DIR / state["replay"])
-            except OSError as exc:
-                raise ValueError(f"cannot read the checkpoint's replay buffer ({exc}).") from exc
+            except (OSError, ValueError) as exc:  # damage past the header (checksums) shows here
+                raise ValueError(f"--resume {self.run_dir}: cannot restore the checkpoint's replay "
+                                 f"buffer: {exc}") from exc
         self.step, self.episodes = state["step"], state["episodes"]
         self.relay_positives, self.last_eval_step = state["relay_positives"], state["last_eval_step"]
         self.recent_success.extend(state["recent_success"])
