@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 import tyro
 
 from furl_fast.config import PRESETS, Config, FuRLConfig, SACConfig, VLMConfig
@@ -95,8 +96,20 @@ def test_unknown_task_through_the_hook_and_all_problems_at_once():
     with pytest.raises(ValueError) as err:
         cfg.validate(known_tasks=["drawer-open-v3", "reach-v3"])
     text = str(err.value)
-    assert "task='fly-v3' is unknown; use one of drawer-open-v3, reach-v3" in text
+    assert "task='fly-v3' is unknown; the 2 tasks (each also as NAME-v3): drawer-open, reach." \
+        in text
     assert "rho=-1.0" in text
+    with pytest.raises(ValueError, match=r"^invalid configuration: task='drawr-open' is unknown "
+                                         r"\(did you mean 'drawer-open'\?\); the 2 tasks"):
+        _replace(Config(), task="drawr-open").validate(known_tasks=["drawer-open-v3", "reach-v3"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without a GPU")
+def test_cuda_device_without_a_gpu_is_refused_by_validate():
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=rf"device='{device}' but torch sees no usable CUDA"):
+            _replace(Config(), device=device).validate()
+    Config(device="cpu").validate()
 
 
 def test_frozen():

@@ -37,6 +37,7 @@ from test_replay import Model, check_batch  # python_tests/ is on sys.path
 from torch.utils.dlpack import to_dlpack
 
 from furl_fast import ReplayBuffer, _native, ops, reference
+from furl_fast import replay as replay_module
 
 pytestmark = pytest.mark.skipif(not _native.HAS_NATIVE, reason="native module not built")
 C = _native._C
@@ -941,7 +942,8 @@ def join_file(header: dict, cols: list[bytearray], fix_crcs: bool = True) -> byt
     if fix_crcs:
         header["crc32"] = [zlib.crc32(c) for c in cols]
     blob = json.dumps(header).encode()
-    return MAGIC + struct.pack("<III", 1, len(blob), zlib.crc32(blob)) + blob + b"".join(cols)
+    version = replay_module._FORMAT_VERSION
+    return MAGIC + struct.pack("<III", version, len(blob), zlib.crc32(blob)) + blob + b"".join(cols)
 
 
 @st.composite
@@ -965,7 +967,8 @@ def damage(draw, data: bytes) -> bytes:
         )
         return join_file(header, cols)
     names = [name for name, _, _ in header["layout"]["columns"]]
-    i = draw(st.sampled_from([k for k, n in enumerate(names) if n != "frames"]))
+    # (Columns are empty in a file saved before the first add: nothing to rewrite there.)
+    i = draw(st.sampled_from([k for k, n in enumerate(names) if n != "frames" and cols[k]]))
     dtype = getattr(np, header["layout"]["columns"][i][1])
     values = np.frombuffer(cols[i], dtype=dtype).copy()
     # Half of the time a position the next operations read for sure: the counters, or the slot of

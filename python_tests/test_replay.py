@@ -617,6 +617,95 @@ def test_save_load_round_trip(tmp_path):
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
+def _partly_filled(steps: int) -> ReplayBuffer:
+    """A state buffer with FuRL-sized embeddings (RN50: 1024 float16), `steps` steps into one
+    episode of a ring 100x larger."""
+    g = torch.Generator().manual_seed(5)
+    buf = ReplayBuffer(100 * steps, (39,), 4, embedding_dim=1024, embedding_dtype=torch.float16,
+                       seed=3)
+    buf.start_episode(torch.randn(39, generator=g), embedding=torch.randn(1024, generator=g))
+    for t in range(steps):
+        buf.add(torch.randn(39, generator=g), torch.rand(4, generator=g), float(t), False,
+                t == steps - 1, embedding=torch.randn(1024, generator=g))
+    return buf
+
+
+def test_save_writes_only_the_slots_written_so_far(tmp_path):
+    buf, path = _partly_filled(50), tmp_path / "partial.bin"
+    buf.save(path)
+    per_slot = buf.nbytes / buf.capacity  # every column but the tiny state column is per slot
+    # 51 observations written (the first one too), plus the JSON header: far from 5000 slots.
+    assert 51 * per_slot < path.stat().st_size < 51 * per_slot + 8192
+    loaded = ReplayBuffer.load(path)
+    assert len(loaded) == len(buf) == 50
+    for _ in range(3):
+        assert _same(buf.sample(32), loaded.sample(32))
+    for b in (buf, loaded):  # the never-written slots are usable: the ring keeps filling them
+        b.start_episode(torch.zeros(39), embedding=torch.zeros(1024))
+        b.add(torch.ones(39), torch.zeros(4), 1.0, True, False, embedding=torch.ones(1024))
+    assert len(loaded) == 51 and _same(buf.sample(48), loaded.sample(48))
+    empty = tmp_path / "empty.bin"
+    ReplayBuffer(8, (2,), 1).save(empty)  # nothing written: only the header and the counters
+    assert len(ReplayBuffer.load(empty)) == 0 and empty.stat().st_size < 4096
+
+
+def _version_1_file(buf: ReplayBuffer, path: Path) -> None:
+    """The previous format: every column in full (unwritten slots as zeros), no "rows" entry."""
+    import json
+    import struct
+    import zlib
+
+    cols = []
+    for name, t in buf._columns.items():
+        a = t.clone()
+        if name in ("frames", "embeddings"):
+            a[int(buf._columns["state"][0]) :] = 0
+        cols.append(a.numpy().tobytes())
+    blob = json.dumps({"layout": buf._layout(), "crc32": [zlib.crc32(c) for c in cols]}).encode()
+    path.write_bytes(b"FURLRPB\x00" + struct.pack("<III", 1, len(blob), zlib.crc32(blob)) + blob
+                     + b"".join(cols))
+
+
+def test_version_1_files_still_load(tmp_path):
+    buf, path = _partly_filled(20), tmp_path / "v1.bin"
+    _version_1_file(buf, path)
+    assert path.stat().st_size > buf.nbytes  # the old format: the whole ring
+    loaded = ReplayBuffer.load(path)
+    assert _same(buf.sample(16), loaded.sample(16))
+    restored = ReplayBuffer(2000, (39,), 4, embedding_dim=1024, embedding_dtype=torch.float16)
+    restored.restore(path)
+    assert len(restored) == 20
+
+
+def test_a_file_missing_written_slots_is_refused(tmp_path):
+    """A version 2 header that claims fewer stored slots than the counters say were written (the
+    checksums fixed, as a bug rather than a disk would write it)."""
+    import json
+    import struct
+    import zlib
+
+    buf, path = _partly_filled(10), tmp_path / "short.bin"
+    buf.save(path)
+    data = path.read_bytes()
+    size = struct.unpack_from("<I", data, 12)[0]
+    header = json.loads(data[20 : 20 + size])
+    cols, pos = [], 20 + size
+    for name, dtype, shape in header["layout"]["columns"]:
+        n = math.prod(shape) * getattr(torch, dtype).itemsize
+        col = data[pos : pos + n]
+        pos += n
+        if name != "state":  # keep 5 of the 11 written slots
+            shape[0] = 5
+            col = col[: n // 11 * 5]
+        cols.append(col)
+    header["rows"], header["crc32"] = 5, [zlib.crc32(c) for c in cols]
+    blob = json.dumps(header).encode()
+    path.write_bytes(data[:8] + struct.pack("<III", 2, len(blob), zlib.crc32(blob)) + blob
+                     + b"".join(cols))
+    with pytest.raises(ValueError, match="inconsistent: it stores 5 slots, but 11 were written"):
+        ReplayBuffer.load(path)
+
+
 def test_save_is_atomic(tmp_path, monkeypatch):
     buf, path = _saved_buffer(tmp_path)
     before = path.read_bytes()

@@ -6,6 +6,7 @@ settings (/work/shared/spec/furl.md). Call `Config.validate()` before any traini
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Literal
@@ -218,10 +219,17 @@ class Config:
     """Simulator steps between metric logs (losses/*, charts/*, perf/*; the only host syncs)."""
     checkpoint_every: int = 10_000
     """Simulator steps between checkpoints (also written on SIGINT/SIGTERM)."""
+    checkpoint_replay: bool = True
+    """Save the replay buffer in checkpoints (its filled part). --no-checkpoint-replay keeps them
+    small (networks, optimisers, heads and counters only); a resume then starts with an empty buffer
+    and learns again once it holds --batch-size transitions."""
     run_dir: str | None = None
     """Run directory; None makes runs/<algo>-<task>-s<seed>-<time>."""
     resume: str | None = None
-    """Run directory of an interrupted run to continue from its last checkpoint."""
+    """Run directory of an interrupted or finished run to continue from its last checkpoint, with
+    its saved settings. A resume may change only total_steps (to extend a finished run),
+    eval_every, eval_episodes, eval_video, log_every, checkpoint_every, checkpoint_replay, device,
+    torch_threads, profile and overlap_encode; any other flag is refused."""
     device: str = "auto"
     """auto (CUDA when available, else CPU), cpu, cuda or cuda:N."""
     num_envs: int = 1
@@ -232,10 +240,12 @@ class Config:
     overlap_encode: bool = True
     """Encode a step's frames in a background thread (on its own CUDA stream on a GPU) while the
     learner updates; that step's transitions join the buffer right after those updates."""
-    torch_threads: int | None = None
-    """CPU threads torch may use in this process; None keeps torch's default (all cores). Use 1 when
-    several runs share a machine: the networks are small, and oversubscribed threads spin (measured
-    here: a SAC update 40x slower with 2 threads on 2 busy cores)."""
+    torch_threads: int | None = 1
+    """CPU threads torch may use in this process; None keeps torch's default (one per core). 1 by
+    default: with more threads than free cores, torch's threads spin and wait on each other, and a
+    run slows down 10x or more as soon as anything else uses the machine (measured on a 2-core CPU
+    under load: SAC updates 34-76/s with 1 thread, 3-7/s with 2; RN50 frames 1.8-4.2/s vs 0.2-0.4/s).
+    Raise it on an otherwise idle machine with many cores (the CPU encoder gains most)."""
     profile: bool = False
     """Log per-phase timings (perf/*) at the cost of a host sync per step."""
     sac: SACConfig = field(default_factory=SACConfig)
@@ -293,8 +303,32 @@ class Config:
         training starts.
         """
         problems = _problems(self, known_tasks)
+        if len(problems) == 1:
+            raise ValueError(f"invalid configuration: {problems[0]}")
         if problems:
             raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def describe_unknown_task(task: str, known_tasks: Collection[str]) -> str:
+    """What follows "task X is unknown": the closest known name, then each task once (names are
+    accepted with and without the -v3 suffix)."""
+    names = sorted({t.removesuffix("-v3") for t in known_tasks})
+    close = difflib.get_close_matches(str(task).removesuffix("-v3"), names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; the {len(names)} tasks (each also as NAME-v3): {', '.join(names)}."
+
+
+def _cuda_problems(device: str) -> list[str]:
+    import torch  # kept local: the config module stays importable (and fast) without torch
+
+    if not torch.cuda.is_available():
+        return [f"device={device!r} but torch sees no usable CUDA GPU here (no GPU or driver, or a "
+                "CPU-only torch build); use --device cpu (or auto)."]
+    index = int(device[5:]) if device.startswith("cuda:") else 0
+    if index >= torch.cuda.device_count():
+        return [f"device={device!r} but torch sees only {torch.cuda.device_count()} GPU(s); use "
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}."]
+    return []
 
 
 def _one_of(name: str, value: object, allowed: Collection[object]) -> list[str]:
@@ -330,7 +364,7 @@ def _problems(cfg: Config, known_tasks: Collection[str] | None) -> list[str]:
         p.append(f"code_programs={cfg.code_programs!r} is only read with --reward code (this run's "
                  f"reward is {cfg.resolved_reward!r}).")
     if known_tasks is not None and cfg.task not in known_tasks:
-        p.append(f"task={cfg.task!r} is unknown; use one of {', '.join(sorted(known_tasks))}.")
+        p.append(f"task={cfg.task!r} is unknown{describe_unknown_task(cfg.task, known_tasks)}")
     if cfg.seed < 0:
         p.append(f"seed={cfg.seed} must be >= 0.")
     p += _positive("total_steps", cfg.total_steps)
@@ -359,6 +393,8 @@ def _problems(cfg: Config, known_tasks: Collection[str] | None) -> list[str]:
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         p.append(f"device={dev!r} is unknown; use auto, cpu, cuda or cuda:N.")
+    elif dev.startswith("cuda"):
+        p += _cuda_problems(dev)
 
     s = cfg.sac
     if not s.hidden_dims or any(h <= 0 for h in s.hidden_dims):

@@ -46,7 +46,10 @@ from furl_fast import _native
 __all__ = ["Batch", "ReplayBuffer"]
 
 _MAGIC = b"FURLRPB\x00"
-_FORMAT_VERSION = 1
+# Version 2 stores only the slots written so far (`rows` in the header); version 1 files hold all
+# `capacity` slots and are still read.
+_FORMAT_VERSION = 2
+_READ_VERSIONS = (1, 2)
 _STATE_HEADER = 8  # kStateHeader in csrc/include/furl_fast/replay.h
 _EMBEDDING_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
 _MAX_CAPACITY = 2**31 - 1  # the core keeps slot numbers in int32 columns (valid_list)
@@ -115,6 +118,12 @@ def _to_tensor(value: Any, name: str, op: str) -> torch.Tensor:
 
 def _capsule(t: torch.Tensor | None):
     return None if t is None else to_dlpack(t)
+
+
+def _raw_bytes(a: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array, without a copy (also for empty ones, which
+    memoryview.cast refuses)."""
+    return memoryview(a.reshape(-1).view(np.uint8))
 
 
 def _column_entry_ok(entry: Any) -> bool:
@@ -767,50 +776,43 @@ class ReplayBuffer:
 
     # ---- persistence ----------------------------------------------------------------------------
 
-    def _layout(self) -> dict[str, Any]:
+    def _layout(self, rows: int | None = None) -> dict[str, Any]:
+        """The header's description of the storage; rows: the slots stored per column (all but the
+        small state column), default all `capacity`."""
         c = dict(self._cfg)
         c["obs_shape"] = list(c["obs_shape"])
         c["embedding_dtype"] = _EMBEDDING_DTYPES[c["embedding_dtype"]]
+        rows = self.capacity if rows is None else rows
         c["columns"] = [
-            [name, str(dtype).removeprefix("torch."), list(shape)]
+            [name, str(dtype).removeprefix("torch."), list(shape if name == "state" else (rows, *shape[1:]))]
             for name, (shape, dtype, _) in self._column_specs().items()
         ]
         return c
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the whole buffer (data, episode state and the sampler's RNG) to path atomically:
-        a temporary file in the same directory, fsync, then rename, so a crash mid-save leaves any
-        previous file at path intact."""
+        """Writes the buffer (data, episode state and the sampler's RNG) to path atomically: a
+        temporary file in the same directory, fsync, then rename, so a crash mid-save leaves any
+        previous file at path intact. Until the ring is full only the slots written so far are
+        stored (the file grows with the data, not with the capacity)."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         # Under the write lock: no add() changes the columns between checksum and write. The small
         # state column (counters, RNG) is copied, as a sample() in another thread advances the RNG.
         with self._write_lock:
             self._wait_prefetch()
-            columns = {
-                name: (t.clone() if name == "state" else t).cpu().numpy()
+            state = self._columns["state"].clone()
+            # Slots are written in order, so slots from `written` on were never written: they hold
+            # only what a fresh buffer starts with, which load() recreates.
+            rows = min(int(state[0]), self.capacity)  # kStateWritten
+            columns = [
+                (state if name == "state" else t[:rows]).cpu().numpy()
                 for name, t in self._columns.items()
+            ]
+            header = {
+                "layout": self._layout(rows),
+                "rows": rows,
+                "crc32": [zlib.crc32(_raw_bytes(a)) for a in columns],
             }
-            # Until the ring is full, slots from `written` on hold whatever torch.empty found in
-            # memory (other data of this process): write zeros there, so that a file holds only
-            # the buffer's data and the same adds always give the same file. The zeros come from
-            # np.zeros (untouched zero pages), not from a copy of a possibly huge column.
-            written = int(columns["state"][0])  # kStateWritten
-            chunks = []  # per column, the byte ranges written to the file in order
-            for name, a in columns.items():
-                raw = memoryview(a).cast("B")
-                if name in ("frames", "embeddings") and written < self.capacity:
-                    cut = written * (a.nbytes // self.capacity)
-                    chunks.append([raw[:cut], memoryview(np.zeros(a.nbytes - cut, np.uint8))])
-                else:
-                    chunks.append([raw])
-            crcs = []
-            for parts in chunks:
-                crc = 0
-                for part in parts:
-                    crc = zlib.crc32(part, crc)
-                crcs.append(crc)
-            header = {"layout": self._layout(), "crc32": crcs}
             blob = json.dumps(header).encode()
             try:
                 with open(tmp, "wb") as f:
@@ -818,7 +820,7 @@ class ReplayBuffer:
                         _MAGIC + struct.pack("<III", _FORMAT_VERSION, len(blob), zlib.crc32(blob))
                     )
                     f.write(blob)
-                    f.writelines(part for parts in chunks for part in parts)
+                    f.writelines(_raw_bytes(a) for a in columns)
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
@@ -827,14 +829,15 @@ class ReplayBuffer:
 
     @staticmethod
     def _read_header(f: Any, path: Path) -> dict[str, Any]:
+        """The checked header; header["rows"] is set for every version (1: all slots)."""
         head = f.read(len(_MAGIC) + 12)
         if len(head) < len(_MAGIC) + 12 or head[: len(_MAGIC)] != _MAGIC:
             raise ValueError(f"ReplayBuffer.load: {path} is not a furl_fast replay buffer file.")
         version, size, crc = struct.unpack("<III", head[len(_MAGIC) :])
-        if version != _FORMAT_VERSION:
+        if version not in _READ_VERSIONS:
             raise ValueError(
                 f"ReplayBuffer.load: {path} has format version {version}; this furl_fast reads "
-                f"version {_FORMAT_VERSION}."
+                f"versions {', '.join(map(str, _READ_VERSIONS))}."
             )
         blob = f.read(size)
         if len(blob) != size or zlib.crc32(blob) != crc:
@@ -845,13 +848,18 @@ class ReplayBuffer:
         layout = header.get("layout") if isinstance(header, dict) else None
         columns = layout.get("columns") if isinstance(layout, dict) else None
         crcs = header.get("crc32") if isinstance(header, dict) else None
+        rows = header.get("rows") if version >= 2 else layout.get("capacity") if columns else None
         if (
             not isinstance(columns, list)
             or not isinstance(crcs, list)
             or len(crcs) != len(columns)
             or not all(_column_entry_ok(e) for e in columns)
+            or isinstance(rows, bool)
+            or not isinstance(rows, int)
+            or not 0 <= rows < 2**62
         ):
             raise ValueError(f"ReplayBuffer.load: the header of {path} has an unknown structure.")
+        header["rows"] = rows
         data_bytes = sum(math.prod(shape) * getattr(torch, dt).itemsize for _, dt, shape in columns)
         actual = os.fstat(f.fileno()).st_size
         if actual != len(head) + size + data_bytes:
@@ -860,6 +868,14 @@ class ReplayBuffer:
                 f"expected {len(head) + size + data_bytes}."
             )
         return header
+
+    @classmethod
+    def check_file(cls, path: str | os.PathLike) -> None:
+        """Raises ValueError unless path holds a replay buffer file of a version this furl_fast
+        reads, whole (header and size; load() verifies the data's checksums). Reads the header only."""
+        path = Path(path)
+        with open(path, "rb") as f:
+            cls._read_header(f, path)
 
     @classmethod
     def load(
@@ -911,21 +927,33 @@ class ReplayBuffer:
                 )
             except TypeError as exc:  # e.g. a list where the layout has a number
                 raise ValueError(f"ReplayBuffer.load: {path} has an invalid layout ({exc}).") from exc
-            if buf._layout() != layout:  # before allocating: the header's sizes are checked now
+            rows = header["rows"]
+            # Before allocating: the header's sizes are checked now.
+            if rows > buf.capacity or buf._layout(rows) != layout:
                 raise ValueError(
                     f"ReplayBuffer.load: {path} has a storage layout this version does not read."
                 )
             buf._columns = buf._allocate()
+            # A fresh core gives the slots the file does not store (never written) their initial
+            # values; the stored rows then overwrite the others.
+            buf._make_core(fresh=True, seed=1)
             # (The file's size matches these columns: _read_header checked it against the header.)
             for (name, t), crc in zip(buf._columns.items(), header["crc32"]):
+                t = t if name == "state" else t[:rows]
                 host = torch.empty(t.shape, dtype=t.dtype) if t.device.type != "cpu" else t
-                view = memoryview(host.numpy()).cast("B")
+                view = _raw_bytes(host.numpy())
                 if f.readinto(view) != len(view) or zlib.crc32(view) != crc:
                     raise ValueError(
                         f"ReplayBuffer.load: column '{name}' of {path} is corrupted (checksum mismatch)."
                     )
                 if host is not t:
                     t.copy_(host)
+        written = int(buf._columns["state"][0])  # kStateWritten
+        if rows < min(written, buf.capacity):  # its missing slots would read as never written
+            raise ValueError(
+                f"ReplayBuffer.load: {path} is inconsistent: it stores {rows} slots, but "
+                f"{min(written, buf.capacity)} were written."
+            )
         buf._core = buf._make_core(fresh=False, seed=0)
         return buf
 
@@ -935,7 +963,7 @@ class ReplayBuffer:
         path = Path(path)
         with open(path, "rb") as f:
             header = self._read_header(f, path)
-        ours, theirs = self._layout(), header["layout"]
+        ours, theirs = self._layout(header["rows"]), header["layout"]
         if ours != theirs:
             diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
             raise ValueError(

@@ -61,26 +61,73 @@ def config_from_dict(cls: type, data: dict[str, Any]):
     return cls(**kwargs)
 
 
+# What `--resume RUN` may change; every other flag keeps the run's saved value (changing one is
+# refused: the networks, buffers and schedules in the checkpoint were built for those values).
+RESUMABLE = ("total_steps", "eval_every", "eval_episodes", "eval_video", "log_every",
+             "checkpoint_every", "checkpoint_replay", "device", "torch_threads", "profile",
+             "overlap_encode")
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
-    """--preset NAME chooses the defaults, tyro parses every Config field on top of them."""
+    """--preset NAME chooses the defaults, tyro parses every Config field on top of them. With
+    --resume RUN the defaults are RUN's saved configuration instead, so the flags given are exactly
+    the changes (prepare() checks them against RESUMABLE)."""
     import tyro
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", choices=sorted(PRESETS), default="laptop")
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    pre.add_argument("--resume", default=None)
     known, rest = pre.parse_known_args(argv)
     description = (__doc__ or "") + f"\n--preset {{{','.join(sorted(PRESETS))}}}: the defaults (laptop)."
-    return tyro.cli(Config, default=PRESETS[known.preset], args=rest, description=description)
+    if known.resume is None:
+        default = PRESETS[known.preset or "laptop"]
+    elif known.preset is not None:
+        raise ValueError(f"--preset {known.preset} with --resume: a resumed run keeps its saved "
+                         "settings (change the ones a resume may change with their own flags).")
+    else:
+        default = dataclasses.replace(saved_config(Path(known.resume)), resume=known.resume)
+    return tyro.cli(Config, default=default, args=rest, description=description,
+                    prog="python -m furl_fast.train")
+
+
+def saved_config(run_dir: Path) -> Config:
+    """The configuration a run directory was started with (its config.json)."""
+    if not (run_dir / CHECKPOINT_DIR / STATE_FILE).is_file():
+        raise ValueError(f"--resume {run_dir}: no checkpoint there ({CHECKPOINT_DIR}/{STATE_FILE}); "
+                         "give the run directory of an interrupted or finished run.")
+    try:
+        return config_from_dict(Config, json.loads((run_dir / "config.json").read_text()))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"--resume {run_dir}: cannot read its config.json ({exc}).") from exc
+
+
+def changed_fields(a: Config, b: Config) -> list[str]:
+    """Dotted names of the fields (nested ones as sac.tau) whose values differ."""
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    fa, fb = flat(config_to_dict(a)), flat(config_to_dict(b))
+    return sorted(k for k in fa if fa[k] != fb.get(k))
 
 
 def check_config(cfg: Config) -> None:
     """Everything that can be checked before any work starts; raises ValueError saying what to change."""
     from furl_fast.envs import TASKS
 
-    cfg.validate(known_tasks=set(TASKS) | {f"{t}-v3" for t in TASKS})
-    if cfg.loads_encoder:
-        from furl_fast.vlm import task_prompt
+    try:
+        cfg.validate(known_tasks=set(TASKS) | {f"{t}-v3" for t in TASKS})
+    except ValueError as exc:
+        raise ValueError(f"{exc} (python -m furl_fast.train --help lists every flag)") from None
+    if cfg.loads_encoder and cfg.vlm.prompt is None:
+        from furl_fast.vlm import MT10_PROMPTS
 
-        task_prompt(cfg.task, cfg.vlm.prompt)  # tasks outside MT10 need --vlm.prompt
+        if cfg.task.removesuffix("-v3") not in MT10_PROMPTS:
+            raise ValueError(f"--task {cfg.task} has no built-in prompt (the MT10 tasks have one: "
+                             f"{', '.join(sorted(MT10_PROMPTS))}); describe its goal for the VLM with "
+                             '--vlm.prompt "..." (a short sentence saying what success looks like).')
     if cfg.resolved_reward == "code":
         load_program_set(cfg)
 
@@ -279,7 +326,7 @@ class Trainer:
                                  fast_render=self.cfg.render_quality == "fast")
         index = rollout.first_success()
         if index is None:
-            raise RuntimeError(f"the scripted expert did not solve {self.cfg.task} with seed "
+            raise ValueError(f"the scripted expert did not solve {self.cfg.task} with seed "
                                f"{self.cfg.seed}, so FuRL has no goal image; try another seed.")
         return self.encode(rollout.frames[index : index + 1])[0].float()
 
@@ -429,10 +476,12 @@ class Trainer:
         self.start_episodes(states, frames, env_states(states, info), np.arange(n))
         bar = tqdm(total=cfg.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=None, desc=f"{cfg.algo} {cfg.task}")
+        print(self.expectation_line(), flush=True)
         stride = n * self.repeat  # simulator steps per vector step
         log_every = max(cfg.log_every, stride)
         log_updates = False  # the next update's losses go to the log (DrQ-v2 skips agent steps)
         t_start, step_start = time.perf_counter(), self.step
+        t_line, step_line = t_start, self.step  # the plain progress line's rate: since the last one
         try:
             while self.step < cfg.total_steps:
                 if stop_flag:
@@ -478,8 +527,13 @@ class Trainer:
                         print(self.profile_line(), flush=True)
                         self.timings.clear()
                     writer.log(self.step, perf)
-                    bar.set_postfix(episodes=self.episodes, success=f"{self.recent_rate():.2f}",
-                                    sps=f"{perf['perf/steps_per_second']:.0f}")
+                    # One rate on screen: the bar's own (a terminal), or the plain line's.
+                    bar.set_postfix(episodes=self.episodes, success=f"{self.recent_rate():.2f}")
+                    if bar.disable:
+                        now = time.perf_counter()
+                        print(self.progress_line((self.step - step_line) / max(now - t_line, 1e-9)),
+                              flush=True)
+                        t_line, step_line = now, self.step
                 bar.update(stride)
                 if self.step // cfg.eval_every != (self.step - stride) // cfg.eval_every:
                     writer.log(self.step, self.evaluate())
@@ -505,6 +559,28 @@ class Trainer:
                 self.ep_success[e].append(bool(tr.success[e]))
                 if self.furl is not None:  # its embedding buffer takes whole labelled episodes
                     self.ep_embs[e].append(embs[e])
+
+    def expectation_line(self) -> str:
+        """What to expect, printed as a run starts: the steps to go and, on a CPU, the time they take
+        at the speed measured for this kind of run on a 2-core CPU (README, "What to expect")."""
+        cfg = self.cfg
+        line = f"furl_fast.train: steps {self.step} -> {cfg.total_steps} in {self.run_dir}"
+        if self.device.type != "cpu":
+            return line + "; progress every --log-every steps"
+        kind = "drq" if self.pixels else "vlm" if self.encoder is not None else "state"
+        rate = CPU_STEPS_PER_SECOND[kind]
+        eta = format_seconds((cfg.total_steps - self.step) / rate)
+        return (line + f"; on a 2-core CPU such a run ({kind}) measured ~{rate:g} steps/s, i.e. ~{eta} "
+                "(a larger encoder, more envs or a busy machine change that); progress every "
+                f"--log-every steps")
+
+    def progress_line(self, rate: float) -> str:
+        """The plain progress line printed every --log-every steps when output is not a terminal."""
+        cfg = self.cfg
+        eta = format_seconds((cfg.total_steps - self.step) / rate) if rate > 0 else "?"
+        return (f"step {self.step}/{cfg.total_steps} ({100 * self.step / cfg.total_steps:.0f}%) | "
+                f"{rate:.1f} steps/s | {self.episodes} episodes | success (last "
+                f"{len(self.recent_success)}) {self.recent_rate():.2f} | ETA {eta}")
 
     def recent_rate(self) -> float:
         return sum(self.recent_success) / len(self.recent_success) if self.recent_success else 0.0
@@ -557,8 +633,9 @@ class Trainer:
         consistent (state.pt, replay file) pair."""
         ckpt = self.run_dir / CHECKPOINT_DIR
         ckpt.mkdir(parents=True, exist_ok=True)
-        replay_name = f"replay-{self.step:010d}.bin"
-        self.buffer.save(ckpt / replay_name)
+        replay_name = f"replay-{self.step:010d}.bin" if self.cfg.checkpoint_replay else None
+        if replay_name is not None:
+            self.buffer.save(ckpt / replay_name)
         state = {
             "step": self.step, "episodes": self.episodes, "replay": replay_name,
             "relay_positives": self.relay_positives, "last_eval_step": self.last_eval_step,
@@ -577,10 +654,19 @@ class Trainer:
                 old.unlink()
         return ckpt / STATE_FILE
 
-    def load_checkpoint(self) -> None:
-        ckpt = self.run_dir / CHECKPOINT_DIR
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
-        self.buffer.restore(ckpt / state["replay"])
+    def load_checkpoint(self, state: dict[str, Any]) -> None:
+        """Restores read_checkpoint()'s state; raises ValueError when it does not fit this run."""
+        if state["replay"] is None:
+            print(f"furl_fast.train: the checkpoint holds no replay buffer (it was saved with "
+                  f"--no-checkpoint-replay): training continues from step {state['step']} with an "
+                  f"empty buffer; updates restart once it holds --batch-size {self.cfg.batch_size} "
+                  "transitions.", flush=True)
+        else:
+            try:
+                self.buffer.restore(self.run_dir / CHECKPOINT_DIR / state["replay"])
+            except (OSError, ValueError) as exc:  # damage past the header (checksums) shows here
+                raise ValueError(f"--resume {self.run_dir}: cannot restore the checkpoint's replay "
+                                 f"buffer: {exc}") from exc
         self.step, self.episodes = state["step"], state["episodes"]
         self.relay_positives, self.last_eval_step = state["relay_positives"], state["last_eval_step"]
         self.recent_success.extend(state["recent_success"])
@@ -641,6 +727,19 @@ def nstep_vlm_reward(batch, reward_fn: Callable[[torch.Tensor], torch.Tensor]
     return (weights * rewards).sum(dim=1), rewards
 
 
+# Simulator steps per second measured on a 2-core CPU, 1 torch thread, one env (README, "What to
+# expect"): state SAC without a VLM, state SAC with RN50 rewards (encoding is ~75% of it), DrQ
+# (0.6 agent steps/s at action repeat 2).
+CPU_STEPS_PER_SECOND = {"state": 60.0, "vlm": 7.0, "drq": 1.2}
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -688,21 +787,52 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.algo}-{task}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare(cfg: Config) -> tuple[Config, Path, bool]:
-    """Resolves the run directory; a resumed run takes its saved configuration."""
+def prepare(cfg: Config) -> tuple[Config, Path, dict[str, Any] | None]:
+    """Resolves and checks the run directory. A resume returns the checkpoint's state too (read now,
+    so that a damaged file is reported before any start-up work), and its configuration: the saved
+    one with the changes of RESUMABLE applied (cfg must be the saved configuration plus changes, as
+    parse_config makes it)."""
     if cfg.resume:
         run_dir = Path(cfg.resume)
-        if not (run_dir / CHECKPOINT_DIR / STATE_FILE).exists():
-            raise ValueError(f"--resume {run_dir}: no checkpoint there ({CHECKPOINT_DIR}/{STATE_FILE}); "
-                             "give the run directory of an interrupted run.")
-        saved = config_from_dict(Config, json.loads((run_dir / "config.json").read_text()))
-        return dataclasses.replace(saved, resume=str(run_dir), run_dir=str(run_dir)), run_dir, True
+        saved = saved_config(run_dir)
+        refused = [k for k in changed_fields(cfg, saved) if k not in (*RESUMABLE, "resume", "run_dir")]
+        if cfg.run_dir not in (saved.run_dir, str(run_dir)):
+            refused.append("run_dir")
+        if refused:
+            flags = ", ".join("--" + k.replace("_", "-") for k in refused)
+            raise ValueError(f"--resume {run_dir}: {flags} cannot change on a resume (the checkpoint "
+                             f"was made with the saved values); a resume may change only "
+                             f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)}.")
+        state = read_checkpoint(run_dir)
+        if cfg.total_steps < state["step"]:
+            raise ValueError(f"--resume {run_dir}: --total-steps {cfg.total_steps} is below the "
+                             f"checkpoint's step {state['step']}; a resume can only extend a run.")
+        return dataclasses.replace(cfg, resume=str(run_dir), run_dir=str(run_dir)), run_dir, state
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    for path in (run_dir, *run_dir.parents):
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--run-dir {run_dir}: {path} is a file, not a directory; choose another "
+                             "path.")
     if (run_dir / CHECKPOINT_DIR / STATE_FILE).exists():
         raise ValueError(f"--run-dir {run_dir} already holds a run; continue it with --resume {run_dir} "
                          "or choose another directory.")
-    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
-    return cfg, run_dir, False
+    return dataclasses.replace(cfg, run_dir=str(run_dir)), run_dir, None
+
+
+def read_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """The checkpoint's state (state.pt), with its replay file's header checked."""
+    from furl_fast.replay import ReplayBuffer
+
+    path = run_dir / CHECKPOINT_DIR / STATE_FILE
+    try:  # our own file (it holds RNG states, which need full unpickling)
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["replay"] is not None:
+            ReplayBuffer.check_file(run_dir / CHECKPOINT_DIR / state["replay"])
+    except Exception as exc:  # noqa: BLE001  (truncated zip, bad pickle, missing key: all damage)
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"--resume {run_dir}: its checkpoint is damaged or incomplete ({message}); "
+                         "nothing was changed.") from exc
+    return state
 
 
 def load_vlm(cfg: Config):
@@ -714,32 +844,46 @@ def load_vlm(cfg: Config):
 
 
 def train(cfg: Config) -> int:
-    """Runs (or resumes) one training run; returns the process exit code (2: bad configuration)."""
+    """Runs (or resumes) one training run; returns the process exit code (2: it could not start,
+    with a one-line message on stderr and no run directory made; 130: interrupted while starting)."""
+    from furl_fast.vlm.encoder import WeightsUnavailableError
+
+    trainer = None
     try:
-        cfg, run_dir, resuming = prepare(cfg)
+        cfg, run_dir, state = prepare(cfg)
         check_config(cfg)
         logger.info("%s %s-%s on %s, seed %d: VLM %s, render quality %s, env reward %s; run directory %s",
-                    "resuming" if resuming else "starting", cfg.algo, cfg.agent, cfg.task, cfg.seed,
+                    "resuming" if state is not None else "starting", cfg.algo, cfg.agent, cfg.task, cfg.seed,
                     f"{cfg.vlm.model} ({cfg.vlm.pretrained or 'default weights'})" if cfg.loads_encoder
                     else "none", cfg.render_quality, cfg.env_reward, run_dir)
         if cfg.torch_threads is not None:
             torch.set_num_threads(cfg.torch_threads)
+        loading = "the VLM and the environments" if cfg.loads_encoder else "the environments"
+        print(f"furl_fast.train: starting {cfg.algo} {cfg.task} in {run_dir} (loading {loading})",
+              flush=True)
         encoder = load_vlm(cfg) if cfg.loads_encoder else None
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        # Say what to change before any work starts (the weights message says how to pass a checkpoint).
-        print(f"furl_fast.train: {exc}", file=sys.stderr)
+        trainer = Trainer(cfg, run_dir, encoder)
+        if state is not None:
+            trainer.load_checkpoint(state)
+        # Only now, with everything ready: a run that cannot start leaves no directory behind.
+        # (A resume rewrites it with the changes it made: total_steps, cadences, device.)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = config_to_dict(dataclasses.replace(cfg, resume=None))
+        atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=2))
+    except (KeyboardInterrupt, ValueError, OSError, WeightsUnavailableError) as exc:
+        if trainer is not None:
+            trainer.close()
+        if isinstance(exc, KeyboardInterrupt):
+            print("furl_fast.train: interrupted while starting; nothing was written.", file=sys.stderr)
+            return 130
+        print(f"furl_fast.train: {cli_message(exc)}", file=sys.stderr)
         return 2
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resuming:
-        atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2))
-    trainer = Trainer(cfg, run_dir, encoder)
+    if state is not None:
+        logger.info("resumed %s at step %d", run_dir, trainer.step)
     stop: list[int] = []
     previous = {s: signal.signal(s, lambda signum, _frame: stop.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if resuming:
-            trainer.load_checkpoint()
-            logger.info("resumed %s at step %d", run_dir, trainer.step)
         code = trainer.run(stop)
     finally:
         for s, handler in previous.items():
@@ -750,9 +894,30 @@ def train(cfg: Config) -> int:
     return code
 
 
+def cli_message(exc: BaseException) -> str:
+    """One line saying what to change, in terms of the command line's flags."""
+    from furl_fast.vlm.encoder import WeightsUnavailableError
+
+    if isinstance(exc, WeightsUnavailableError):
+        return (f"--vlm.pretrained {exc.tag}: the weights of {exc.model} are not in the local cache and "
+                f"cannot be downloaded ({exc.reason}). A download is cached in {exc.cache}: copy it there "
+                "from a machine with network access, or pass a checkpoint file with --vlm.pretrained "
+                "PATH (OpenAI's original .pt archives with --vlm.model RN50-quickgelu or the like); "
+                "--vlm.pretrained none runs with random weights, whose rewards mean nothing.")
+    return " ".join(line.strip() for line in str(exc).splitlines())
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(train(parse_config(argv)))
+    try:
+        cfg = parse_config(argv)
+    except ValueError as exc:  # a --resume without a readable run
+        print(f"furl_fast.train: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("furl_fast.train: interrupted while starting; nothing was written.", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(train(cfg))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import numpy as np
 from gymnasium import spaces
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
+from furl_fast.config import describe_unknown_task
+
 TASKS: tuple[str, ...] = tuple(sorted(name.removesuffix("-v3") for name in ALL_V3_ENVIRONMENTS))
 """The 50 Meta-World v3 task names, without the "-v3" suffix."""
 
@@ -40,7 +42,7 @@ def resolve_task(task: str) -> str:
     """The plain task name ("drawer-open") for a plain or "-v3" name; ValueError listing all otherwise."""
     name = task.removesuffix("-v3") if isinstance(task, str) else task
     if name not in TASKS:
-        raise ValueError(f"Unknown Meta-World task {task!r}. Valid tasks: {', '.join(TASKS)}.")
+        raise ValueError(f"Unknown Meta-World task {task!r}{describe_unknown_task(str(task), TASKS)}")
     return name
 
 

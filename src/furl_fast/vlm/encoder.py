@@ -186,15 +186,43 @@ def _as_uint8_tensor(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 # --- loading ------------------------------------------------------------------------------------
-def _no_weights_message(model: str, tag: str, reason: str) -> str:
-    return (
-        f"load_encoder: could not obtain the pretrained weights {tag!r} for {model!r}: {reason}. "
-        f"Without network access, fetch the checkpoint on a machine that has it (there, "
-        f"open_clip.create_model({model!r}, pretrained={tag!r}) caches it under ~/.cache/huggingface) "
-        f"and pass the file: load_encoder({model!r}, pretrained='/path/to/checkpoint.bin') "
-        "(OpenAI's original TorchScript archives need the '-quickgelu' model names, e.g. "
-        "'RN50-quickgelu'). pretrained='none' runs with random weights, whose rewards mean nothing."
-    )
+class WeightsUnavailableError(RuntimeError):
+    """The pretrained weights `tag` of `model` could not be had (not in the local cache, and no
+    download possible); `cache` is where a download would be stored, `reason` what failed."""
+
+    def __init__(self, model: str, tag: str, reason: str) -> None:
+        self.model, self.tag, self.reason = model, tag, reason
+        self.cache = _download_cache(model, tag)
+        super().__init__(
+            f"load_encoder: could not obtain the pretrained weights {tag!r} for {model!r}: {reason}. "
+            f"A download is cached in {self.cache}: copy it there from a machine with network "
+            f"access, or pass the file: load_encoder({model!r}, "
+            "pretrained='/path/to/checkpoint.bin') (OpenAI's original TorchScript archives need the "
+            "'-quickgelu' model names, e.g. 'RN50-quickgelu'). pretrained='none' runs with random "
+            "weights, whose rewards mean nothing."
+        )
+
+
+def _download_cache(model: str, tag: str) -> str:
+    """Where open_clip stores the download of a pretrained tag (it prefers the Hugging Face Hub)."""
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    if cfg.get("hf_hub"):
+        import huggingface_hub.constants as hub
+
+        repo = os.path.dirname(cfg["hf_hub"]) if not cfg["hf_hub"].endswith("/") else cfg["hf_hub"][:-1]
+        return f"{hub.HF_HUB_CACHE}/models--{repo.replace('/', '--')} (Hugging Face Hub repo {repo})"
+    return os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(cfg.get("url", "")))
+
+
+def _unreadable_checkpoint(model: str, path: str, exc: Exception) -> ValueError:
+    """A checkpoint file that exists but does not load: never torch's advice to retry with
+    weights_only=False, which would run whatever code a file of unknown origin holds."""
+    if "state_dict" in str(exc):  # it unpickled, but its tensors are not this architecture's
+        return ValueError(f"load_encoder: the checkpoint {path!r} does not fit the architecture "
+                          f"{model!r} (its weights have other names or shapes); give the model name "
+                          "it was trained as.")
+    return ValueError(f"load_encoder: cannot read {path!r} as a checkpoint ({type(exc).__name__}): it "
+                      "is damaged, or not an open_clip state dict or OpenAI TorchScript archive.")
 
 
 @contextlib.contextmanager
@@ -247,18 +275,18 @@ def _create_from_tag(model: str, tag: str, **kwargs) -> torch.nn.Module:
     except Exception as exc:  # noqa: BLE001  (any failure here means: not usable from the cache)
         cache_error = exc
     if _offline_requested():
-        raise RuntimeError(_no_weights_message(
+        raise WeightsUnavailableError(
             model, tag, f"offline mode (HF_HUB_OFFLINE) and not in the local cache ({cache_error})"
-        )) from cache_error
+        ) from cache_error
     host = _weights_host(cfg)
     if not _host_reachable(host):
-        raise RuntimeError(_no_weights_message(
+        raise WeightsUnavailableError(
             model, tag, f"not in the local cache and {host} is unreachable (no network?)"
-        )) from cache_error
+        ) from cache_error
     try:
         return open_clip.create_model(model, pretrained=tag, **kwargs)
     except Exception as exc:
-        raise RuntimeError(_no_weights_message(model, tag, f"download failed ({exc})")) from exc
+        raise WeightsUnavailableError(model, tag, f"download failed ({exc})") from exc
 
 
 def _file_digest(path: Path) -> str:
@@ -431,7 +459,10 @@ def load_encoder(
         net = _create_from_tag(model, pretrained, **kwargs)
         weights_id = f"tag:{pretrained}"
     elif os.path.isfile(pretrained):
-        net = open_clip.create_model(model, pretrained=pretrained, **kwargs)
+        try:
+            net = open_clip.create_model(model, pretrained=pretrained, **kwargs)
+        except Exception as exc:  # noqa: BLE001  (whatever the reader raised, the file is at fault)
+            raise _unreadable_checkpoint(model, pretrained, exc) from exc
         weights_id = f"sha256:{_file_digest(Path(pretrained))}"
     elif os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES):
         raise FileNotFoundError(f"load_encoder: checkpoint file not found: {pretrained!r} (pretrained "
