@@ -21,8 +21,16 @@ _spec = importlib.util.spec_from_file_location("furl_fast_network_guard",
                                                NETWORK_GUARD_DIR / "sitecustomize.py")
 network_guard = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(network_guard)
+# Absolute entries: subprocesses often run in a temporary directory (PYTHONPATH=src would not resolve).
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (str(NETWORK_GUARD_DIR), os.environ.get("PYTHONPATH")) if p)
+    [str(NETWORK_GUARD_DIR)] + [os.path.abspath(p) for p in
+                                os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
+
+def pytest_runtest_setup(item):
+    # Before every test's fixtures (module-scoped ones included): pytest-socket, when installed,
+    # restores the unguarded connect after each test.
+    network_guard.install()
 
 
 # A random-weight open_clip model small enough for CLI smoke runs on a CPU.

@@ -31,24 +31,26 @@ def _is_loopback(family: int, address) -> bool:
         return False
 
 
+_connect, _connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+
+def guarded_connect(self, address):
+    if not _is_loopback(self.family, address):
+        raise NetworkBlocked(_ERROR.format(address))
+    return _connect(self, address)
+
+
+def guarded_connect_ex(self, address):
+    if not _is_loopback(self.family, address):
+        raise NetworkBlocked(_ERROR.format(address))
+    return _connect_ex(self, address)
+
+
 def install() -> None:
-    if getattr(socket.socket, "_furl_network_guard", False):
-        return
-    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
-
-    def guarded_connect(self, address):
-        if not _is_loopback(self.family, address):
-            raise NetworkBlocked(_ERROR.format(address))
-        return connect(self, address)
-
-    def guarded_connect_ex(self, address):
-        if not _is_loopback(self.family, address):
-            raise NetworkBlocked(_ERROR.format(address))
-        return connect_ex(self, address)
-
+    """Puts the guard on socket.socket (again: pytest-socket, when installed, puts the original back
+    after every test)."""
     socket.socket.connect = guarded_connect
     socket.socket.connect_ex = guarded_connect_ex
-    socket.socket._furl_network_guard = True
 
 
 install()
