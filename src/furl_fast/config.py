@@ -1,6 +1,6 @@
 """Typed run configuration: nested frozen dataclasses with a docstring per field (tyro shows them as
 the CLI help). `Config()` is the laptop-friendly default; `PRESETS["paper"]` holds the FuRL paper's
-settings (/work/shared/spec/furl.md). Call `Config.validate()` before any training starts.
+settings. Call `Config.validate()` before any training starts.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class SACConfig:
 
 @dataclass(frozen=True)
 class DrQConfig:
-    """Pixel-based agent (agent=drq): DrQ-v2-style defaults (/work/shared/spec/furl.md, baselines)."""
+    """Pixel-based agent (agent=drq): DrQ-v2-style defaults (FuRL's pixel baseline)."""
 
     image_size: int = 84
     """Side of the square RGB observation the agent sees."""
@@ -128,13 +128,13 @@ class Config:
     agent: Literal["sac", "drq"] = "sac"
     """sac: state-based SAC; drq: pixel-based DrQ-v2-style SAC."""
     reward: Literal["furl", "cosine", "goal_baseline", "binary", "code"] | None = None
-    """VLM reward family; None picks furl for algo=furl and cosine for vlm/relay (unused by sac)."""
+    """VLM reward family; left unset: furl for algo=furl, cosine for vlm and relay (unused by sac)."""
     code_programs: str | None = None
     """reward=code: a program-set JSON file (ProgramSet.save's format, e.g. a set that
     furl_fast.rewards.code.generate_program_set verified); None takes the task's hand-written
     reference set (drawer-open, button-press-topdown, reach, ...)."""
-    task: str = "drawer-open-v3"
-    """Meta-World v3 task name."""
+    task: str = "drawer-open"
+    """Meta-World v3 task name (any of the 50; "drawer-open-v3" works too)."""
     goal: Literal["fixed", "random"] = "fixed"
     """fixed: hidden goal, same scene every reset; random: goal in the state, resampled each reset."""
     env_reward: Literal["sparse", "dense"] = "sparse"
@@ -151,7 +151,8 @@ class Config:
     batch_size: int = 256
     """Replay batch size of every SAC update."""
     buffer_size: int | None = 100_000
-    """Replay capacity in transitions; None means the spec's 500,000 for furl, 1,000,000 otherwise."""
+    """Replay capacity in transitions; None means 500,000 for furl and 1,000,000 otherwise (the FuRL
+    paper's sizes)."""
     rho: float = 0.05
     """Weight of the VLM reward: critic reward = (success - 1) + rho * vlm_reward."""
     eval_every: int = 10_000

@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import tyro
 
 from furl_fast.rewards.metrics import best_f1_threshold, pearson, precision_recall_f1, roc_auc
 
@@ -280,8 +279,10 @@ def evaluate(cfg: EvalConfig) -> list[dict[str, object]]:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    evaluate(tyro.cli(EvalConfig))
+    from furl_fast._cli import setup_logging, tyro_cli
+
+    setup_logging()
+    evaluate(tyro_cli(EvalConfig, prog="python -m furl_fast.evaluate_reward", description=__doc__))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
+from furl_fast._cli import setup_logging, tyro_cli
 from furl_fast.config import AGENTS, ALGOS
 from furl_fast.metrics import CONFIG_FILE, mean_std
 
@@ -448,13 +449,12 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
     """Sweep flags, then `--` and the flags passed to every run."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, train = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    cfg = tyro.cli(SweepConfig, args=ours, description=__doc__)
+    cfg = tyro_cli(SweepConfig, prog="python -m furl_fast.sweep", args=ours, description=__doc__)
     return dataclasses.replace(cfg, train_args=tuple(train))
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logger.setLevel(logging.INFO)  # the sweep's progress, without every library's INFO lines
+    setup_logging("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = parse_args(argv)
     if cfg.report_only:
         md, _, _ = write_report(Path(cfg.results_dir).resolve())

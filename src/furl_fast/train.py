@@ -4,8 +4,8 @@
     python -m furl_fast.train --preset paper --algo sac --task reach
     python -m furl_fast.train --resume runs/furl-drawer-open-s0-20261121-101500
 
-Every field of furl_fast.config.Config is a flag (see --help); --preset picks the defaults (laptop:
-CPU-friendly, the default; paper: the FuRL paper's settings). A run directory holds config.json,
+Every field of furl_fast.config.Config is a flag; --preset picks the defaults the other flags change
+(laptop: CPU-friendly, the default; paper: the FuRL paper's settings). A run directory holds config.json,
 metrics.csv, TensorBoard events (tb/), evaluation videos (videos/), eval.json and checkpoints/.
 """
 
@@ -24,10 +24,11 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+import tyro
 
 from furl_fast import ops
 from furl_fast.config import PRESETS, Config, resolve_device
@@ -61,15 +62,26 @@ def config_from_dict(cls: type, data: dict[str, Any]):
     return cls(**kwargs)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Args:
+    """The command line: --preset, then every Config field under its own name."""
+
+    preset: Literal["laptop", "paper"] = "laptop"  # the keys of config.PRESETS
+    """The defaults every other flag starts from: laptop (CPU-friendly, 100k steps) or paper (the FuRL
+    paper's settings: 1M steps, 10k warm-up, replay 500k for furl and 1M for the baselines)."""
+    config: Annotated[Config, tyro.conf.arg(name="")] = Config()
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
     """--preset NAME chooses the defaults, tyro parses every Config field on top of them."""
-    import tyro
+    from furl_fast._cli import tyro_cli
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", choices=sorted(PRESETS), default="laptop")
-    known, rest = pre.parse_known_args(argv)
-    description = (__doc__ or "") + f"\n--preset {{{','.join(sorted(PRESETS))}}}: the defaults (laptop)."
-    return tyro.cli(Config, default=PRESETS[known.preset], args=rest, description=description)
+    known, _ = pre.parse_known_args(argv)
+    args = tyro_cli(_Args, prog="python -m furl_fast.train", description=__doc__, args=argv,
+                    default=_Args(known.preset, PRESETS[known.preset]))
+    return args.config
 
 
 def check_config(cfg: Config) -> None:
@@ -707,7 +719,9 @@ def train(cfg: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from furl_fast._cli import setup_logging
+
+    setup_logging()
     sys.exit(train(parse_config(argv)))
 
 

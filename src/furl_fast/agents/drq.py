@@ -1,4 +1,4 @@
-"""DrQ: SAC from pixels (/work/shared/spec/furl.md, baselines: "DrQ-v2-style defaults").
+"""DrQ: SAC from pixels (the FuRL paper, baselines: "DrQ-v2-style defaults").
 
 A conv encoder shared by actor and critics turns stacked 84x84 RGB frames into a small feature vector;
 SAC runs on those features (furl_fast.agents.sac.SAC with an encoder): critic gradients train the
