@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from furl_fast.metrics import mean_std, read_config, read_metrics
+from furl_fast.metrics import flatten, mean_std, read_config, read_metrics
 
 DEFAULT_METRICS = ("eval/success", "charts/episode_return")
 LABEL_KEYS = ("algo", "agent", "task", "goal")
@@ -23,16 +23,7 @@ PER_RUN_KEYS = ("seed", "run_dir", "resume")
 
 def flat_config(run_dir: Path) -> dict[str, Any]:
     """config.json flattened to dotted keys ("sac.tau"), task names without "-v3", lists as tuples."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            flat[prefix[:-1]] = tuple(value) if isinstance(value, list) else value
-
-    walk("", read_config(run_dir))
+    flat = {k: tuple(v) if isinstance(v, list) else v for k, v in flatten(read_config(run_dir)).items()}
     if isinstance(flat.get("task"), str):
         flat["task"] = flat["task"].removesuffix("-v3")
     return flat

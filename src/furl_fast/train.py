@@ -69,19 +69,29 @@ class _Args:
     preset: Literal["laptop", "paper"] = "laptop"  # the keys of config.PRESETS
     """The defaults every other flag starts from: laptop (CPU-friendly, 100k steps) or paper (the FuRL
     paper's settings: 1M steps, 10k warm-up, replay 500k for furl and 1M for the baselines)."""
+    track: bool = False
+    """Track the run with Weights & Biases (pip install "furl_fast[track]"): config and every
+    TensorBoard scalar; WANDB_MODE=offline keeps it local (wandb sync uploads it later)."""
+    wandb_project_name: str = "furl_fast"
+    """The W&B project of --track."""
+    wandb_entity: str | None = None
+    """The W&B team or user of --track; None: your default entity."""
     config: Annotated[Config, tyro.conf.arg(name="")] = Config()
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
     """--preset NAME chooses the defaults, tyro parses every Config field on top of them."""
+    return parse_args(argv).config
+
+
+def parse_args(argv: list[str] | None = None) -> _Args:
     from furl_fast._cli import tyro_cli
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", choices=sorted(PRESETS), default="laptop")
     known, _ = pre.parse_known_args(argv)
-    args = tyro_cli(_Args, prog="python -m furl_fast.train", description=__doc__, args=argv,
-                    default=_Args(known.preset, PRESETS[known.preset]))
-    return args.config
+    return tyro_cli(_Args, prog="python -m furl_fast.train", description=__doc__, args=argv,
+                    default=_Args(known.preset, config=PRESETS[known.preset]))
 
 
 def check_config(cfg: Config) -> None:
@@ -417,7 +427,8 @@ class Trainer:
         from furl_fast.metrics import MetricsWriter
 
         cfg, n = self.cfg, self.cfg.num_envs
-        writer = MetricsWriter(self.run_dir, resume_step=self.step if self.step > 0 else None)
+        writer = MetricsWriter(self.run_dir, resume_step=self.step if self.step > 0 else None,
+                               config=config_to_dict(cfg))
         self.ep_return = [0.0] * n
         self.ep_success: list[list[bool]] = [[] for _ in range(n)]
         self.ep_embs: list[list[torch.Tensor]] = [[] for _ in range(n)]
@@ -474,11 +485,11 @@ class Trainer:
                                     sps=f"{metrics['perf/steps_per_second']:.0f}")
                 bar.update(n)
                 if self.step // cfg.eval_every != (self.step - n) // cfg.eval_every:
-                    writer.log(self.step, self.evaluate())
+                    writer.log(self.step, self.evaluate(writer))
                 if self.step // cfg.checkpoint_every != (self.step - n) // cfg.checkpoint_every:
                     self.save_checkpoint()
             if self.last_eval_step != self.step:
-                writer.log(self.step, self.evaluate())
+                writer.log(self.step, self.evaluate(writer))
             self.save_checkpoint()
             return 0
         finally:
@@ -509,9 +520,10 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, writer=None) -> dict[str, float]:
         """Deterministic policy (tanh of the mean): success at the last step (the paper's measure) and
-        whether it ever succeeded; the first episode is recorded as a video."""
+        whether it ever succeeded; the first episode is recorded as a video (also to writer's
+        TensorBoard, every 4th frame at half size)."""
         cfg = self.cfg
         last, ever, returns = [], [], []
         for k in range(cfg.resolved_eval_episodes):
@@ -535,6 +547,9 @@ class Trainer:
             returns.append(total)
             if frames is not None:
                 write_video(self.run_dir / "videos" / f"eval_step{self.step:08d}", frames)
+                if writer is not None:
+                    writer.log_video("eval/video", [f[::2, ::2] for f in frames[::4]], self.step,
+                                     fps=30 // 4)
         self.last_eval_step = self.step
         result = {"eval/success": float(np.mean(last)), "eval/ever_success": float(np.mean(ever)),
                   "eval/return": float(np.mean(returns)), "eval/episodes": float(len(last))}
@@ -685,11 +700,16 @@ def load_vlm(cfg: Config):
                         precision=cfg.vlm.precision, bgr=cfg.vlm.bgr, cache_dir=cfg.vlm.cache_dir)
 
 
-def train(cfg: Config) -> int:
-    """Runs (or resumes) one training run; returns the process exit code (2: bad configuration)."""
+def train(cfg: Config, wandb_project: str | None = None, wandb_entity: str | None = None) -> int:
+    """Runs (or resumes) one training run; returns the process exit code (2: bad configuration).
+    wandb_project: track the run with Weights & Biases in that project (metrics.start_wandb)."""
     try:
         cfg, run_dir, resuming = prepare(cfg)
         check_config(cfg)
+        if wandb_project is not None:
+            from furl_fast.metrics import require_wandb
+
+            require_wandb()
         if cfg.torch_threads is not None:
             torch.set_num_threads(cfg.torch_threads)
         encoder = load_vlm(cfg) if cfg.loads_encoder else None
@@ -700,6 +720,11 @@ def train(cfg: Config) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resuming:
         atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2))
+    tracker = None
+    if wandb_project is not None:
+        from furl_fast.metrics import start_wandb
+
+        tracker = start_wandb(run_dir, config_to_dict(cfg), project=wandb_project, entity=wandb_entity)
     trainer = Trainer(cfg, run_dir, encoder)
     stop: list[int] = []
     previous = {s: signal.signal(s, lambda signum, _frame: stop.append(signum))
@@ -713,6 +738,8 @@ def train(cfg: Config) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
         trainer.close()
+        if tracker is not None:
+            tracker.finish()
     if code == 0:
         print(f"done: {trainer.step} steps, run directory {run_dir}")
     return code
@@ -722,7 +749,9 @@ def main(argv: list[str] | None = None) -> None:
     from furl_fast._cli import setup_logging
 
     setup_logging()
-    sys.exit(train(parse_config(argv)))
+    args = parse_args(argv)
+    sys.exit(train(args.config, wandb_project=args.wandb_project_name if args.track else None,
+                   wandb_entity=args.wandb_entity))
 
 
 if __name__ == "__main__":
