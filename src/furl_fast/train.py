@@ -4,9 +4,10 @@
     python -m furl_fast.train --preset paper --algo sac --task reach
     python -m furl_fast.train --resume runs/furl-drawer-open-s0-20261121-101500
 
-Every field of furl_fast.config.Config is a flag; --preset picks the defaults the other flags change
-(laptop: CPU-friendly, the default; paper: the FuRL paper's settings). A run directory holds config.json,
-metrics.csv, TensorBoard events (tb/), evaluation videos (videos/), eval.json and checkpoints/.
+Every field of furl_fast.config.Config is a flag; --preset picks the defaults the other flags
+change (laptop: CPU-friendly, the default; paper: the FuRL paper's settings). A run directory holds
+config.json, metrics.csv, TensorBoard events (tb/), evaluation videos (videos/), eval.json and
+checkpoints/.
 """
 
 from __future__ import annotations
