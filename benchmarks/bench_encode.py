@@ -6,7 +6,7 @@ here (fp16 on CUDA when one is present).
 Baseline (same run, same model): open_clip's own pipeline, PIL transform per frame + encode_image.
 The preprocess-only rows isolate the fused op against the PIL transform for a batch of 32.
 
-  PYTHONPATH=src flock /tmp/furl_bench.lock /work/venv/bin/python -m pytest benchmarks/bench_encode.py \
+  PYTHONPATH=src flock /tmp/furl_bench.lock python -m pytest benchmarks/bench_encode.py \
       --benchmark-only -p no:cacheprovider -o python_files='bench_*.py' -s
 Rates use the fastest round (min time): the dev machine is shared, and the minimum is the
 estimate least disturbed by other processes.

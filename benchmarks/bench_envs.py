@@ -5,7 +5,7 @@ Rows: physics only (no render) as the baseline, one in-process env, and 1 / 4 / 
 steps/s counts environment steps summed over all envs. Step counts are small and fixed so the whole
 file stays within a few minutes on a 2-core machine (faithful software rendering is slow).
 
-  PYTHONPATH=src flock /tmp/furl_bench.lock /work/venv/bin/python -m pytest benchmarks/bench_envs.py \
+  PYTHONPATH=src flock /tmp/furl_bench.lock python -m pytest benchmarks/bench_envs.py \
       --benchmark-only -p no:cacheprovider -o python_files='bench_*.py' -s
 Rates use the fastest round (min time): the dev machine is shared, and the minimum is the
 estimate least disturbed by other processes.

@@ -4,7 +4,7 @@ furl_fast.ReplayBuffer (100,000 stored transitions, one frame per step) against 
 style of Stable-Baselines3 (obs and next_obs stacks stored per transition) followed by DrQ-v2's
 PyTorch RandomShiftsAug, in the same run. Also reports bytes of storage per stored transition.
 
-    flock /tmp/furl_bench.lock env PYTHONPATH=$PWD /work/venv/bin/python -m pytest \
+    flock /tmp/furl_bench.lock env PYTHONPATH=$PWD python -m pytest \
         benchmarks/bench_replay.py --benchmark-only -p no:cacheprovider -o python_files='bench_*.py' -s
 """
 

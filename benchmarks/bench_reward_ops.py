@@ -4,7 +4,7 @@ Sizes: N = 256 (a training batch) and N = 65,536 (relabelling a replay buffer); 
 (D = 1024, H = 256, P = 64, one prompt); K = 11 texts for the similarity heads (goal + 10 negatives).
 float32 embeddings. Random weights: speed does not depend on the values.
 
-    PYTHONPATH=src flock /tmp/furl_bench.lock /work/venv/bin/python -m pytest -s \
+    PYTHONPATH=src flock /tmp/furl_bench.lock python -m pytest -s \
         benchmarks/bench_reward_ops.py --benchmark-only -p no:cacheprovider -o python_files='bench_*.py'
 
 At the end (-s shows it) a table of median times and eager / native ratios, measured in the same run.

@@ -240,7 +240,7 @@ std::unique_ptr<ReplayHandle> make_replay(py::dict layout_args, py::dict cols, b
 
 }  // namespace
 
-// ---- Kernels with a CPU and a CUDA implementation: preprocess_frames and the reward heads (issue 3).
+// ---- Kernels with a CPU and a CUDA implementation: preprocess_frames and the reward heads.
 // One definition per op registers <op>_cpu, whose last argument is num_threads (0 = all cores), and
 // in CUDA builds <op>_cuda, whose last argument is the torch stream. Every tensor is a DLPack
 // capsule; outputs are preallocated float32 tensors. ----

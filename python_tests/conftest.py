@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,24 @@ import torch
 # metaworld or mujoco before furl_fast.envs would otherwise leave it on the windowed backend (GLFW),
 # and every headless render in the session would fail.
 os.environ.setdefault("MUJOCO_GL", "egl")
+
+# No test may reach the network (a weights hub, a package index): connect() outside loopback raises,
+# here and, through the guard's sitecustomize on PYTHONPATH, in every subprocess the tests start.
+NETWORK_GUARD_DIR = Path(__file__).parent / "network_guard"
+_spec = importlib.util.spec_from_file_location("furl_fast_network_guard",
+                                               NETWORK_GUARD_DIR / "sitecustomize.py")
+network_guard = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(network_guard)
+# Absolute entries: subprocesses often run in a temporary directory (PYTHONPATH=src would not resolve).
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(NETWORK_GUARD_DIR)] + [os.path.abspath(p) for p in
+                                os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
+
+def pytest_runtest_setup(item):
+    # Before every test's fixtures (module-scoped ones included): pytest-socket, when installed,
+    # restores the unguarded connect after each test.
+    network_guard.install()
 
 
 # A random-weight open_clip model small enough for CLI smoke runs on a CPU.

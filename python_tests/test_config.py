@@ -17,7 +17,7 @@ def test_defaults_and_presets_validate():
     for cfg in PRESETS.values():
         cfg.validate()
     cfg = Config()
-    cfg.validate(known_tasks={"drawer-open-v3"})
+    cfg.validate(known_tasks={"drawer-open"})
     assert cfg.algo == "furl" and cfg.resolved_rho == 0.05 and cfg.sac.tau == 0.01 and cfg.furl.lag == 10
 
 

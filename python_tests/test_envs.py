@@ -279,3 +279,43 @@ def test_torch_compile_stack_imports_after_a_rendered_frame():
                             timeout=300, check=False)
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert result.stdout.strip() == "(256, 256, 3)"
+
+
+def test_gymnasium_ids_pass_the_env_checker(closing):
+    """furl_fast/<task> for all 50 tasks; through its spec the checker also builds the env again
+    for each render mode and checks close()."""
+    import gymnasium as gym
+    from gymnasium.utils.env_checker import check_env
+
+    assert {f"furl_fast/{t}" for t in TASKS} <= set(gym.registry)
+    env = closing(gym.make("furl_fast/drawer-open"))
+    assert env.spec.id == "furl_fast/drawer-open" and env.unwrapped.task == "drawer-open"
+    check_env(env.unwrapped)
+    pixels = closing(gym.make("furl_fast/reach", seed=3, goal="random", obs="pixels", pixel_size=32,
+                              render_mode="rgb_array"))
+    assert pixels.observation_space.shape == (9, 32, 32) and pixels.unwrapped.goal == "random"
+    pixels.reset(seed=1)
+    assert pixels.render().shape == (256, 256, 3)
+    with pytest.raises(ValueError, match="render_mode must be 'rgb_array'"):
+        gym.make("furl_fast/reach", render_mode="human")
+
+
+@pytest.mark.parametrize("task", ["drawer-open", "pick-place", "stick-pull"])  # 1, 1 and 2 objects
+def test_state_bounds_are_finite_where_meta_world_bounds_them(task, closing):
+    env = closing(make_env(task, seed=0, goal="random", vlm_frames=False))
+    low, high = env.observation_space.low, env.observation_space.high
+    objects = len(env.unwrapped._raw._get_pos_objects()) // 3
+    for half in (0, 18):
+        for k in range(objects):
+            assert np.isinf(low[half + 4 + 7 * k : half + 7 + 7 * k]).all()  # xyz: unbounded
+            assert (low[half + 7 + 7 * k : half + 11 + 7 * k] == -1).all()  # unit quaternion
+            assert (high[half + 7 + 7 * k : half + 11 + 7 * k] == 1).all()
+        assert (low[half + 4 + 7 * objects : half + 18] == 0).all()  # empty object slots
+        assert (high[half + 4 + 7 * objects : half + 18] == 0).all()
+    assert np.isfinite(low[36:]).all() and np.isfinite(high[36:]).all()  # the goal
+    raw = env.unwrapped._raw  # Meta-World's own states (not clipped by furl_fast) stay inside
+    raw.reset()
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        state = raw.step(rng.uniform(-1, 1, 4))[0].astype(np.float32)
+        assert env.observation_space.contains(state)

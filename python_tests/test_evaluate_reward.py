@@ -123,3 +123,38 @@ def test_cli_end_to_end_and_cache(tmp_path, tiny_model):
 def test_cli_rejects_unscorable_reward(tmp_path, tiny_model):
     result = run_eval(tmp_path, tiny_model, "--rewards", "code")
     assert result.returncode != 0 and "cannot evaluate" in result.stderr
+
+
+def eval_row(reward, f1, auc, weights="openai", model="RN50", task="reach"):
+    return {"task": task, "model": model, "weights": weights, "reward": reward, "frames": 10,
+            "positives": 3, "threshold": 0.5, "threshold_kind": "reward", "precision": f1,
+            "recall": f1, "f1": f1, "roc_auc": auc, "pearson": 0.0}
+
+
+def test_figure_labels_every_bar_and_says_when_weights_are_random():
+    from furl_fast import evaluate_reward
+
+    real = evaluate_reward.figure([eval_row("binary", 0.0, 0.7), eval_row("cosine", 0.5, np.nan)])
+    f1_ax, auc_ax = real.axes[:2]
+    assert [t.get_text() for t in f1_ax.texts] == ["0.00", "0.50"]  # an F1 of 0 is still shown
+    assert [t.get_text() for t in auc_ax.texts] == ["0.70", "n/a"]
+    assert real._suptitle is None
+
+    baseline = evaluate_reward.figure([eval_row("binary", 0.2, 0.6, weights="RANDOM")])
+    assert "RANDOM-WEIGHT" in baseline._suptitle.get_text()
+    assert "(random weights)" in baseline.legends[0].texts[0].get_text()
+
+
+def test_output_files_follow_the_umask(tmp_path):
+    from furl_fast import evaluate_reward
+
+    old = os.umask(0o022)
+    try:
+        evaluate_reward.write_csv([eval_row("binary", 0.5, 0.5)], tmp_path / "metrics.csv")
+        os.umask(0o027)
+        evaluate_reward.plot([eval_row("binary", 0.5, 0.5)], tmp_path / "metrics.png")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "metrics.csv").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "metrics.png").stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "metrics.png"]  # no temp files

@@ -46,3 +46,54 @@ def test_cli_writes_png(tmp_path):
 def test_cli_rejects_dir_without_metrics(tmp_path):
     with pytest.raises(SystemExit):
         plot.main([str(tmp_path)])
+
+
+def config_run(root, name, seed, successes, **config):
+    run = make_run(root, name, seed, successes)
+    (run / "config.json").write_text(json.dumps({"algo": "furl", "agent": "sac", "task": "reach",
+                                                 "goal": "fixed", "seed": seed, "run_dir": str(run),
+                                                 "total_steps": 100, "sac": {"tau": 0.01},
+                                                 **config}))
+    return run
+
+
+def test_groups_by_the_whole_config_minus_the_seed(tmp_path):
+    seeds = [config_run(tmp_path, f"s{i}", i, [(0, 0.0), (100, 1.0)]) for i in range(2)]
+    v3 = config_run(tmp_path, "v3", 2, [(0, 0.0)], task="reach-v3")  # the same task
+    longer = config_run(tmp_path, "long", 0, [(0, 0.0)], total_steps=500)
+    tau = config_run(tmp_path, "tau", 0, [(0, 0.0)], sac={"tau": 0.5})
+    groups = plot.group_runs([*seeds, v3, longer, tau])
+    assert groups == {"furl sac reach fixed sac.tau=0.01 total_steps=100": [*seeds, v3],
+                      "furl sac reach fixed sac.tau=0.01 total_steps=500": [longer],
+                      "furl sac reach fixed sac.tau=0.5 total_steps=100": [tau]}
+
+
+def test_figure_marks_single_points_and_shows_the_whole_success_range(tmp_path):
+    one_eval = config_run(tmp_path, "one", 0, [(100, 0.0)])
+    other = config_run(tmp_path, "two", 0, [(0, 0.0), (100, 0.0)], algo="sac")
+    fig = plot.figure([one_eval, other])
+    success, ret = fig.axes
+    assert success.get_ylim() == (-0.03, 1.03) and ret.get_ylim() != (-0.03, 1.03)
+    lines = {line.get_label(): line for line in success.get_lines()}
+    single = lines["furl sac reach fixed (n=1)"]
+    assert list(single.get_xdata()) == [100] and single.get_marker() == "o"
+    assert fig._suptitle.get_text() == "reach (fixed goal)"
+
+
+def test_cli_refuses_unknown_metric(tmp_path, capsys):
+    run = make_run(tmp_path, "r", 0, [(0, 0.0)])
+    with pytest.raises(SystemExit) as exit_info:
+        plot.main([str(run), "--metrics", "eval/sucess", "--out", str(tmp_path / "c.png")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no run logged eval/sucess" in err and "charts/episode_return, eval/success" in err
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        plot.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("usage: python -m furl_fast.plot")
+    assert "--out OUT" in out and "image file to write" in out
+    assert "--metrics NAME [NAME ...]" in out and "as named in metrics.csv" in out

@@ -349,3 +349,37 @@ def test_grid_flags_after_separator_are_refused(tmp_path, capsys):
         sweep.main(["--tasks", "reach", "--results-dir", str(tmp_path), "--", "--seed", "3"])
     assert exit_info.value.code == 2
     assert "--seed after `--` would apply to every run" in capsys.readouterr().err
+
+
+def test_a_bare_sweep_starts_nothing(tmp_path, capsys):
+    """Without --tasks, --algos and --seeds there is no grid: nothing starts, and the message says
+    what to name."""
+    pytest.importorskip("ray")
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["--results-dir", str(tmp_path / "results")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "name the grid: --tasks, --algos, --seeds missing" in err
+    assert not (tmp_path / "results").exists()
+    with pytest.raises(SystemExit):
+        sweep.main(["--tasks", "reach", "--algos", "sac", "--results-dir", str(tmp_path / "r")])
+    assert "name the grid: --seeds missing" in capsys.readouterr().err
+
+
+def test_local_ray_is_bound_to_loopback(tmp_path):
+    """The local instance's node (and so every worker and object store address) is 127.0.0.1, not
+    an address found by routing towards the outside (in a subprocess: Ray reads the setting when it
+    is imported)."""
+    pytest.importorskip("ray")
+    code = ("from furl_fast import sweep\n"
+            "ray = sweep.start_ray(sweep.SweepConfig(num_cpus=1))\n"
+            "try:\n"
+            "    print('NODES', [n['NodeManagerAddress'] for n in ray.nodes()])\n"
+            "    print('WORKER', ray.get(ray.remote(ray.util.get_node_ip_address).remote()))\n"
+            "finally:\n"
+            "    ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "NODES ['127.0.0.1']" in result.stdout and "WORKER 127.0.0.1" in result.stdout

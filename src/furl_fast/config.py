@@ -1,6 +1,6 @@
 """Typed run configuration: nested frozen dataclasses with a docstring per field (tyro shows them as
 the CLI help). `Config()` is the laptop-friendly default; `PRESETS["paper"]` holds the FuRL paper's
-settings (/work/shared/spec/furl.md). Call `Config.validate()` before any training starts.
+settings. Call `Config.validate()` before any training starts.
 """
 
 from __future__ import annotations
@@ -170,13 +170,13 @@ class Config:
     agent: Literal["sac", "drq"] = "sac"
     """sac: state-based SAC (sac.* flags); drq: DrQ-v2 on 84x84 pixels (drq.* flags)."""
     reward: Literal["furl", "cosine", "goal_baseline", "binary", "code"] | None = None
-    """VLM reward family; None picks furl for algo=furl and cosine for vlm/relay (unused by sac)."""
+    """VLM reward family; left unset: furl for algo=furl, cosine for vlm and relay (unused by sac)."""
     code_programs: str | None = None
     """reward=code: a program-set JSON file (ProgramSet.save's format, e.g. a set that
     furl_fast.rewards.code.generate_program_set verified); None takes the task's hand-written
     reference set (drawer-open, button-press-topdown, reach, ...)."""
-    task: str = "drawer-open-v3"
-    """Meta-World v3 task name."""
+    task: str = "drawer-open"
+    """Meta-World v3 task name (any of the 50; "drawer-open-v3" works too)."""
     goal: Literal["fixed", "random"] = "fixed"
     """fixed: hidden goal, same scene every reset; random: goal in the state, resampled each reset."""
     render_quality: Literal["paper", "fast"] = "fast"
@@ -199,8 +199,8 @@ class Config:
     batch_size: int = 256
     """Replay batch size of every SAC / DrQ-v2 update (both papers: 256)."""
     buffer_size: int | None = 100_000
-    """Replay capacity in transitions (agent steps); None means the spec's 500,000 for furl,
-    1,000,000 otherwise."""
+    """Replay capacity in transitions (agent steps); None means 500,000 for furl and 1,000,000
+    otherwise (the FuRL paper's sizes)."""
     rho: float | None = None
     """Weight of the VLM reward: critic reward = env reward + rho * vlm_reward. None picks the
     reward's default: 0.05 for the VLM similarity rewards (FuRL's setting: a noisy cosine must not

@@ -33,13 +33,12 @@ import io
 import json
 import logging
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import tyro
 
 from furl_fast.rewards.metrics import best_f1_threshold, pearson, precision_recall_f1, roc_auc
 
@@ -82,14 +81,17 @@ class EvalConfig:
 
 
 def _atomic_write(path: Path, write) -> None:
+    """write(f) into a new file beside path, then renamed over it. Created with os.open's 0o666, so
+    the user's umask decides the mode, as for any file a program writes (mkstemp would force 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -185,31 +187,49 @@ def format_table(rows: list[dict[str, object]]) -> str:
     return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in table)
 
 
-def plot(rows: list[dict[str, object]], path: Path) -> None:
-    """F1 and ROC-AUC bars per task, one bar per (model, reward)."""
+def figure(rows: list[dict[str, object]]):
+    """F1 and ROC-AUC bars per task, one bar per (model, reward), each labelled with its value (an F1
+    of 0 is a label on the axis, not a missing bar; n/a where the metric is undefined)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    series = list(dict.fromkeys((r["model"], r["reward"]) for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(tasks) * len(series) ** 0.5 + 6), 4.5))
+    series = list(dict.fromkeys((r["model"], r["weights"], r["reward"]) for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(tasks) * len(series) ** 0.5 + 6), 4.8))
     width = 0.8 / len(series)
     for ax, metric in zip(axes, ("f1", "roc_auc")):
-        for j, (model, reward) in enumerate(series):
+        for j, (model, weights, reward) in enumerate(series):
             vals = [next((float(r[metric]) for r in rows if r["task"] == t and r["model"] == model
-                          and r["reward"] == reward), np.nan) for t in tasks]
+                          and r["weights"] == weights and r["reward"] == reward), np.nan)
+                    for t in tasks]
             short = model.rstrip("/").rsplit("/", 1)[-1]  # local-dir:/long/path -> its last part
-            ax.bar(np.arange(len(tasks)) + j * width, vals, width, label=f"{short} / {reward}")
+            if weights == "RANDOM":
+                short += " (random weights)"
+            bars = ax.bar(np.arange(len(tasks)) + j * width, np.nan_to_num(vals), width,
+                          label=f"{short} / {reward}")
+            ax.bar_label(bars, labels=["n/a" if np.isnan(v) else f"{v:.2f}" for v in vals],
+                         fontsize=7, padding=1)
         ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, rotation=20)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.08)  # room for the labels above bars of 1.0
         ax.set_title("F1 (binary: own threshold; others: best-F1)" if metric == "f1" else "ROC-AUC")
     axes[1].axhline(0.5, color="grey", lw=0.8, ls="--")  # chance
+    if any(r["weights"] == "RANDOM" for r in rows):
+        fig.suptitle("RANDOM-WEIGHT encoder(s): a baseline, these numbers carry no meaning",
+                     color="darkred")
     handles, labels = axes[0].get_legend_handles_labels()
     ncol = min(len(series), 3)
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
     fig.tight_layout(rect=(0, 0.06 * (-(-len(series) // ncol)) + 0.02, 1, 1))
+    return fig
+
+
+def plot(rows: list[dict[str, object]], path: Path) -> None:
+    """figure(rows) as a PNG at path."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
@@ -259,8 +279,10 @@ def evaluate(cfg: EvalConfig) -> list[dict[str, object]]:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    evaluate(tyro.cli(EvalConfig))
+    from furl_fast._cli import setup_logging, tyro_cli
+
+    setup_logging()
+    evaluate(tyro_cli(EvalConfig, prog="python -m furl_fast.evaluate_reward", description=__doc__))
 
 
 if __name__ == "__main__":

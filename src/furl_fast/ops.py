@@ -166,7 +166,7 @@ def preprocess_frames(
     return out
 
 
-# ---- Reward heads (issue 3) ----------------------------------------------------------------------
+# ---- Reward heads ----------------------------------------------------------------------
 # Embeddings (emb / img_emb) may be float32, float16 or bfloat16 and are read in place; every other
 # tensor (weights, targets, text / goal / baseline embeddings) may be any floating dtype and is used
 # as float32 (converted here once per call: they are small). Native kernels accumulate in float32 and

@@ -70,7 +70,7 @@ def random_shift(frames: torch.Tensor, shifts: torch.Tensor, pad: int = 4) -> to
     return torch.gather(rows, 3, xs[:, None, None, :].expand(-1, frames.shape[1], height, -1))
 
 
-# ---- Reward heads (issue 3) ----------------------------------------------------------------------
+# ---- Reward heads ----------------------------------------------------------------------
 # Each runs in the embedding's dtype (the eager chain a user would write): float16 / bfloat16 inputs
 # compute in that dtype, float64 in float64 (the test oracle); the other tensors are cast to it.
 # Outputs are float32 (float64 for float64 embeddings). The native kernels accumulate in float32.

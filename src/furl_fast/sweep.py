@@ -2,8 +2,14 @@
 seeds) on Ray.
 
     python -m furl_fast.sweep --tasks reach drawer-open --algos sac furl --seeds 0 1 2 3 4
-    python -m furl_fast.sweep --address auto --gpus-per-run 0.25 -- --preset paper
+    python -m furl_fast.sweep --tasks reach --algos furl --seeds 0 --address auto \
+        --gpus-per-run 0.25 -- --preset paper
     python -m furl_fast.sweep --results-dir results --report-only
+
+--tasks, --algos and --seeds have no defaults: a sweep is their product of runs of hours each (the
+paper's MT10 x 4 algos x 5 seeds is 200 runs), so any default grid would be a guess that starts
+days of work from a bare `furl-sweep`. Naming them is one line, and the sweep says how many runs
+it starts. --goals (fixed) and --agents (sac) default to one value each.
 
 Flags after `--` go to every `python -m furl_fast.train` run unchanged (any Config field). Without
 --address a local Ray instance is started (a laptop works); --address auto or ray://HOST:10001 joins
@@ -36,12 +42,13 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tyro
 
+from furl_fast._cli import setup_logging, tyro_cli
 from furl_fast.config import AGENTS, ALGOS
 from furl_fast.metrics import CONFIG_FILE, mean_std
 
@@ -57,30 +64,25 @@ INSTALL_HINT = ('furl_fast.sweep needs Ray: pip install "furl_fast[sweep]" (or, 
 GRID_FLAGS = ("--task", "--goal", "--algo", "--agent", "--env-reward", "--seed", "--run-dir", "--resume")
 
 
-def _mt10() -> tuple[str, ...]:
-    from furl_fast.envs import MT10_TASKS  # imports MuJoCo: only when the default is needed
-
-    return MT10_TASKS
-
-
 @dataclass(frozen=True)
 class SweepConfig:
     """A study: one training run per (task, goal, algo, agent, seed)."""
 
-    tasks: tuple[str, ...] = field(default_factory=_mt10)
-    """Meta-World v3 tasks; the default is MT10, the ten tasks of the FuRL paper."""
+    tasks: tuple[str, ...] = ()
+    """Meta-World v3 tasks (required; the FuRL paper's MT10: reach push pick-place door-open
+    drawer-open drawer-close button-press-topdown peg-insert-side window-open window-close)."""
     goals: tuple[Literal["fixed", "random"], ...] = ("fixed",)
     """Goal settings (the paper reports both fixed and random)."""
-    algos: tuple[Literal["sac", "vlm", "relay", "furl"], ...] = ALGOS
-    """Algorithms (furl_fast.train --algo)."""
+    algos: tuple[Literal["sac", "vlm", "relay", "furl"], ...] = ()
+    """Algorithms (required; furl_fast.train --algo)."""
     agents: Annotated[tuple[Literal["sac", "drq"], ...], tyro.conf.arg(aliases=("--agent",))] = ("sac",)
     """Agents: sac (states) and/or drq (pixels)."""
     env_rewards: tuple[Literal["sparse", "dense"], ...] = ("sparse",)
     """The environment's reward in the critic (furl_fast.train --env-reward): sparse (the paper's
     setting) and/or dense, Meta-World's shaped reward (the oracle row; its runs live in
     <algo>-<agent>-dense/)."""
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    """Seeds; the table reports mean and std over them."""
+    seeds: tuple[int, ...] = ()
+    """Seeds (required; the paper uses 5); the table reports mean and std over them."""
     results_dir: str = "results"
     """Shared results directory: one run directory per run, the table and the plots."""
     address: str | None = None
@@ -154,7 +156,12 @@ def check(cfg: SweepConfig) -> None:
         problems.append(f"{', '.join(clashes)} after `--` would apply to every run; the sweep sets them "
                         "per run (use --tasks, --goals, --algos, --agents, --env-rewards, --seeds, "
                         "--results-dir).")
-    for name in ("tasks", "goals", "algos", "agents", "env_rewards", "seeds"):
+    unnamed = [f"--{name}" for name in ("tasks", "algos", "seeds") if not getattr(cfg, name)]
+    if unnamed:
+        problems.append(f"name the grid: {', '.join(unnamed)} missing (they have no defaults: every "
+                        "combination is a training run of hours), e.g. --tasks reach drawer-open "
+                        "--algos sac furl --seeds 0 1 2.")
+    for name in ("goals", "agents", "env_rewards"):
         if not getattr(cfg, name):
             problems.append(f"--{name} is empty.")
     if cfg.retries < 0:
@@ -267,9 +274,35 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def local_ray_environment() -> None:
+    """A local Ray instance serves this machine only, so it should neither look for a network
+    address nor report to the outside. Unless told otherwise, Ray finds its node's IP by routing
+    towards a public address (8.8.8.8) and reports usage statistics; single-machine mode (its switch
+    is named for Windows and macOS, where it is the default) binds it to 127.0.0.1 instead. Ray reads
+    both variables when it is imported, so this must run first; the user's own values win."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def start_ray(cfg: SweepConfig):
+    """ray.init for the sweep: joins cfg.address, or starts a local instance on 127.0.0.1 with
+    cfg.num_cpus / num_gpus. Returns the ray module."""
+    if not cfg.address:
+        local_ray_environment()
+    import ray
+
+    local = {} if cfg.address else {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus,
+                                    "_node_ip_address": "127.0.0.1"}
+    ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING, **local)
+    return ray
+
+
 def run_sweep(cfg: SweepConfig) -> int:
     """Runs every unfinished run of the grid on Ray; returns 0, or 1 when runs remain failed (130 when
     interrupted)."""
+    if not cfg.address:
+        local_ray_environment()
     import ray
 
     results = Path(cfg.results_dir).resolve()
@@ -278,9 +311,7 @@ def run_sweep(cfg: SweepConfig) -> int:
     logger.info("%d runs in %s: %d finished before (skipped), %d to run", len(runs), results,
                 len(runs) - len(todo), len(todo))
     if todo:
-        local = {} if cfg.address else {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
-        ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING, **local)
+        start_ray(cfg)
         # After ray.init, which installs its own SIGTERM handler: a SIGTERM ends the sweep like
         # Ctrl-C, through ray.shutdown (the run directories keep their last checkpoints).
         signal.signal(signal.SIGTERM, _interrupt)
@@ -470,18 +501,19 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
     """Sweep flags, then `--` and the flags passed to every run."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, train = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    cfg = tyro.cli(SweepConfig, args=ours, description=__doc__)
+    cfg = tyro_cli(SweepConfig, prog="python -m furl_fast.sweep", args=ours, description=__doc__)
     return dataclasses.replace(cfg, train_args=tuple(train))
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logger.setLevel(logging.INFO)  # the sweep's progress, without every library's INFO lines
+    setup_logging("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = parse_args(argv)
     if cfg.report_only:
         md, _, _ = write_report(Path(cfg.results_dir).resolve())
         print(md.read_text())
         sys.exit(0)
+    if not cfg.address:
+        local_ray_environment()  # before ray's first import
     try:
         import ray  # noqa: F401
     except ImportError:

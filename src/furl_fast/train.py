@@ -4,9 +4,10 @@
     python -m furl_fast.train --preset paper --algo sac --task reach
     python -m furl_fast.train --resume runs/furl-drawer-open-s0-20261121-101500
 
-Every field of furl_fast.config.Config is a flag (see --help); --preset picks the defaults (laptop:
-CPU-friendly, the default; paper: the FuRL paper's settings). A run directory holds config.json,
-metrics.csv, TensorBoard events (tb/), evaluation videos (videos/), eval.json and checkpoints/.
+Every field of furl_fast.config.Config is a flag; --preset picks the defaults the other flags
+change (laptop: CPU-friendly, the default; paper: the FuRL paper's settings). A run directory holds
+config.json, metrics.csv, TensorBoard events (tb/), evaluation videos (videos/), eval.json and
+checkpoints/.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+import tyro
 
 from furl_fast import ops
 from furl_fast.config import PRESETS, Config, resolve_device
@@ -68,26 +70,48 @@ RESUMABLE = ("total_steps", "eval_every", "eval_episodes", "eval_video", "log_ev
              "overlap_encode")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Args:
+    """The command line: --preset, then every Config field under its own name."""
+
+    preset: Literal["laptop", "paper"] = "laptop"  # the keys of config.PRESETS
+    """The defaults every other flag starts from: laptop (CPU-friendly, 100k steps) or paper (the FuRL
+    paper's settings: 1M steps, 10k warm-up, replay 500k for furl and 1M for the baselines)."""
+    track: bool = False
+    """Track the run with Weights & Biases (pip install "furl_fast[track]"): config and every
+    TensorBoard scalar; WANDB_MODE=offline keeps it local (wandb sync uploads it later)."""
+    wandb_project_name: str = "furl_fast"
+    """The W&B project of --track."""
+    wandb_entity: str | None = None
+    """The W&B team or user of --track; None: your default entity."""
+    config: Annotated[Config, tyro.conf.arg(name="")] = Config()
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
-    """--preset NAME chooses the defaults, tyro parses every Config field on top of them. With
-    --resume RUN the defaults are RUN's saved configuration instead, so the flags given are exactly
-    the changes (prepare() checks them against RESUMABLE)."""
-    import tyro
+    """--preset NAME chooses the defaults, tyro parses every Config field on top of them."""
+    return parse_args(argv).config
+
+
+def parse_args(argv: list[str] | None = None) -> _Args:
+    """The command line. With --resume RUN the defaults are RUN's saved configuration instead of a
+    preset, so the flags given are exactly the changes (prepare() checks them against RESUMABLE)."""
+    from furl_fast._cli import tyro_cli
 
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--preset", choices=sorted(PRESETS), default=None)
     pre.add_argument("--resume", default=None)
-    known, rest = pre.parse_known_args(argv)
-    description = (__doc__ or "") + f"\n--preset {{{','.join(sorted(PRESETS))}}}: the defaults (laptop)."
+    known, _ = pre.parse_known_args(argv)
     if known.resume is None:
-        default = PRESETS[known.preset or "laptop"]
+        preset = known.preset or "laptop"
+        default = PRESETS[preset]
     elif known.preset is not None:
         raise ValueError(f"--preset {known.preset} with --resume: a resumed run keeps its saved "
                          "settings (change the ones a resume may change with their own flags).")
     else:
+        preset = "laptop"
         default = dataclasses.replace(saved_config(Path(known.resume)), resume=known.resume)
-    return tyro.cli(Config, default=default, args=rest, description=description,
-                    prog="python -m furl_fast.train")
+    return tyro_cli(_Args, prog="python -m furl_fast.train", description=__doc__, args=argv,
+                    default=_Args(preset, config=default))
 
 
 def saved_config(run_dir: Path) -> Config:
@@ -465,7 +489,8 @@ class Trainer:
         from furl_fast.metrics import MetricsWriter
 
         cfg, n = self.cfg, self.cfg.num_envs
-        writer = MetricsWriter(self.run_dir, resume_step=self.step if self.step > 0 else None)
+        writer = MetricsWriter(self.run_dir, resume_step=self.step if self.step > 0 else None,
+                               config=config_to_dict(cfg))
         self.ep_return = [0.0] * n
         self.ep_success: list[list[bool]] = [[] for _ in range(n)]
         self.ep_embs: list[list[torch.Tensor]] = [[] for _ in range(n)]
@@ -536,11 +561,11 @@ class Trainer:
                         t_line, step_line = now, self.step
                 bar.update(stride)
                 if self.step // cfg.eval_every != (self.step - stride) // cfg.eval_every:
-                    writer.log(self.step, self.evaluate())
+                    writer.log(self.step, self.evaluate(writer))
                 if self.step // cfg.checkpoint_every != (self.step - stride) // cfg.checkpoint_every:
                     self.save_checkpoint()
             if self.last_eval_step != self.step:
-                writer.log(self.step, self.evaluate())
+                writer.log(self.step, self.evaluate(writer))
             self.save_checkpoint()
             return 0
         finally:
@@ -593,9 +618,10 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, writer=None) -> dict[str, float]:
         """Deterministic policy (tanh of the mean): success at the last step (the paper's measure) and
-        whether it ever succeeded; the first episode is recorded as a video."""
+        whether it ever succeeded; the first episode is recorded as a video (also to writer's
+        TensorBoard, every 4th frame at half size)."""
         cfg = self.cfg
         last, ever, returns = [], [], []
         for k in range(cfg.resolved_eval_episodes):
@@ -619,6 +645,9 @@ class Trainer:
             returns.append(total)
             if frames is not None:
                 write_video(self.run_dir / "videos" / f"eval_step{self.step:08d}", frames)
+                if writer is not None:
+                    writer.log_video("eval/video", [f[::2, ::2] for f in frames[::4]], self.step,
+                                     fps=30 // 4)
         self.last_eval_step = self.step
         result = {"eval/success": float(np.mean(last)), "eval/ever_success": float(np.mean(ever)),
                   "eval/return": float(np.mean(returns)), "eval/episodes": float(len(last))}
@@ -843,9 +872,10 @@ def load_vlm(cfg: Config):
                         precision=cfg.vlm.precision, bgr=cfg.vlm.bgr, cache_dir=cfg.vlm.cache_dir)
 
 
-def train(cfg: Config) -> int:
+def train(cfg: Config, wandb_project: str | None = None, wandb_entity: str | None = None) -> int:
     """Runs (or resumes) one training run; returns the process exit code (2: it could not start,
-    with a one-line message on stderr and no run directory made; 130: interrupted while starting)."""
+    with a one-line message on stderr and no run directory made; 130: interrupted while starting).
+    wandb_project: track the run with Weights & Biases in that project (metrics.start_wandb)."""
     from furl_fast.vlm.encoder import WeightsUnavailableError
 
     trainer = None
@@ -856,6 +886,10 @@ def train(cfg: Config) -> int:
                     "resuming" if state is not None else "starting", cfg.algo, cfg.agent, cfg.task, cfg.seed,
                     f"{cfg.vlm.model} ({cfg.vlm.pretrained or 'default weights'})" if cfg.loads_encoder
                     else "none", cfg.render_quality, cfg.env_reward, run_dir)
+        if wandb_project is not None:
+            from furl_fast.metrics import require_wandb
+
+            require_wandb()
         if cfg.torch_threads is not None:
             torch.set_num_threads(cfg.torch_threads)
         loading = "the VLM and the environments" if cfg.loads_encoder else "the environments"
@@ -880,6 +914,11 @@ def train(cfg: Config) -> int:
         return 2
     if state is not None:
         logger.info("resumed %s at step %d", run_dir, trainer.step)
+    tracker = None
+    if wandb_project is not None:
+        from furl_fast.metrics import start_wandb
+
+        tracker = start_wandb(run_dir, config_to_dict(cfg), project=wandb_project, entity=wandb_entity)
     stop: list[int] = []
     previous = {s: signal.signal(s, lambda signum, _frame: stop.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
@@ -889,6 +928,8 @@ def train(cfg: Config) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
         trainer.close()
+        if tracker is not None:
+            tracker.finish()
     if code == 0:
         print(f"done: {trainer.step} steps, run directory {run_dir}")
     return code
@@ -908,16 +949,19 @@ def cli_message(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from furl_fast._cli import setup_logging
+
+    setup_logging()
     try:
-        cfg = parse_config(argv)
+        args = parse_args(argv)
     except ValueError as exc:  # a --resume without a readable run
         print(f"furl_fast.train: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("furl_fast.train: interrupted while starting; nothing was written.", file=sys.stderr)
         sys.exit(130)
-    sys.exit(train(cfg))
+    sys.exit(train(args.config, wandb_project=args.wandb_project_name if args.track else None,
+                   wandb_entity=args.wandb_entity))
 
 
 if __name__ == "__main__":

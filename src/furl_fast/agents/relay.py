@@ -1,4 +1,4 @@
-"""Relay RL scheduling (/work/shared/spec/furl.md, "Relay RL").
+"""Relay RL scheduling (the FuRL paper, "Relay RL").
 
 Within an episode, control alternates between the FuRL agent and the relay agent every K steps, K drawn
 per episode from {50, 100, 150, 200}; which agent starts flips every episode (the FuRL agent starts each

@@ -1,4 +1,4 @@
-"""Soft actor-critic as FuRL uses it (/work/shared/spec/furl.md, "SAC").
+"""Soft actor-critic as FuRL uses it (the FuRL paper, "SAC").
 
 Actor obs -> 256 -> 256 (ReLU) -> mean and std = softplus(.) + 1e-3, tanh-squashed Gaussian; twin
 critics (obs, act) -> 256 -> 256 -> 1; learned temperature (init 1.0, target entropy -act_dim / 2);

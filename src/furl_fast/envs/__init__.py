@@ -1,5 +1,5 @@
 """Meta-World environments for VLM-reward RL: sparse reward, headless VLM frames, vectorised workers,
-scripted-expert and random rollouts.
+scripted-expert and random rollouts; Gymnasium ids furl_fast/<task> (envs.registration).
 
 Importing this package selects headless EGL rendering (MUJOCO_GL=egl) unless the user chose a backend:
 MuJoCo reads the variable once, when it is first imported, so it must be set before metaworld/mujoco
@@ -30,8 +30,11 @@ from furl_fast.envs.meta_world import (
     make_env,
     resolve_task,
 )
+from furl_fast.envs.registration import register_envs
 from furl_fast.envs.rollout import Rollout, expert_policy, expert_rollout, random_rollout
 from furl_fast.envs.vector import make_vector_env
+
+register_envs()  # gymnasium.make("furl_fast/<task>")
 
 __all__ = [
     "MT10_TASKS",
@@ -43,5 +46,6 @@ __all__ = [
     "make_env",
     "make_vector_env",
     "random_rollout",
+    "register_envs",
     "resolve_task",
 ]

@@ -150,6 +150,7 @@ class MetaWorldEnv(gym.Env):
         frame_stack: int = 3,
         action_repeat: int | None = None,
         max_episode_steps: int = EPISODE_STEPS,
+        render_mode: str = "rgb_array",
     ) -> None:
         """Arguments (build it with make_env(task, **these)):
 
@@ -171,6 +172,7 @@ class MetaWorldEnv(gym.Env):
         vlm_frames: render the upright frame_size^2 frame of `camera` on every step into
           info["vlm_frame"]. Turn off for state-only runs that need no VLM (frames then render
           only on render()).
+        render_mode: "rgb_array", the one mode (accepted so gymnasium.make can pass it).
         """
         self.task = resolve_task(task)
         if goal not in ("fixed", "random"):
@@ -191,7 +193,10 @@ class MetaWorldEnv(gym.Env):
         self.vlm_frames, self.frame_size, self.camera = vlm_frames, frame_size, camera
         self.pixel_size, self.frame_stack, self.action_repeat = pixel_size, frame_stack, action_repeat
         self.max_episode_steps = max_episode_steps
-        self.render_mode = "rgb_array"
+        if render_mode != "rgb_array":
+            raise ValueError(f"make_env: render_mode must be 'rgb_array' (the only one it has: it "
+                             f"renders its camera frame), got {render_mode!r}.")
+        self.render_mode = render_mode
 
         raw = ALL_V3_ENVIRONMENTS[self.task + "-v3"]()
         raw.max_path_length = max_episode_steps
@@ -207,9 +212,7 @@ class MetaWorldEnv(gym.Env):
         self._raw = raw
         self._renderer: FrameRenderer | None = None
 
-        sawyer = raw.sawyer_observation_space
-        state_space = spaces.Box(sawyer.low.astype(np.float32), sawyer.high.astype(np.float32),
-                                 dtype=np.float32)
+        state_space = _state_space(raw)
         self._state_space = state_space
         if obs == "state":
             self.observation_space = state_space
@@ -335,6 +338,26 @@ class MetaWorldEnv(gym.Env):
         full[-3:] = self._raw._get_pos_goal()  # zeros in a fixed-goal observation
         info["state"] = full
         return info
+
+
+def _state_space(raw) -> spaces.Box:
+    """The 39-d state's bounds, float32: Meta-World's own (hand xyz, gripper, goal) plus those it
+    leaves at +-inf although they are bounded. The state holds, twice (now and the previous step),
+    hand xyz, gripper opening and 14 object slots: per object its xyz (unbounded: objects can be
+    pushed anywhere) and a unit quaternion (each component in [-1, 1]); the slots past the task's
+    objects are always 0."""
+    sawyer = raw.sawyer_observation_space
+    low, high = sawyer.low.astype(np.float32), sawyer.high.astype(np.float32)
+    objects = len(raw._get_pos_objects()) // 3
+    slots = raw._obs_obj_max_len
+    obj_low = np.zeros(slots, np.float32)
+    obj_high = np.zeros(slots, np.float32)
+    for k in range(objects):
+        obj_low[7 * k : 7 * k + 3], obj_high[7 * k : 7 * k + 3] = -np.inf, np.inf
+        obj_low[7 * k + 3 : 7 * k + 7], obj_high[7 * k + 3 : 7 * k + 7] = -1.0, 1.0
+    for start in (4, 4 + slots + 4):  # after hand xyz + gripper, in both halves
+        low[start : start + slots], high[start : start + slots] = obj_low, obj_high
+    return spaces.Box(low, high, dtype=np.float32)
 
 
 def make_env(task: str, **options: Any) -> MetaWorldEnv:

@@ -1,4 +1,4 @@
-"""FuRL's aligned VLM reward (/work/shared/spec/furl.md, "Reward alignment").
+"""FuRL's aligned VLM reward (the FuRL paper, "Reward alignment").
 
 Two trainable projection heads map the frozen VLM's image and text embeddings (D wide) to a small
 space (D -> 256 -> ReLU -> 64); the fuzzy reward is cos(f_I(e_img), f_L(e_text)). The heads are trained

@@ -1,4 +1,4 @@
-"""Every VLM reward family behind one interface (/work/shared/spec/rewards.md).
+"""Every VLM reward family behind one interface.
 
 A RewardModel scores a batch: `model(frames, states=None)` takes (N, H, W, 3) uint8 frames (ndarray,
 or a tensor on any device) and returns (N,) float32 rewards on the encoder's device. Embedding-based
