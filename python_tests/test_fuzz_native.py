@@ -216,12 +216,12 @@ def moderate(*ts: torch.Tensor) -> bool:
 
 CUDA_ENTRY_POINTS = {
     "preprocess_frames_cuda", "mlp_cosine_reward_cuda", "clip_similarity_cuda",
-    "goal_baseline_reward_cuda", "softmax_goal_reward_cuda", "replay_gather_frames_cuda",
+    "goal_baseline_reward_cuda", "softmax_goal_reward_cuda", "random_shift_cuda",
 }  # fmt: skip
 FUNCTIONS = {
-    "build_info", "preprocess_frames_cpu", "mlp_cosine_reward_cpu", "clip_similarity_cpu",
-    "goal_baseline_reward_cpu", "softmax_goal_reward_cpu",
-} | (CUDA_ENTRY_POINTS if _native.HAS_CUDA_KERNELS else set())  # fmt: skip
+    "build_info", "limits", "preprocess_frames_cpu", "mlp_cosine_reward_cpu", "clip_similarity_cpu",
+    "goal_baseline_reward_cpu", "softmax_goal_reward_cpu", "random_shift_cpu",
+} | (CUDA_ENTRY_POINTS | {"cuda_runtime_info"} if _native.HAS_CUDA_KERNELS else set())  # fmt: skip
 REPLAY_METHODS = {
     "__init__", "__len__", "episode_open", "truncate_episode", "start_episode", "add", "add_batch",
     "sample", "earlier",
@@ -230,7 +230,7 @@ REPLAY_METHODS = {
 
 def test_every_entry_point_is_fuzzed():
     """The entry points the tests below drive are all there are: a new binding needs a fuzz test.
-    (21 with the CUDA kernels: 12 functions and ReplayCore's 9 methods; 15 without.)"""
+    (25 with the CUDA kernels: 16 functions and ReplayCore's 9 methods; 17 without.)"""
     names = {n for n in dir(C) if not n.startswith("_") and not n.startswith("Native")}
     assert names == FUNCTIONS | {"ReplayCore"}
     methods = {n for n in vars(C.ReplayCore) if n in ("__init__", "__len__") or n[0] != "_"}
@@ -240,6 +240,34 @@ def test_every_entry_point_is_fuzzed():
 def test_build_info():
     info = C.build_info()
     assert set(info) >= {"cuda_compiled", "cpu_threads", "compiler", "sanitizers"}
+    assert set(C.limits()) >= {"max_preprocess_size", "max_shift_pad", "max_threads"}
+
+
+# ---- random_shift_cpu -------------------------------------------------------------------------
+
+
+@FUZZ
+@given(st.data())
+def test_random_shift_cpu(data):
+    """Fuzzed frames / slots / shifts / out / pad: the reference's result (per slot) or a
+    TypeError / ValueError, never a crash or an out-of-bounds read."""
+    draw = data.draw
+    gen = torch.Generator().manual_seed(draw(SEEDS))
+    cap, b, f = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 2))
+    c, h, w = draw(st.integers(1, 3)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    pad = draw(st.sampled_from([0, 1, 2, 4, -1, 1025]) | INTS)
+    frames = draw(arg(values(gen, (cap, c, h, w), torch.uint8, "normal")))
+    slots = draw(arg(torch.randint(-1, cap + 1, (b, f), generator=gen)))
+    top = max(2 * pad, 0) if abs(pad) < 2**20 else 8
+    shifts = draw(arg(torch.randint(-1, top + 2, (b, 2), generator=gen).to(torch.int32)))
+    out = draw(arg(torch.empty(b, f * c, h, w, dtype=torch.uint8)))
+    _, exc = call(C.random_shift_cpu, frames.obj, slots.obj, shifts.obj, out.obj, pad,
+                  draw(THREADS))
+    if exc is not None:
+        return
+    fr, sl, sh = frames.tensor, slots.tensor.long(), shifts.tensor
+    expected = torch.cat([reference.random_shift(fr[sl[:, j]], sh, pad) for j in range(f)], 1)
+    assert torch.equal(out.tensor, expected)
 
 
 # ---- preprocess_frames_cpu --------------------------------------------------------------------
@@ -499,7 +527,7 @@ def test_cuda_entry_points_refuse_cpu_tensors(data):
     if name == "preprocess_frames_cuda":
         frames, out, crop, size, (flip, bgr), interp, mean, std, _ = draw(preprocess_case())
         args = [frames.obj, out.obj, crop, size, flip, bgr, interp, mean, std]
-    elif name == "replay_gather_frames_cuda":
+    elif name == "random_shift_cuda":
         gen = torch.Generator().manual_seed(draw(SEEDS))
         ts = [
             values(gen, (5, 3, 4, 4), torch.uint8, "normal"),
@@ -537,7 +565,7 @@ def _cpu(*shape: int, dtype: torch.dtype = torch.float32) -> Any:
         ("clip_similarity_cuda", (_cpu(2, 3), _cpu(1, 3), _cpu(2, 1), True)),
         ("goal_baseline_reward_cuda", (_cpu(2, 3), _cpu(3), _cpu(3), _cpu(2), 0.5)),
         ("softmax_goal_reward_cuda", (_cpu(2, 3), _cpu(2, 3), _cpu(2), 0, 0.01, None)),
-        ("replay_gather_frames_cuda", (_cpu(5, 3, 4, 4, dtype=torch.uint8),
+        ("random_shift_cuda", (_cpu(5, 3, 4, 4, dtype=torch.uint8),
                                        _cpu(2, 3, dtype=torch.int64), _cpu(2, 2, dtype=torch.int32),
                                        _cpu(2, 9, 4, 4, dtype=torch.uint8), 4)),
     ],

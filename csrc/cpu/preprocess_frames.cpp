@@ -14,9 +14,9 @@ void check_preprocess_args(const char* op, const TensorView& frames, const Tenso
   Expect(frames, op, "frames").ndim(4, "(N, H, W, 3)").dtype({DType::kUInt8}).device(device)
       .dim(3, 3, "RGB channels").contiguous().nonempty();
   const int64_t n = frames.shape[0], h = frames.shape[1], w = frames.shape[2];
-  if (p.size < 1 || p.size > 8192)
-    throw ValueError(std::string(op) + ": argument 'size' must be in [1, 8192], got " +
-                     std::to_string(p.size) + ".");
+  if (p.size < 1 || p.size > kMaxPreprocessSize)
+    throw ValueError(std::string(op) + ": argument 'size' must be in [1, " +
+                     std::to_string(kMaxPreprocessSize) + "], got " + std::to_string(p.size) + ".");
   // top > h - height rather than top + height > h: the sum of two int64 arguments can overflow.
   if (p.crop_height < 1 || p.crop_width < 1 || p.crop_top < 0 || p.crop_left < 0 ||
       p.crop_top > h - p.crop_height || p.crop_left > w - p.crop_width)

@@ -255,7 +255,7 @@ void ReplayTensors::sample(int64_t batch, bool augment, const TensorView* indice
   if (layout_.pixels) stack_shape.insert(stack_shape.end(), {layout_.height, layout_.width});
   const DType obs_dtype = layout_.pixels ? DType::kUInt8 : DType::kFloat32;
   if ((o.obs || o.next_obs || o.embedding || o.next_embedding) && layout_.device != cpu)
-    throw ValueError("sample: GPU-mode frames are gathered by replay_gather_frames_cuda.");
+    throw ValueError("sample: GPU-mode frames are gathered by random_shift_cuda.");
   if ((o.embedding || o.next_embedding) && layout_.embedding_dim == 0)
     throw ValueError("sample: the buffer stores no embeddings.");
   const int64_t A = layout_.action_dim, D = layout_.embedding_dim;

@@ -241,9 +241,12 @@ class ReplayBuffer:
             )
         self.device = torch.device(device)
         if self.device.type == "cuda":
-            if not _native.HAS_CUDA_KERNELS:
+            status = _native.cuda_status()
+            if not status.usable:
                 raise ValueError(
-                    "ReplayBuffer: device='cuda' needs furl_fast built with its CUDA kernels."
+                    f"ReplayBuffer: device='cuda' needs furl_fast's CUDA kernels, which cannot run "
+                    f"here: {status.reason}. Use device='cpu' (with pin_memory=True for fast copies "
+                    f"to the GPU)."
                 )
             if not torch.cuda.is_available():
                 raise ValueError("ReplayBuffer: device='cuda' but torch sees no CUDA device.")
@@ -732,7 +735,7 @@ class ReplayBuffer:
         ):
             if self.pixels:
                 res[name] = torch.empty(stack, dtype=torch.uint8, device=dev)
-                _native._C.replay_gather_frames_cuda(
+                _native._C.random_shift_cuda(
                     to_dlpack(frames),
                     to_dlpack(slots[key]),
                     to_dlpack(shifts[:, cols].contiguous()),
