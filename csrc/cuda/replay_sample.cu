@@ -70,8 +70,17 @@ void replay_copy_to_device_cuda(void* dst, const void* src, int64_t bytes, int d
   // cudaMemcpyDefault: the source may be host memory or the buffer's own GPU (unified addressing).
   cuda_check(cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyDefault, s),
              "replay buffer cudaMemcpyAsync");
-  // The caller may free or reuse the source as soon as add() returns.
-  cuda_check(cudaStreamSynchronize(s), "replay buffer cudaStreamSynchronize");
+  // The caller may free or reuse a host source as soon as add() returns, so a copy from host memory
+  // (pinned memory is read asynchronously) is waited for. A device source (the Python facade stages
+  // host frames onto the GPU first) is not: torch frees device memory in stream order, so the
+  // copy, queued on the same stream, runs before the memory can be reused, and an env step does
+  // not wait for the training kernels queued before it.
+  cudaPointerAttributes attr;
+  const bool device_source = cudaPointerGetAttributes(&attr, src) == cudaSuccess &&
+                             (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged);
+  cudaGetLastError();  // an unregistered host pointer may leave an error behind on old runtimes
+  if (!device_source)
+    cuda_check(cudaStreamSynchronize(s), "replay buffer cudaStreamSynchronize");
 }
 
 }  // namespace furl_fast

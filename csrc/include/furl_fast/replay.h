@@ -208,8 +208,8 @@ void random_shift_cpu(const TensorView& frames, const TensorView& slots, const T
 // on `stream`.
 void random_shift_cuda(const TensorView& frames, const TensorView& slots, const TensorView& shifts,
                        const TensorView& out, int64_t pad, uintptr_t stream);
-// Host or device -> device copy on `stream` of GPU `device`, synchronised so the source may be
-// freed at once.
+// Host or device -> device copy on `stream` of GPU `device`; from host memory it is synchronised so
+// the source may be freed at once, from device memory it is stream-ordered (no host wait).
 void replay_copy_to_device_cuda(void* dst, const void* src, int64_t bytes, int device,
                                 uintptr_t stream);
 #endif
