@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "furl_fast/half.h"
-#include "furl_fast/parallel.h"
+#include "furl_fast/thread_pool.h"
 #include "furl_fast/preprocess.h"
 
 namespace furl_fast {

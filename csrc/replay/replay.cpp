@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "furl_fast/parallel.h"
+#include "furl_fast/thread_pool.h"
 
 namespace furl_fast {
 namespace {
