@@ -135,6 +135,7 @@ def test_public_ops_validate_or_match_reference(data):
                 "clip_similarity",
                 "goal_baseline_reward",
                 "softmax_goal_reward",
+                "random_shift",
             ]
         )
     )
@@ -180,6 +181,13 @@ def test_public_ops_validate_or_match_reference(data):
             tensor(d),
             draw(st.sampled_from([0.5, 1, -1, math.nan, "a"])),
         ]
+        kwargs = {}
+    elif name == "random_shift":
+        c, h, w = draw(st.integers(1, 3)), draw(st.integers(1, 8)), draw(st.integers(1, 8))
+        pad = draw(st.sampled_from([0, 1, 4, 50]) | INTS)
+        shifts = torch.randint(0, 2 * pad + 1 if 0 <= pad < 2**20 else 9, (n, 2), generator=gen)
+        args = [tensor(n, c, h, w, dtype=torch.uint8),
+                draw(st.sampled_from([shifts, shifts.int(), shifts + 100, shifts.float()])), pad]
         kwargs = {}
     else:
         args = [tensor(n, d), tensor(k, d), draw(INTS)]

@@ -45,7 +45,7 @@ _ANY_FLOAT = None  # a Tensor spec's dtypes: any floating dtype (used as float32
 
 
 @dataclass(frozen=True)
-class Tensor:
+class TensorArg:
     """A tensor argument. shapes: its layouts, dimension names separated by spaces ("N D"); a name
     seen before must have the same size. dtypes: allowed dtypes (None: any floating dtype). The first
     tensor of a spec fixes the device for the others."""
@@ -110,7 +110,7 @@ def _shape_text(shape: str) -> str:
 class Spec:
     """The arguments of one op; check() returns them normalised, in order."""
 
-    def __init__(self, op: str, *args: Tensor | Int | Real | Choice | Floats | Box) -> None:
+    def __init__(self, op: str, *args: TensorArg | Int | Real | Choice | Floats | Box) -> None:
         self.op = op
         self.args = args
 
@@ -124,7 +124,7 @@ class Spec:
         out = []
         for a in self.args:
             v = values[a.name]
-            if isinstance(a, Tensor):
+            if isinstance(a, TensorArg):
                 self._check_tensor(a, v, dims, first, first_name)
                 if first is None:
                     first, first_name = v, a.name
@@ -143,7 +143,7 @@ class Spec:
                 out.append(self._check_box(a, v, dims))
         return out
 
-    def _check_tensor(self, a: Tensor, t: Any, dims: dict, first: Any, first_name: str) -> None:
+    def _check_tensor(self, a: TensorArg, t: Any, dims: dict, first: Any, first_name: str) -> None:
         if not isinstance(t, torch.Tensor):
             raise self.fail(TypeError, a.name, f"must be a torch.Tensor, got {type(t).__name__}")
         if a.dtypes is None:
@@ -375,7 +375,7 @@ def _preprocess_check_inputs(device):
 
 _PREPROCESS = Spec(
     "preprocess_frames",
-    Tensor("frames", ("N H W 3",), (torch.uint8,)),
+    TensorArg("frames", ("N H W 3",), (torch.uint8,)),
     Int("size", 1, "max_preprocess_size"),
     Box("crop"),
     Floats("mean", 3),
@@ -415,9 +415,6 @@ def preprocess_frames(
     return _preprocess_op(frames, box, size, bool(flip_vertical), bool(bgr), list(mean), list(std),
                           out_dtype, interpolation, threads or 0)
 
-
-_register_later = [("preprocess_frames", _preprocess_op, _preprocess_ref, _preprocess_native,
-                    _SelfCheck(_preprocess_check_inputs, (1e-4, 1e-4)))]
 
 
 # ---- Reward heads -------------------------------------------------------------------------------
@@ -462,12 +459,12 @@ def _mlp_check_inputs(device):
 
 _MLP = Spec(
     "mlp_cosine_reward",
-    Tensor("emb", ("N D",)),
-    Tensor("w1", ("D H",), _ANY_FLOAT),
-    Tensor("b1", ("H",), _ANY_FLOAT),
-    Tensor("w2", ("H P",), _ANY_FLOAT),
-    Tensor("b2", ("P",), _ANY_FLOAT),
-    Tensor("target", ("P", "K P"), _ANY_FLOAT),
+    TensorArg("emb", ("N D",)),
+    TensorArg("w1", ("D H",), _ANY_FLOAT),
+    TensorArg("b1", ("H",), _ANY_FLOAT),
+    TensorArg("w2", ("H P",), _ANY_FLOAT),
+    TensorArg("b2", ("P",), _ANY_FLOAT),
+    TensorArg("target", ("P", "K P"), _ANY_FLOAT),
     _THREADS,
 )
 
@@ -528,8 +525,8 @@ def _(img_emb, text_emb, normalize, num_threads):
 
 _CLIP = Spec(
     "clip_similarity",
-    Tensor("img_emb", ("N D",)),
-    Tensor("text_emb", ("K D",), _ANY_FLOAT),
+    TensorArg("img_emb", ("N D",)),
+    TensorArg("text_emb", ("K D",), _ANY_FLOAT),
     _THREADS,
 )
 
@@ -583,9 +580,9 @@ def _goal_check_inputs(device):
 
 _GOAL = Spec(
     "goal_baseline_reward",
-    Tensor("img_emb", ("N D",)),
-    Tensor("goal_emb", ("D",), _ANY_FLOAT),
-    Tensor("baseline_emb", ("D",), _ANY_FLOAT),
+    TensorArg("img_emb", ("N D",)),
+    TensorArg("goal_emb", ("D",), _ANY_FLOAT),
+    TensorArg("baseline_emb", ("D",), _ANY_FLOAT),
     Real("alpha", 0.0, 1.0),
     _THREADS,
 )
@@ -646,8 +643,8 @@ def _softmax_check_inputs(device):
 
 _SOFTMAX = Spec(
     "softmax_goal_reward",
-    Tensor("img_emb", ("N D",)),
-    Tensor("text_emb", ("K D",), _ANY_FLOAT),
+    TensorArg("img_emb", ("N D",)),
+    TensorArg("text_emb", ("K D",), _ANY_FLOAT),
     Int("goal_index", 0, "K"),
     Real("temperature", 0.0, low_open=True),
     Real("threshold", optional=True),
@@ -717,8 +714,8 @@ def _shift_check_inputs(device):
 
 _SHIFT = Spec(
     "random_shift",
-    Tensor("frames", ("N C H W",), (torch.uint8,)),
-    Tensor("shifts", ("N 2",), (torch.int32, torch.int64)),
+    TensorArg("frames", ("N C H W",), (torch.uint8,)),
+    TensorArg("shifts", ("N 2",), (torch.int32, torch.int64)),
     Int("pad", 0, "max_shift_pad"),
     _THREADS,
 )
@@ -742,7 +739,9 @@ def random_shift(
 
 # ---- native kernels and self-checks --------------------------------------------------------------
 
-_register_later += [
+_KERNELS = [  # (op, custom op, reference kernel, native kernel, self-check)
+    ("preprocess_frames", _preprocess_op, _preprocess_ref, _preprocess_native,
+     _SelfCheck(_preprocess_check_inputs, (1e-4, 1e-4))),
     ("mlp_cosine_reward", _mlp_op, _mlp_ref, _mlp_native,
      _SelfCheck(_mlp_check_inputs, (1e-4, 1e-5))),
     ("clip_similarity", _clip_op, _clip_ref, _clip_native,
@@ -757,7 +756,7 @@ _register_later += [
 OPS: dict[str, Any] = {}
 """Every custom op by name (torch.ops.furl_fast.<name> is the same op)."""
 
-for _name, _op, _ref, _nat, _check in _register_later:
+for _name, _op, _ref, _nat, _check in _KERNELS:
     OPS[_name] = _op
     _REFERENCE_KERNELS[_name] = _ref
     _SELF_CHECKS[_name] = _check
@@ -767,7 +766,7 @@ for _name, _op, _ref, _nat, _check in _register_later:
         if _native.HAS_CUDA_KERNELS:
             _NATIVE_KERNELS[_name]["cuda"] = _nat
             _op.register_kernel("cuda")(_guarded_cuda(_name))
-del _register_later, _name, _op, _ref, _nat, _check
+del _KERNELS, _name, _op, _ref, _nat, _check
 
 
 def self_check_inputs(op: str, device: torch.device | str) -> tuple:
