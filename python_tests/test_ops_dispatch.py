@@ -189,6 +189,31 @@ def test_cuda_runtime_reasons():
     assert ok.usable and ok.reason is None and ok.driver_version == "13.1"
 
 
+def test_unusable_runtime_warns_with_the_versions_and_uses_the_reference(fresh_checks, monkeypatch,
+                                                                      caplog):
+    """A build whose runtime is newer than the driver: the op says so once and is not trusted."""
+    status = _native.describe_cuda_runtime(
+        {"runtime_version": 13000, "driver_version": 12040, "device_count": 0, "error_code": 35,
+         "error": "CUDA driver version is insufficient for CUDA runtime version"})
+    monkeypatch.setattr(_native, "cuda_status", lambda: status)
+    with caplog.at_level(logging.WARNING, logger="furl_fast"):
+        assert ops.cuda_kernel_usable("clip_similarity", torch.device("cpu")) is False
+        assert ops.cuda_kernel_usable("clip_similarity", torch.device("cpu")) is False
+    [record] = [r for r in caplog.records if "clip_similarity" in r.getMessage()]
+    assert "12.4" in record.getMessage() and "13.0" in record.getMessage()
+    assert "clip_similarity" not in _native.kernel_checks()  # the kernel never ran
+
+
+def test_no_driver_is_named_in_cuda_builds():
+    """A CUDA build on a machine without an NVIDIA driver says exactly that."""
+    if not _native.HAS_CUDA_KERNELS:
+        pytest.skip("built without CUDA kernels")
+    status = _native.cuda_status()
+    if status.driver_version is not None:
+        pytest.skip("an NVIDIA driver is installed")
+    assert status.reason.startswith("no NVIDIA driver found"), status.reason
+
+
 LAZY_SCRIPT = """
 import torch, furl_fast, furl_fast.ops, furl_fast.replay
 from furl_fast import _native
@@ -237,6 +262,30 @@ def test_injected_cuda_error_falls_back(fresh_checks, monkeypatch):
     x, t = torch.randn(5, 8, device="cuda"), torch.randn(3, 8, device="cuda")
     torch.testing.assert_close(ops.clip_similarity(x, t), reference.clip_similarity(x, t))
     assert _native.kernel_checks()["clip_similarity"].state == "fell back"
+
+
+THREADS_FIRST_CALL_SCRIPT = """
+import threading, torch
+from furl_fast import ops
+emb, w1, b1 = torch.randn(9000, 64).cuda(), torch.randn(64, 32).cuda(), torch.randn(32).cuda()
+w2, b2, t = torch.randn(32, 600).cuda(), torch.randn(600).cuda(), torch.randn(2, 600).cuda()
+results, barrier = [], threading.Barrier(8)
+def work():
+    barrier.wait()  # eight first calls at once: the shared-memory attribute is set once, not raced
+    results.append(ops.mlp_cosine_reward(emb, w1, b1, w2, b2, t))
+threads = [threading.Thread(target=work) for _ in range(8)]
+[th.start() for th in threads]; [th.join() for th in threads]
+torch.cuda.synchronize()
+print(len(results) == 8 and all(torch.equal(r, results[0]) for r in results))
+"""
+
+
+@pytest.mark.cuda
+def test_concurrent_first_cuda_calls():
+    env = dict(os.environ, FURL_FAST_STRICT_CUDA="1")
+    result = subprocess.run([sys.executable, "-c", THREADS_FIRST_CALL_SCRIPT], capture_output=True,
+                            text=True, env=env, timeout=300, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr[-2000:]
 
 
 @pytest.mark.cuda

@@ -12,6 +12,8 @@ rewritten after every part, so a run stopped early keeps what it did (logs in DI
 
 Beyond what the GPU machine has (torch with CUDA, nvcc, compute-sanitizer, pybind11, cmake, ...),
 the parts need the wheels listed by `--list-wheels` (bring them along; there is no network there).
+Build furl_fast there first (`pip install --no-build-isolation .` in the checkout, which compiles the
+CUDA kernels), then run this from the checkout.
 Without a usable GPU the GPU parts are skipped with the reason (the CPU dry run that CI tests).
 """
 
@@ -251,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         for group, mods in NEEDED_WHEELS.items():
             print(f"{group}: {' '.join(sorted(mods.values()))}")
         print(f"missing here: {' '.join(missing_wheels()) or 'none'}")
+        wheels = " ".join(sorted({d for g in NEEDED_WHEELS.values() for d in g.values()}))
+        print("bring them with their dependencies: on a machine with network, "
+              f"`pip download {wheels} -d wheels` (for the GPU machine's Python version and platform: --python-version, --platform, --only-binary=:all:), then on the "
+              "GPU machine `pip install --no-index --find-links wheels " + wheels + "`")
         return 0
     if args.out is None:
         parser.error("--out DIR is required")
