@@ -292,3 +292,12 @@ def test_concurrent_first_cuda_calls():
 @pytest.mark.parametrize("name", OPS)
 def test_opcheck_cuda(name):
     torch.library.opcheck(ops.OPS[name], ops.self_check_inputs(name, "cuda"))
+
+
+def test_self_check_is_not_fooled_by_autocast(fresh_checks):
+    """A first call inside an autocast region (DrQ's bf16 update) checks in float32, as outside:
+    bf16 matmuls in the reference would fail a correct kernel."""
+    kernel = ops._NATIVE_KERNELS.get("mlp_cosine_reward", {}).get(
+        "cpu", ops._REFERENCE_KERNELS["mlp_cosine_reward"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _guard("mlp_cosine_reward", kernel) is True, _native.kernel_checks()

@@ -165,13 +165,15 @@ def kernel_trusted(
 def _run_check(op, kernel, reference, make_inputs, device, tolerance) -> KernelCheck:
     import torch
 
-    name = _device_name(device)
+    name, kind = _device_name(device), torch.device(device).type
     try:
-        args = make_inputs(device)
-        got = kernel(*args)
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)  # an asynchronous launch error surfaces here
-        want = reference(*args)
+        # In float32 whatever the caller's autocast region: a bf16 reference would fail a good kernel.
+        with torch.autocast(kind, enabled=False), torch.no_grad():
+            args = make_inputs(device)
+            got = kernel(*args)
+            if kind == "cuda":
+                torch.cuda.synchronize(device)  # an asynchronous launch error surfaces here
+            want = reference(*args)
         torch.testing.assert_close(got, want, rtol=tolerance[0], atol=tolerance[1])
         check = KernelCheck(op, "verified", name, None)
     except Exception as exc:  # noqa: BLE001 - any failure means: do not trust the kernel
