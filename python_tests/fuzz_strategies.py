@@ -7,27 +7,19 @@ Budget: FURL_FAST_FUZZ_EXAMPLES examples per test (default 25; .ci/sanitize runs
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import struct
-import subprocess
-import sys
-import tempfile
-import zlib
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from torch.utils.dlpack import to_dlpack
 
-from furl_fast import ReplayBuffer, _native, ops, reference
+from furl_fast import _native
 
 C = _native._C
 

@@ -19,9 +19,33 @@ test_fuzz_native_<op>.py, with the shared strategies in fuzz_strategies.py.
 
 from __future__ import annotations
 
-from fuzz_strategies import *  # noqa: F403 - python_tests/ is on sys.path
+import math
+import re
+import subprocess
+import sys
+from typing import Any
 
-from furl_fast import _native
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from torch.utils.dlpack import to_dlpack
+
+from fuzz_strategies import (  # python_tests/ is on sys.path
+    C,
+    FLOATS,
+    FUZZ,
+    INTS,
+    REPLAY_METHODS,
+    SEEDS,
+    arg,
+    call,
+    moderate,
+    preprocess_case,
+    reward_case,
+    values,
+)
+
+from furl_fast import _native, ops, reference
 
 pytestmark = pytest.mark.skipif(not _native.HAS_NATIVE, reason="native module not built")
 

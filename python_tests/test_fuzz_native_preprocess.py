@@ -3,9 +3,26 @@
 
 from __future__ import annotations
 
-from fuzz_strategies import *  # noqa: F403 - python_tests/ is on sys.path
+import math
 
-from furl_fast import _native
+import pytest
+import torch
+from hypothesis import example, given
+from torch.utils.dlpack import to_dlpack
+
+from fuzz_strategies import (  # python_tests/ is on sys.path
+    Arg,
+    C,
+    FLOATS,
+    FUZZ,
+    HUGE,
+    as_f32,
+    call,
+    expect,
+    preprocess_case,
+)
+
+from furl_fast import _native, ops, reference
 
 pytestmark = pytest.mark.skipif(not _native.HAS_NATIVE, reason="native module not built")
 

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
-from fuzz_strategies import *  # noqa: F403 - python_tests/ is on sys.path
 
-from furl_fast import _native
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from fuzz_strategies import (  # python_tests/ is on sys.path
+    C,
+    FUZZ,
+    INTS,
+    SEEDS,
+    THREADS,
+    arg,
+    call,
+    values,
+)
+
+from furl_fast import _native, reference
 
 pytestmark = pytest.mark.skipif(not _native.HAS_NATIVE, reason="native module not built")
 

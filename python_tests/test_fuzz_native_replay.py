@@ -4,10 +4,38 @@ the rules)."""
 
 from __future__ import annotations
 
-from test_replay import Model, check_batch  # python_tests/ is on sys.path
-from fuzz_strategies import *  # noqa: F403 - python_tests/ is on sys.path
+import json
+import math
+import re
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any
 
-from furl_fast import _native
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from torch.utils.dlpack import to_dlpack
+
+from fuzz_strategies import (  # python_tests/ is on sys.path
+    C,
+    CORPUS,
+    FUZZ,
+    INTS,
+    REPLAY_METHODS,
+    SEEDS,
+    SPECIAL_FLOATS,
+    THREADS,
+    arg,
+    call,
+    values,
+)
+from test_replay import Model, check_batch  # python_tests/ is on sys.path
+
+from furl_fast import ReplayBuffer, _native, reference
 
 pytestmark = pytest.mark.skipif(not _native.HAS_NATIVE, reason="native module not built")
 

@@ -3,9 +3,27 @@ test_fuzz_native.py for the rules)."""
 
 from __future__ import annotations
 
-from fuzz_strategies import *  # noqa: F403 - python_tests/ is on sys.path
+import math
 
-from furl_fast import _native
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from fuzz_strategies import (  # python_tests/ is on sys.path
+    Arg,
+    C,
+    FLOATS,
+    FUZZ,
+    INTS,
+    SPECIAL_FLOATS,
+    as_f32,
+    call,
+    expect,
+    moderate,
+    reward_case,
+)
+
+from furl_fast import _native, ops, reference
 
 pytestmark = pytest.mark.skipif(not _native.HAS_NATIVE, reason="native module not built")
 
