@@ -50,7 +50,7 @@ def test_compiles_without_graph_breaks():
     frames = torch.randint(0, 256, (2, 12, 12, 3), dtype=torch.uint8, generator=g)
     emb, text = torch.randn(5, 6, generator=g), torch.randn(3, 6, generator=g)
     shifts = torch.tensor([[0, 4], [3, 1]])
-    compiled = torch.compile(_all_ops, fullgraph=True, backend="eager")
+    compiled = torch.compile(_all_ops, fullgraph=True, backend="aot_eager")  # fakes + AOT
     torch.testing.assert_close(compiled(frames, emb, text, shifts), _all_ops(frames, emb, text, shifts))
     explain = torch._dynamo.explain(_all_ops)(frames, emb, text, shifts)
     assert explain.graph_break_count == 0, explain.break_reasons
@@ -62,6 +62,8 @@ def test_random_shift_matches_reference(gen):
     assert torch.equal(ops.random_shift(frames, shifts, 4), reference.random_shift(frames, shifts, 4))
     with pytest.raises(ValueError, match=r"random_shift_cpu: argument 'shifts' must be in \[0, 8\]"):
         ops.random_shift(frames, shifts + 9, 4)
+    with pytest.raises(ValueError, match=r"random_shift_cpu: argument 'shifts' must be in \[0, 8\]"):
+        ops.random_shift(frames, shifts + 2**32, 4)  # not wrapped into range by the int32 cast
     with pytest.raises(TypeError, match=r"random_shift: 'frames' must have dtype uint8"):
         ops.random_shift(frames.float(), shifts, 4)
     with pytest.raises(ValueError, match=r"random_shift: 'shifts' must have size 6 in dimension 0"):

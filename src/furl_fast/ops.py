@@ -692,9 +692,10 @@ def _shift_native(frames, shifts, pad, num_threads):
     n = frames.shape[0]
     slots = torch.arange(n, dtype=torch.int64, device=frames.device).view(n, 1)
     out = torch.empty_like(frames)
-    return _native_call("random_shift", out, _capsule(frames), _capsule(slots),
-                        _capsule(shifts.to(torch.int32).contiguous()), _capsule(out), pad,
-                        num_threads=num_threads)
+    # Clamped before the int32 cast, so an int64 shift past 2^31 stays out of range (not wrapped).
+    shifts = shifts.clamp(-(2**31), 2**31 - 1).to(torch.int32).contiguous()
+    return _native_call("random_shift", out, _capsule(frames), _capsule(slots), _capsule(shifts),
+                        _capsule(out), pad, num_threads=num_threads)
 
 
 _shift_default = _reference_kernel("random_shift", _shift_ref)
