@@ -122,6 +122,11 @@ def kernel_checks() -> dict[str, KernelCheck]:
         return dict(_checks)
 
 
+def kernel_check(op: str) -> KernelCheck | None:
+    """op's self-check result, None before its first CUDA call (cheap: called on every call)."""
+    return _checks.get(op)  # a single dict lookup needs no lock
+
+
 def reset_kernel_checks() -> None:
     """Forgets every self-check result (tests; the next call of each op checks again)."""
     with _checks_lock:
@@ -153,8 +158,7 @@ def kernel_trusted(
     the rest of the process, with one warning naming the op, the device, the error and where to
     report it; with FURL_FAST_STRICT_CUDA=1 it raises RuntimeError instead (on every call).
     """
-    with _checks_lock:
-        done = _checks.get(op)
+    done = kernel_check(op)
     if done is None:
         done = _run_check(op, kernel, reference, make_inputs, device, tolerance)
     if done.state == "error":

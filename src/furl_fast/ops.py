@@ -287,7 +287,7 @@ def cuda_kernel_usable(op: str, device: torch.device) -> bool:
     if not status.usable:
         _native.warn_fallback(op, f"CUDA kernels unusable: {status.reason}")
         return False
-    if op not in _native.kernel_checks() and torch.cuda.is_current_stream_capturing():
+    if _native.kernel_check(op) is None and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             f"furl_fast.ops.{op}: the first CUDA call of an op in a process checks its kernel "
             "against the reference, which cannot run during CUDA graph capture; call the op once "
