@@ -54,6 +54,9 @@ class TensorArg:
     shapes: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...] | None = _FLOAT_DTYPES
 
+    def __post_init__(self) -> None:  # the layouts split once, not on every call
+        object.__setattr__(self, "layouts", tuple(tuple(s.split()) for s in self.shapes))
+
 
 @dataclass(frozen=True)
 class Int:
@@ -152,7 +155,7 @@ class Spec:
         elif t.dtype not in a.dtypes:
             allowed = ", ".join(str(d).removeprefix("torch.") for d in a.dtypes)
             raise self.fail(TypeError, a.name, f"must have dtype {allowed}, got {t.dtype}")
-        shape = next((s.split() for s in a.shapes if len(s.split()) == t.dim()), None)
+        shape = next((s for s in a.layouts if len(s) == t.dim()), None)
         if shape is not None and any(d.isdigit() and int(d) != n for d, n in zip(shape, t.shape)):
             shape = None
         if shape is None:
