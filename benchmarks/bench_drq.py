@@ -27,18 +27,28 @@ BATCH = 256
 EPISODES, EPISODE_STEPS = 8, 250  # 2,000 transitions: the update's cost does not depend on the size
 
 
-@pytest.fixture(scope="module")
-def setup():
+def _setup(device: str):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    buf = ReplayBuffer(EPISODES * (EPISODE_STEPS + 1), (3, 84, 84), 4, frame_stack=3, seed=0)
+    buf = ReplayBuffer(EPISODES * (EPISODE_STEPS + 1), (3, 84, 84), 4, frame_stack=3, seed=0,
+                       device=device)
     for _ in range(EPISODES):
         buf.start_episode(rng.integers(0, 256, (3, 84, 84), dtype=np.uint8))
         for t in range(EPISODE_STEPS):
             buf.add(rng.integers(0, 256, (3, 84, 84), dtype=np.uint8),
                     rng.uniform(-1, 1, 4).astype(np.float32), -1.0, False, t == EPISODE_STEPS - 1)
-    agents = {p: DrQV2((9, 84, 84), 4, DrQConfig(precision=p)) for p in ("fp32", "bf16")}
+    agents = {p: DrQV2((9, 84, 84), 4, DrQConfig(precision=p), device=device) for p in ("fp32", "bf16")}
     return buf, agents, RandomShiftsAug(4)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return _setup("cpu")
+
+
+@pytest.fixture(scope="module")
+def setup_cuda():
+    return _setup("cuda")  # GPU replay mode: frames gathered and shifted on the GPU
 
 
 def fused_step(buf, agent, aug):
@@ -59,3 +69,19 @@ def test_drq_learner_step_cpu(benchmark, setup, impl):
     benchmark.group = f"drq learner step cpu B={BATCH}"
     benchmark.extra_info.update(impl=impl, updates=1)
     benchmark.pedantic(fn, args=(buf, agent, aug), rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["fused", "drqv2_aug", "fused_bf16"])
+def test_drq_learner_step_cuda(benchmark, setup_cuda, impl):
+    buf, agents, aug = setup_cuda
+    fn = drqv2_step if impl == "drqv2_aug" else fused_step
+    agent = agents["bf16" if impl == "fused_bf16" else "fp32"]
+
+    def step():
+        fn(buf, agent, aug)
+        torch.cuda.synchronize()
+
+    benchmark.group = f"drq learner step cuda B={BATCH}"
+    benchmark.extra_info.update(impl=impl, updates=1)
+    benchmark.pedantic(step, rounds=20, warmup_rounds=3)

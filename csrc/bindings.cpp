@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <climits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -115,29 +116,36 @@ PreprocessParams preprocess_params(std::array<int64_t, 4> crop, int64_t size, bo
   return p;
 }
 
+// Static facts of the build: nothing here touches the CUDA driver (see cuda_runtime_info).
 py::dict build_info() {
   py::dict d;
   d["cpu_threads"] = static_cast<int>(std::thread::hardware_concurrency());
   d["compiler"] = std::string(__VERSION__);
   d["sanitizers"] = std::string(FURL_FAST_SANITIZE);  // "" unless built with FURL_FAST_SANITIZE
 #ifdef FURL_FAST_WITH_CUDA
-  const CudaRuntimeInfo info = cuda_runtime_info();
   d["cuda_compiled"] = true;
   d["cuda_architectures"] = std::string(FURL_FAST_CUDA_ARCHS);
-  d["cuda_runtime_version"] = std::to_string(info.runtime_version / 1000) + "." +
-                              std::to_string((info.runtime_version % 1000) / 10);
-  d["cuda_device_count"] = info.device_count;
-  d["cuda_error"] = info.error;
+  const int runtime = cuda_build_runtime_version();
+  d["cuda_runtime_version"] = std::to_string(runtime / 1000) + "." +
+                              std::to_string((runtime % 1000) / 10);
 #else
   d["cuda_compiled"] = false;
   d["cuda_architectures"] = std::string();
   d["cuda_runtime_version"] = py::none();
-  d["cuda_device_count"] = 0;
-  d["cuda_error"] = std::string("furl_fast was built without CUDA kernels");
 #endif
   return d;
 }
 
+// The numeric limits the native checks enforce, for the Python checks to use the same numbers.
+py::dict limits() {
+  py::dict d;
+  d["max_preprocess_size"] = kMaxPreprocessSize;
+  d["max_shift_pad"] = kMaxShiftPad;
+  d["max_threads"] = static_cast<int64_t>(INT32_MAX);  // num_threads is a C int
+  d["max_elements"] = TensorView::kMaxElements;
+  d["max_dims"] = TensorView::kMaxDims;
+  return d;
+}
 
 // ---- replay buffer (csrc/replay/) -------------------------------------------------------------
 
@@ -352,7 +360,21 @@ PYBIND11_MODULE(_C, m) {
   py::register_exception<TypeError>(m, "NativeTypeError", PyExc_TypeError);
   py::register_exception<ValueError>(m, "NativeValueError", PyExc_ValueError);
 
-  m.def("build_info", &build_info, "Build and CUDA runtime facts of the native module.");
+  m.def("build_info", &build_info, "Build facts of the native module (no CUDA call).");
+  m.def("limits", &limits, "The numeric limits of the native argument checks.");
+#ifdef FURL_FAST_WITH_CUDA
+  // Initialises the CUDA driver: furl_fast calls it lazily, never at import.
+  m.def("cuda_runtime_info", [] {
+    const CudaRuntimeInfo info = cuda_runtime_info();
+    py::dict d;
+    d["runtime_version"] = info.runtime_version;
+    d["driver_version"] = info.driver_version;
+    d["device_count"] = info.device_count;
+    d["error_code"] = info.error_code;
+    d["error"] = info.error;
+    return d;
+  });
+#endif
 
   // ---- replay buffer (csrc/replay/; facade furl_fast/replay.py) ---------------------------------
   py::class_<ReplayHandle>(m, "ReplayCore")
@@ -451,21 +473,25 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("indices"), py::arg("k"), py::arg("out"));
 
+  // ---- random_shift: the replay buffer's gather + shift, also public as ops.random_shift ----
+  const auto def_random_shift = [&m](const char* name, auto kernel, auto where_arg) {
+    m.def(
+        name,
+        [name, kernel](py::object frames, py::object slots, py::object shifts, py::object out,
+                       int64_t pad, decltype(where_arg) where) {
+          const TensorView f = tensor_arg(frames, name, "frames");
+          const TensorView s = tensor_arg(slots, name, "slots");
+          const TensorView sh = tensor_arg(shifts, name, "shifts");
+          const TensorView o = tensor_arg(out, name, "out");
+          py::gil_scoped_release release;
+          kernel(f, s, sh, o, pad, where);
+        },
+        py::arg("frames"), py::arg("slots"), py::arg("shifts"), py::arg("out"), py::arg("pad"),
+        py::arg(std::is_same_v<decltype(where_arg), int> ? "num_threads" : "stream"));
+  };
+  def_random_shift("random_shift_cpu", &random_shift_cpu, int{0});
 #ifdef FURL_FAST_WITH_CUDA
-  m.def(
-      "replay_gather_frames_cuda",
-      [](py::object frames, py::object slots, py::object shifts, py::object out, int64_t pad,
-         uintptr_t stream) {
-        const char* op = "replay_gather_frames_cuda";
-        const TensorView f = tensor_arg(frames, op, "frames");
-        const TensorView s = tensor_arg(slots, op, "slots");
-        const TensorView sh = tensor_arg(shifts, op, "shifts");
-        const TensorView o = tensor_arg(out, op, "out");
-        py::gil_scoped_release release;
-        replay_gather_frames_cuda(f, s, sh, o, pad, stream);
-      },
-      py::arg("frames"), py::arg("slots"), py::arg("shifts"), py::arg("out"), py::arg("pad"),
-      py::arg("stream"));
+  def_random_shift("random_shift_cuda", &random_shift_cuda, uintptr_t{0});
 #endif
   // ---- end replay buffer ----------------------------------------------------------------------
 

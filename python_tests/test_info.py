@@ -27,3 +27,32 @@ def test_info_cli_without_gpu():
                             env=env, timeout=120, check=True)
     assert "version" in result.stdout and furl_fast.__version__ in result.stdout
     assert "gpu_usable" in result.stdout and "False" in result.stdout
+
+
+def test_info_selftest_table_without_gpu():
+    """--selftest lists every op; without usable CUDA kernels each is skipped with the reason."""
+    from furl_fast import ops
+
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-m", "furl_fast.info", "--selftest"],
+                            capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = result.stdout.split("\n\n", 1)[1].splitlines()
+    assert table[0].split() == ["op", "kernel", "device", "error"]
+    assert sorted(line.split()[0] for line in table[1:]) == sorted(ops.OPS)
+    if not furl_fast.build_info()["gpu_usable"]:
+        assert all(line.split()[1] == "skipped" for line in table[1:])
+
+
+def test_selftest_table_format():
+    from furl_fast.info import format_selftest
+
+    text = format_selftest([
+        {"op": "clip_similarity", "state": "verified", "device": "NVIDIA H200 (cuda:0)", "error": None},
+        {"op": "random_shift", "state": "fell back", "device": "NVIDIA H200 (cuda:0)",
+         "error": "RuntimeError: an illegal memory access was encountered"},
+    ])
+    lines = text.splitlines()
+    assert lines[1].startswith("clip_similarity  verified   NVIDIA H200 (cuda:0)")
+    assert lines[2].endswith("RuntimeError: an illegal memory access was encountered")
+    assert "fell back" in lines[2]

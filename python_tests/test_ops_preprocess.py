@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from furl_fast import _native, ops, reference
+from furl_fast import ops, reference
 
 SIZES = [(1, 1), (3, 5), (97, 131), (256, 256), (480, 640)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -145,13 +145,6 @@ def test_bad_arguments(kwargs, error, match):
     kwargs = {"frames": torch.zeros(1, 4, 4, 3, dtype=torch.uint8), **kwargs}
     with pytest.raises(error, match=match):
         ops.preprocess_frames(**kwargs)
-
-
-def test_reference_fallback_without_native(monkeypatch, gen):
-    monkeypatch.setattr(_native, "HAS_NATIVE", False)
-    frames = random_frames(gen, 2, 20, 30)
-    torch.testing.assert_close(ops.preprocess_frames(frames, size=16),
-                               reference.preprocess_frames(frames, size=16))
 
 
 @pytest.mark.cuda

@@ -4,35 +4,10 @@
 #include <vector>
 
 #include "furl_fast/half.h"
-#include "furl_fast/parallel.h"
+#include "furl_fast/thread_pool.h"
 #include "furl_fast/preprocess.h"
 
 namespace furl_fast {
-
-void check_preprocess_args(const char* op, const TensorView& frames, const TensorView& out,
-                           const PreprocessParams& p, DeviceKind device) {
-  Expect(frames, op, "frames").ndim(4, "(N, H, W, 3)").dtype({DType::kUInt8}).device(device)
-      .dim(3, 3, "RGB channels").contiguous().nonempty();
-  const int64_t n = frames.shape[0], h = frames.shape[1], w = frames.shape[2];
-  if (p.size < 1 || p.size > 8192)
-    throw ValueError(std::string(op) + ": argument 'size' must be in [1, 8192], got " +
-                     std::to_string(p.size) + ".");
-  // top > h - height rather than top + height > h: the sum of two int64 arguments can overflow.
-  if (p.crop_height < 1 || p.crop_width < 1 || p.crop_top < 0 || p.crop_left < 0 ||
-      p.crop_top > h - p.crop_height || p.crop_left > w - p.crop_width)
-    throw ValueError(std::string(op) + ": argument 'crop' (top, left, height, width) = (" +
-                     std::to_string(p.crop_top) + ", " + std::to_string(p.crop_left) + ", " +
-                     std::to_string(p.crop_height) + ", " + std::to_string(p.crop_width) +
-                     ") must be a non-empty box inside the " + std::to_string(h) + "x" +
-                     std::to_string(w) + " frame.");
-  for (int c = 0; c < 3; ++c)
-    if (!(std::isfinite(p.std[c]) && p.std[c] != 0.f && std::isfinite(p.mean[c])))
-      throw ValueError(std::string(op) + ": arguments 'mean' and 'std' must be finite and std non-zero.");
-  Expect(out, op, "out").ndim(4, "(N, 3, size, size)")
-      .dtype({DType::kFloat32, DType::kFloat16, DType::kBFloat16}).same_device(frames, "frames")
-      .dim(0, n, "batch, as in frames").dim(1, 3, "channels").dim(2, p.size, "size")
-      .dim(3, p.size, "size").contiguous().writable().nonempty().aligned();
-}
 
 namespace {
 

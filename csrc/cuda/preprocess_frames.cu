@@ -90,7 +90,7 @@ void preprocess_frames_cuda(const TensorView& frames, const TensorView& out,
     kp.shift[c] = -p.mean[c] / p.std[c];
   }
   CudaDeviceGuard guard(frames.device_index);
-  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  const auto s = cuda_stream(stream);
   switch (out.dtype) {
     case DType::kFloat32: launch<float>(frames, out, kp, s); break;
     case DType::kFloat16: launch<__half>(frames, out, kp, s); break;

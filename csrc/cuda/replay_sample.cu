@@ -18,7 +18,7 @@ __device__ __forceinline__ int64_t clamp_coord(int64_t v, int64_t size) {
 
 // One thread per output byte, grid-stride: consecutive threads read consecutive bytes of a source
 // row (coalesced) and the kernel is memory-bound at these frame sizes.
-__global__ void replay_gather_frames_kernel(const uint8_t* __restrict__ frames,
+__global__ void random_shift_kernel(const uint8_t* __restrict__ frames,
                                             const int64_t* __restrict__ slots,
                                             const int32_t* __restrict__ shifts,
                                             uint8_t* __restrict__ out, int64_t capacity,
@@ -47,44 +47,40 @@ __global__ void replay_gather_frames_kernel(const uint8_t* __restrict__ frames,
 
 }  // namespace
 
-void replay_gather_frames_cuda(const TensorView& frames, const TensorView& slots,
-                               const TensorView& shifts, const TensorView& out, int64_t pad,
-                               uintptr_t stream) {
-  const char* op = "replay_gather_frames_cuda";
-  Expect(frames, op, "frames").ndim(4, "(capacity, C, H, W)").dtype({DType::kUInt8})
-      .device(DeviceKind::kCUDA).contiguous().nonempty();
+void random_shift_cuda(const TensorView& frames, const TensorView& slots, const TensorView& shifts,
+                       const TensorView& out, int64_t pad, uintptr_t stream) {
+  check_random_shift_args("random_shift_cuda", frames, slots, shifts, out, pad, DeviceKind::kCUDA);
   const int64_t capacity = frames.shape[0], channels = frames.shape[1], height = frames.shape[2],
-                width = frames.shape[3];
-  Expect(slots, op, "slots").ndim(2, "(B, F)").dtype({DType::kInt64}).same_device(frames, "frames")
-      .contiguous().nonempty().aligned();
-  const int64_t batch = slots.shape[0], stack = slots.shape[1];
-  Expect(shifts, op, "shifts").ndim(2, "(B, 2)").dtype({DType::kInt32})
-      .same_device(frames, "frames").dim(0, batch, "batch, as in slots").dim(1, 2, "(x, y)")
-      .contiguous().aligned();
-  Expect(out, op, "out").ndim(4, "(B, F * C, H, W)").dtype({DType::kUInt8})
-      .same_device(frames, "frames").dim(0, batch, "batch").dim(1, stack * channels, "F * C")
-      .dim(2, height, "H").dim(3, width, "W").contiguous().writable();
-  if (pad < 0 || pad > 1024)
-    throw ValueError(std::string(op) + ": argument 'pad' must be in [0, 1024].");
+                width = frames.shape[3], batch = slots.shape[0], stack = slots.shape[1];
   CudaDeviceGuard guard(frames.device_index);
   const int threads = 256;
   const int64_t total = out.numel();
+  // At most 65,535 blocks: the kernel's grid-stride loop covers the rest.
   const int blocks = static_cast<int>(std::min<int64_t>((total + threads - 1) / threads, 65535));
-  replay_gather_frames_kernel<<<blocks, threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+  random_shift_kernel<<<blocks, threads, 0, cuda_stream(stream)>>>(
       frames.ptr<uint8_t>(), slots.ptr<int64_t>(), shifts.ptr<int32_t>(), out.ptr<uint8_t>(),
       capacity, batch, stack, channels, height, width, pad);
-  FURL_CUDA_CHECK_LAUNCH("replay_gather_frames_kernel");
+  FURL_CUDA_CHECK_LAUNCH("random_shift_kernel");
 }
 
 void replay_copy_to_device_cuda(void* dst, const void* src, int64_t bytes, int device,
                                 uintptr_t stream) {
   CudaDeviceGuard guard(device);
-  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  const cudaStream_t s = cuda_stream(stream);
   // cudaMemcpyDefault: the source may be host memory or the buffer's own GPU (unified addressing).
   cuda_check(cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyDefault, s),
              "replay buffer cudaMemcpyAsync");
-  // The caller may free or reuse the source as soon as add() returns.
-  cuda_check(cudaStreamSynchronize(s), "replay buffer cudaStreamSynchronize");
+  // The caller may free or reuse a host source as soon as add() returns, so a copy from host memory
+  // (pinned memory is read asynchronously) is waited for. A device source (the Python facade stages
+  // host frames onto the GPU first) is not: torch frees device memory in stream order, so the
+  // copy, queued on the same stream, runs before the memory can be reused, and an env step does
+  // not wait for the training kernels queued before it.
+  cudaPointerAttributes attr;
+  const bool device_source = cudaPointerGetAttributes(&attr, src) == cudaSuccess &&
+                             (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged);
+  cudaGetLastError();  // an unregistered host pointer may leave an error behind on old runtimes
+  if (!device_source)
+    cuda_check(cudaStreamSynchronize(s), "replay buffer cudaStreamSynchronize");
 }
 
 }  // namespace furl_fast

@@ -14,6 +14,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <mutex>
 #include <string>
 
 #include "furl_fast/cuda_check.h"
@@ -149,6 +151,44 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
+constexpr int kMaxDevices = 64;
+
+// The dynamic shared memory mlp_cosine_reward_kernel<T, kBM> may use on `device`: the device's
+// opt-in limit minus the kernel's static shared memory. The kernel's limit is raised to it once per
+// device (cudaFuncSetAttribute per call would race between threads that launch with the GIL
+// released); errors are kept and rethrown on every call.
+template <typename T, int kBM>
+size_t mlp_dynamic_smem_limit(int device) {
+  static std::once_flag once[kMaxDevices];
+  static size_t limit[kMaxDevices];
+  static cudaError_t error[kMaxDevices];
+  if (device < 0 || device >= kMaxDevices)
+    throw ValueError("mlp_cosine_reward_cuda: CUDA device " + std::to_string(device) +
+                     " is beyond the " + std::to_string(kMaxDevices) + " devices supported.");
+  std::call_once(once[device], [device] {
+    const auto kernel = mlp_cosine_reward_kernel<T, kBM>;
+    cudaFuncAttributes attr;
+    int optin = 0;
+    cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+    if (err == cudaSuccess)
+      err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    const size_t room = optin > static_cast<int>(attr.sharedSizeBytes)
+                            ? static_cast<size_t>(optin) - attr.sharedSizeBytes : 0;
+    if (err == cudaSuccess)
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(room));
+    if (err != cudaSuccess) cudaGetLastError();  // not sticky: the next op starts clean
+    error[device] = err;
+    limit[device] = room;
+  });
+  cuda_check(error[device], "mlp_cosine_reward_cuda: setting the shared-memory limit");
+  return limit[device];
+}
+
+// The (kBM, P) output block lives in shared memory.
+template <int kBM>
+size_t mlp_smem(int p) { return static_cast<size_t>(kBM) * p * sizeof(float); }
+
 template <typename T, int kBM>
 void launch_mlp(const TensorView& emb, const TensorView& w1, const TensorView& b1,
                 const TensorView& w2, const TensorView& b2, const TensorView& target,
@@ -156,45 +196,36 @@ void launch_mlp(const TensorView& emb, const TensorView& w1, const TensorView& b
   const int64_t n = emb.shape[0];
   const int d = static_cast<int>(emb.shape[1]), h = static_cast<int>(w1.shape[1]);
   const int p = static_cast<int>(w2.shape[1]), k = static_cast<int>(target.shape[0]);
-  const size_t smem = static_cast<size_t>(kBM) * p * sizeof(float);
-  auto kernel = mlp_cosine_reward_kernel<T, kBM>;
-  cudaFuncAttributes attr;
-  cuda_check(cudaFuncGetAttributes(&attr, kernel), "cudaFuncGetAttributes");
-  int device = 0, optin = 0;
-  cuda_check(cudaGetDevice(&device), "cudaGetDevice");
-  cuda_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-             "cudaDeviceGetAttribute");
-  if (attr.sharedSizeBytes + smem > static_cast<size_t>(optin))
-    throw ValueError("mlp_cosine_reward_cuda: argument 'w2' has P = " + std::to_string(p) +
-                     " output columns; the CUDA kernel keeps a (" + std::to_string(kBM) +
-                     ", P) block in shared memory, which needs P <= " +
-                     std::to_string((optin - static_cast<int>(attr.sharedSizeBytes)) /
-                                    (kBM * static_cast<int>(sizeof(float)))) +
-                     " on this GPU.");
-  if (attr.sharedSizeBytes + smem > 48 * 1024)
-    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem)),
-               "cudaFuncSetAttribute");
   const auto blocks = static_cast<unsigned>((n + kBM - 1) / kBM);
-  kernel<<<blocks, kThreads, smem, stream>>>(emb.ptr<T>(), w1.ptr<float>(), b1.ptr<float>(),
-                                              w2.ptr<float>(), b2.ptr<float>(), target.ptr<float>(),
-                                              out.ptr<float>(), n, d, h, p, k);
+  mlp_cosine_reward_kernel<T, kBM><<<blocks, kThreads, mlp_smem<kBM>(p), stream>>>(
+      emb.ptr<T>(), w1.ptr<float>(), b1.ptr<float>(), w2.ptr<float>(), b2.ptr<float>(),
+      target.ptr<float>(), out.ptr<float>(), n, d, h, p, k);
   FURL_CUDA_CHECK_LAUNCH("mlp_cosine_reward_kernel");
 }
 
 template <typename T>
 void dispatch_mlp(const TensorView& emb, const TensorView& w1, const TensorView& b1,
                   const TensorView& w2, const TensorView& b2, const TensorView& target,
-                  const TensorView& out, cudaStream_t stream) {
-  int device = 0, sms = 0;
-  cuda_check(cudaGetDevice(&device), "cudaGetDevice");
+                  const TensorView& out, int device, cudaStream_t stream) {
+  int sms = 0;
   cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
              "cudaDeviceGetAttribute");
-  // Small batches (a training batch of 256) take 16-row blocks so more SMs get work.
-  if (emb.shape[0] < static_cast<int64_t>(sms) * 32 * 2)
-    launch_mlp<T, 16>(emb, w1, b1, w2, b2, target, out, stream);
-  else
+  const int p = static_cast<int>(w2.shape[1]);
+  // Large batches take 32-row blocks (fewer re-reads of w1); small ones (a training batch of 256)
+  // 16-row blocks so more SMs get work. A 32-row block needs twice the shared memory of a 16-row
+  // one, so a wide P falls back to 16-row blocks at any N.
+  if (emb.shape[0] >= static_cast<int64_t>(sms) * 32 * 2 &&
+      mlp_smem<32>(p) <= mlp_dynamic_smem_limit<T, 32>(device)) {
     launch_mlp<T, 32>(emb, w1, b1, w2, b2, target, out, stream);
+    return;
+  }
+  const size_t room = mlp_dynamic_smem_limit<T, 16>(device);
+  if (mlp_smem<16>(p) > room)
+    throw ValueError("mlp_cosine_reward_cuda: argument 'w2' has P = " + std::to_string(p) +
+                     " output columns; the CUDA kernel keeps a (16, P) block in shared memory, "
+                     "which needs P <= " + std::to_string(room / (16 * sizeof(float))) +
+                     " on this GPU.");
+  launch_mlp<T, 16>(emb, w1, b1, w2, b2, target, out, stream);
 }
 
 // ---- clip_similarity / softmax_goal_reward ----------------------------------------------------
@@ -305,7 +336,16 @@ void launch_text(const char* op, const TensorView& img, const TensorView& text,
   FURL_CUDA_CHECK_LAUNCH("text_similarity_kernel");
 }
 
-TextParams text_params(const TensorView& img, const TensorView& text) {
+// D and K are ints in the kernels: larger ones are refused before the cast.
+void check_int_range(const char* op, const char* what, int64_t v) {
+  if (v > INT32_MAX)
+    throw ValueError(std::string(op) + ": " + what + " = " + std::to_string(v) +
+                     " must be below 2^31 for the CUDA kernel.");
+}
+
+TextParams text_params(const char* op, const TensorView& img, const TensorView& text) {
+  check_int_range(op, "D (the embedding width)", img.shape[1]);
+  check_int_range(op, "K (the number of texts)", text.shape[0]);
   TextParams tp{};
   tp.n = img.shape[0];
   tp.d = static_cast<int>(img.shape[1]);
@@ -377,11 +417,12 @@ void mlp_cosine_reward_cuda(const TensorView& emb, const TensorView& w1, const T
       target.shape[0] > INT32_MAX)
     throw ValueError("mlp_cosine_reward_cuda: D, H, P and K must each be below 2^31.");
   CudaDeviceGuard guard(emb.device_index);
-  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  const cudaStream_t s = cuda_stream(stream);
+  const int dev = emb.device_index;
   switch (emb.dtype) {
-    case DType::kFloat32: dispatch_mlp<float>(emb, w1, b1, w2, b2, target, out, s); break;
-    case DType::kFloat16: dispatch_mlp<__half>(emb, w1, b1, w2, b2, target, out, s); break;
-    default: dispatch_mlp<__nv_bfloat16>(emb, w1, b1, w2, b2, target, out, s); break;
+    case DType::kFloat32: dispatch_mlp<float>(emb, w1, b1, w2, b2, target, out, dev, s); break;
+    case DType::kFloat16: dispatch_mlp<__half>(emb, w1, b1, w2, b2, target, out, dev, s); break;
+    default: dispatch_mlp<__nv_bfloat16>(emb, w1, b1, w2, b2, target, out, dev, s); break;
   }
 }
 
@@ -389,8 +430,8 @@ void clip_similarity_cuda(const TensorView& img, const TensorView& text, const T
                           const ClipSimilarityParams& p, uintptr_t stream) {
   check_text_similarity_args("clip_similarity_cuda", img, text, out, 2, DeviceKind::kCUDA);
   CudaDeviceGuard guard(img.device_index);
-  const TextParams tp = text_params(img, text);
-  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  const TextParams tp = text_params("clip_similarity_cuda", img, text);
+  const auto s = cuda_stream(stream);
   if (p.normalize)
     launch_text<TextHead::kSimilarity>("clip_similarity_cuda", img, text, out, tp, s);
   else
@@ -402,13 +443,13 @@ void softmax_goal_reward_cuda(const TensorView& img, const TensorView& text, con
   check_text_similarity_args("softmax_goal_reward_cuda", img, text, out, 1, DeviceKind::kCUDA);
   check_softmax_goal_params("softmax_goal_reward_cuda", p, text.shape[0]);
   CudaDeviceGuard guard(img.device_index);
-  TextParams tp = text_params(img, text);
+  TextParams tp = text_params("softmax_goal_reward_cuda", img, text);
   tp.goal = static_cast<int>(p.goal_index);
   tp.inv_temperature = 1.f / p.temperature;
   tp.has_threshold = p.has_threshold;
   tp.threshold = p.threshold;
   launch_text<TextHead::kSoftmaxGoal>("softmax_goal_reward_cuda", img, text, out, tp,
-                                      reinterpret_cast<cudaStream_t>(stream));
+                                      cuda_stream(stream));
 }
 
 void goal_baseline_reward_cuda(const TensorView& img, const TensorView& goal,
@@ -416,10 +457,11 @@ void goal_baseline_reward_cuda(const TensorView& img, const TensorView& goal,
                                const GoalBaselineParams& p, uintptr_t stream) {
   check_goal_baseline_args("goal_baseline_reward_cuda", img, goal, baseline, out, p,
                            DeviceKind::kCUDA);
+  check_int_range("goal_baseline_reward_cuda", "D (the embedding width)", img.shape[1]);
   CudaDeviceGuard guard(img.device_index);
   const GoalParams gp{img.shape[0], static_cast<int>(img.shape[1]), p.alpha};
   const int grid = grid_for_rows(gp.n);
-  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  const auto s = cuda_stream(stream);
   switch (img.dtype) {
     case DType::kFloat32:
       goal_baseline_reward_kernel<float><<<grid, kThreads, 0, s>>>(

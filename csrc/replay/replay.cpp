@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "furl_fast/parallel.h"
+#include "furl_fast/thread_pool.h"
 
 namespace furl_fast {
 namespace {
@@ -65,6 +65,51 @@ void replay_gather_stack_cpu(const uint8_t* frames, const int64_t* slots, int64_
   }
 }
 
+void check_random_shift_args(const char* op, const TensorView& frames, const TensorView& slots,
+                             const TensorView& shifts, const TensorView& out, int64_t pad,
+                             DeviceKind device) {
+  Expect(frames, op, "frames").ndim(4, "(capacity, C, H, W)").dtype({DType::kUInt8})
+      .device(device).contiguous().nonempty();
+  const int64_t channels = frames.shape[1], height = frames.shape[2], width = frames.shape[3];
+  Expect(slots, op, "slots").ndim(2, "(B, F)").dtype({DType::kInt64}).same_device(frames, "frames")
+      .contiguous().nonempty().aligned();
+  const int64_t batch = slots.shape[0], stack = slots.shape[1];
+  Expect(shifts, op, "shifts").ndim(2, "(B, 2)").dtype({DType::kInt32})
+      .same_device(frames, "frames").dim(0, batch, "batch, as in slots").dim(1, 2, "(x, y)")
+      .contiguous().aligned();
+  Expect(out, op, "out").ndim(4, "(B, F * C, H, W)").dtype({DType::kUInt8})
+      .same_device(frames, "frames").dim(0, batch, "batch").dim(1, stack * channels, "F * C")
+      .dim(2, height, "H").dim(3, width, "W").contiguous().writable();
+  if (pad < 0 || pad > kMaxShiftPad)
+    throw ValueError(std::string(op) + ": argument 'pad' must be in [0, " +
+                     std::to_string(kMaxShiftPad) + "], got " + std::to_string(pad) + ".");
+}
+
+void random_shift_cpu(const TensorView& frames, const TensorView& slots, const TensorView& shifts,
+                      const TensorView& out, int64_t pad, int num_threads) {
+  const char* op = "random_shift_cpu";
+  check_random_shift_args(op, frames, slots, shifts, out, pad, DeviceKind::kCPU);
+  const int64_t capacity = frames.shape[0], batch = slots.shape[0], stack = slots.shape[1];
+  const int64_t channels = frames.shape[1], height = frames.shape[2], width = frames.shape[3];
+  const int64_t* sl = slots.ptr<int64_t>();
+  const int32_t* sh = shifts.ptr<int32_t>();
+  for (int64_t i = 0; i < batch * stack; ++i)
+    if (sl[i] < 0 || sl[i] >= capacity)
+      throw ValueError(std::string(op) + ": argument 'slots' must be in [0, " +
+                       std::to_string(capacity) + "), got " + std::to_string(sl[i]) + ".");
+  for (int64_t i = 0; i < batch * 2; ++i)
+    if (sh[i] < 0 || sh[i] > 2 * pad)
+      throw ValueError(std::string(op) + ": argument 'shifts' must be in [0, " +
+                       std::to_string(2 * pad) + "], got " + std::to_string(sh[i]) + ".");
+  const int64_t sample_bytes = stack * channels * height * width;
+  parallel_for(batch, num_threads, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      replay_gather_stack_cpu(frames.ptr<uint8_t>(), sl + b * stack, stack, channels, height,
+                              width, 1, pad, sh[b * 2], sh[b * 2 + 1], true,
+                              out.ptr<uint8_t>() + b * sample_bytes);
+  });
+}
+
 void check_replay_layout(const ReplayLayout& l) {
   const auto bad = [](const std::string& what) { throw ValueError("ReplayBuffer: " + what + "."); };
   if (l.capacity < 1 || l.capacity > std::numeric_limits<int32_t>::max())
@@ -87,7 +132,8 @@ void check_replay_layout(const ReplayLayout& l) {
   if (l.embedding_dim < 0) bad("'embedding_dim' must be >= 0");
   if (l.embedding_dtype != DType::kFloat32 && l.embedding_dtype != DType::kFloat16)
     bad("'embedding_dtype' must be float32 or float16");
-  if (l.shift_pad < 0 || l.shift_pad > 1024) bad("'shift_pad' must be in [0, 1024]");
+  if (l.shift_pad < 0 || l.shift_pad > kMaxShiftPad)
+    bad("'shift_pad' must be in [0, " + std::to_string(kMaxShiftPad) + "]");
   // Slot offsets (slot * frame_bytes() and the like) must not overflow: each column stays below
   // 2^60 bytes, counting 8 bytes per element, as tensors do (TensorView::kMaxElements).
   const auto fits = [&](std::initializer_list<int64_t> sizes) {

@@ -256,7 +256,7 @@ void ReplayTensors::sample(int64_t batch, bool augment, const TensorView* indice
   const DType obs_dtype = layout_.pixels ? DType::kUInt8 : DType::kFloat32;
   const bool embeddings = o.embedding || o.next_embedding || o.step_embeddings;
   if ((o.obs || o.next_obs || embeddings) && layout_.device != cpu)
-    throw ValueError("sample: GPU-mode frames are gathered by replay_gather_frames_cuda.");
+    throw ValueError("sample: GPU-mode frames are gathered by random_shift_cuda.");
   if (embeddings && layout_.embedding_dim == 0)
     throw ValueError("sample: the buffer stores no embeddings.");
   const int64_t A = layout_.action_dim, D = layout_.embedding_dim, N = layout_.n_step;

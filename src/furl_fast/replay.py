@@ -138,6 +138,32 @@ def _column_entry_ok(entry: Any) -> bool:
     )
 
 
+def _packed(
+    plan: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    device: torch.device,
+    *,
+    pin_memory: bool = False,
+    source: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One byte buffer holding every tensor of plan (name -> (shape, dtype)), 8-byte aligned, and
+    the views into it. With source (a packed buffer of the same plan), the buffer is source copied
+    to device (non-blocking: one copy instead of one per tensor)."""
+    spans, total = {}, 0
+    for name, (shape, dtype) in plan.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        spans[name] = (total, nbytes)
+        total += -(-nbytes // 8) * 8  # the next view starts 8-byte aligned
+    if source is None:
+        buf = torch.empty(total, dtype=torch.uint8, device=device, pin_memory=pin_memory)
+    else:
+        buf = source.to(device, non_blocking=True)
+    views = {
+        name: buf[start : start + nbytes].view(plan[name][1]).view(plan[name][0])
+        for name, (start, nbytes) in spans.items()
+    }
+    return buf, views
+
+
 class ReplayBuffer:
     """FIFO replay buffer of transitions with frame stacking, n-step returns and DrQ random shift.
 
@@ -257,9 +283,12 @@ class ReplayBuffer:
             )
         self.device = torch.device(device)
         if self.device.type == "cuda":
-            if not _native.HAS_CUDA_KERNELS:
+            status = _native.cuda_status()
+            if not status.usable:
                 raise ValueError(
-                    "ReplayBuffer: device='cuda' needs furl_fast built with its CUDA kernels."
+                    f"ReplayBuffer: device='cuda' needs furl_fast's CUDA kernels, which cannot run "
+                    f"here: {status.reason}. Use device='cpu' (with pin_memory=True for fast copies "
+                    f"to the GPU)."
                 )
             if not torch.cuda.is_available():
                 raise ValueError("ReplayBuffer: device='cuda' but torch sees no CUDA device.")
@@ -419,7 +448,15 @@ class ReplayBuffer:
             raise ValueError(
                 f"{op}: '{name}' is on {t.device}; the buffer stores on {self.device}."
             )
-        return t.contiguous()
+        return self._staged(t.contiguous())
+
+    def _staged(self, t: torch.Tensor) -> torch.Tensor:
+        """GPU mode: a host tensor moved to the buffer's GPU through pinned memory, asynchronously
+        on the current stream; the core's copy from it is then stream-ordered, so an add does not
+        wait for the training kernels queued before it."""
+        if self.device.type == "cuda" and t.device.type == "cpu":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
 
     def _floats(
         self,
@@ -454,7 +491,7 @@ class ReplayBuffer:
         shape = (d,) if batch is None else (batch, d)
         t = _to_tensor(value, name, op)
         device = self.device if t.device.type == "cuda" else None
-        return self._floats(t, name, op, shape, self._cfg["embedding_dtype"], device)
+        return self._staged(self._floats(t, name, op, shape, self._cfg["embedding_dtype"], device))
 
     def _wait_prefetch(self) -> None:
         if self._pending is not None:
@@ -686,27 +723,28 @@ class ReplayBuffer:
                 self.num_threads or 0,
             )
             return reuse
-        out = {
-            "action": self._empty((b, c["action_dim"]), torch.float32),
-            "reward": self._empty((b,), torch.float32),
-            "discount": self._empty((b,), torch.float32),
-            "goal_distance": self._empty((b,), torch.float32),
-            "success": self._empty((b,), torch.bool),
-            "indices": self._empty((b,), torch.int64),
-            "episodes": self._empty((b,), torch.int64),
-            "steps": self._empty((b,), torch.int64),
+        plan = {
+            "action": ((b, c["action_dim"]), torch.float32),
+            "reward": ((b,), torch.float32),
+            "discount": ((b,), torch.float32),
+            "goal_distance": ((b,), torch.float32),
+            "success": ((b,), torch.bool),
+            "indices": ((b,), torch.int64),
+            "episodes": ((b,), torch.int64),
+            "steps": ((b,), torch.int64),
         }
         cuda = self.device.type == "cuda"
         n = c["n_step"]
         if d:
-            out["step_discounts"] = self._empty((b, n), torch.float32)
+            plan["step_discounts"] = ((b, n), torch.float32)
         if cuda:
-            out["obs_slots"] = self._empty((b, f), torch.int64)
-            out["next_slots"] = self._empty((b, f), torch.int64)
-            out["shifts"] = self._empty((b, 4), torch.int32)
+            plan.update(obs_slots=((b, f), torch.int64), next_slots=((b, f), torch.int64),
+                        shifts=((b, 4), torch.int32))
             if d:
-                out["step_slots"] = self._empty((b, n), torch.int64)
+                plan["step_slots"] = ((b, n), torch.int64)
+            packed, out = _packed(plan, torch.device("cpu"), pin_memory=True)
         else:
+            out = {k: self._empty(shape, dtype) for k, (shape, dtype) in plan.items()}
             out["obs"] = self._empty(stack, self._obs_dtype)
             out["next_obs"] = self._empty(stack, self._obs_dtype)
             if d:
@@ -722,39 +760,31 @@ class ReplayBuffer:
             self.num_threads or 0,
         )
         if cuda:
-            out.update(self._gather_cuda(out, stack))
+            out = self._gather_cuda(packed, plan, stack)
         fields = {k: out.get(k) for k in Batch._fields if k in out}
         return Batch(**fields)
 
     def _gather_cuda(
-        self, plan: dict[str, torch.Tensor], stack: tuple[int, ...]
+        self, packed: torch.Tensor, plan: dict[str, tuple], stack: tuple[int, ...]
     ) -> dict[str, torch.Tensor]:
-        """GPU mode: the host planned the slots and shifts; frames are gathered on the GPU."""
+        """GPU mode: the host planned the batch (slots, shifts and the small columns) into one
+        pinned buffer; one asynchronous copy moves it, and frames are gathered on the GPU.
+
+        Everything runs on the caller's current stream. The gather reads the frame storage after
+        the write lock is released: an add() on another thread that runs on another stream may
+        overwrite a slot of this batch before the gather reads it (as with any tensor written on
+        one stream and read on another); add and sample on one stream, or synchronise them."""
         dev, frames = self.device, self._columns["frames"]
-        res = {
-            k: plan[k].to(dev, non_blocking=self.pin_memory)
-            for k in (
-                "action",
-                "reward",
-                "discount",
-                "goal_distance",
-                "success",
-                "indices",
-                "episodes",
-                "steps",
-            )
-        }
-        slots = {
-            k: plan[k].to(dev, non_blocking=self.pin_memory) for k in ("obs_slots", "next_slots")
-        }
-        shifts = plan["shifts"].to(dev, non_blocking=self.pin_memory)
+        _, res = _packed(plan, dev, source=packed)
+        slots = {k: res.pop(k) for k in ("obs_slots", "next_slots")}
+        shifts = res.pop("shifts")
         for name, key, cols in (
             ("obs", "obs_slots", slice(0, 2)),
             ("next_obs", "next_slots", slice(2, 4)),
         ):
             if self.pixels:
                 res[name] = torch.empty(stack, dtype=torch.uint8, device=dev)
-                _native._C.replay_gather_frames_cuda(
+                _native._C.random_shift_cuda(
                     to_dlpack(frames),
                     to_dlpack(slots[key]),
                     to_dlpack(shifts[:, cols].contiguous()),
@@ -768,10 +798,9 @@ class ReplayBuffer:
             emb = self._columns["embeddings"]
             res["embedding"] = emb.index_select(0, slots["obs_slots"][:, -1])
             res["next_embedding"] = emb.index_select(0, slots["next_slots"][:, -1])
-            step_slots = plan["step_slots"].to(dev, non_blocking=self.pin_memory)
+            step_slots = res.pop("step_slots")  # step_discounts came with the packed plan
             res["step_embeddings"] = emb.index_select(0, step_slots.flatten()).view(
                 *step_slots.shape, -1)
-            res["step_discounts"] = plan["step_discounts"].to(dev, non_blocking=self.pin_memory)
         return res
 
     # ---- persistence ----------------------------------------------------------------------------

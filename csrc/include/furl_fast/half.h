@@ -1,4 +1,5 @@
-// float -> float16 / bfloat16 with round-to-nearest-even, bit-exact with torch's Tensor.to() on CPU.
+// float <-> float16 / bfloat16 bits: encoding with round-to-nearest-even, bit-exact with torch's
+// Tensor.to() on CPU; decoding exact.
 #pragma once
 
 #include <cstdint>
@@ -36,6 +37,37 @@ inline uint16_t float_to_half_bits(float f) {
   uint32_t h = abs - 0x38000000u;
   h += 0xfffu + ((h >> 13) & 1u);
   return static_cast<uint16_t>(sign | (h >> 13));
+}
+
+inline float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1fu) {
+    bits = sign | 0x7f800000u | (mant << 13);  // inf / NaN
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (mant << 13);  // rebias 15 -> 127
+  } else if (mant == 0) {
+    bits = sign;
+  } else {  // subnormal half: normalise the mantissa
+    uint32_t e = 113u;
+    while ((mant & 0x400u) == 0) {
+      mant <<= 1;
+      --e;
+    }
+    bits = sign | (e << 23) | ((mant & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float bf16_bits_to_float(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
 }
 
 }  // namespace furl_fast

@@ -10,6 +10,9 @@
 
 namespace furl_fast {
 
+// The largest output side (a 8192 x 8192 x 3 float32 image per frame is already 768 MiB).
+constexpr int64_t kMaxPreprocessSize = 8192;
+
 struct PreprocessParams {
   int64_t crop_top = 0, crop_left = 0, crop_height = 0, crop_width = 0;  // in the flipped frame
   int64_t size = 224;

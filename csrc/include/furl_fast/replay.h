@@ -194,15 +194,28 @@ void replay_gather_stack_cpu(const uint8_t* frames, const int64_t* slots, int64_
                              int64_t channels, int64_t height, int64_t width, int64_t elem_bytes,
                              int64_t pad, int32_t sx, int32_t sy, bool shift, uint8_t* out);
 
+// The largest replicate padding of the random shift (the replay layout's shift_pad too).
+constexpr int64_t kMaxShiftPad = 1024;
+
+// random_shift: out[b, f * C + c] = frames[slots[b, f], c] shifted by shifts[b] = (x, y) with
+// replicate padding `pad` (Equivalent: reference.random_shift). frames (capacity, C, H, W) uint8;
+// slots (B, F) int64; shifts (B, 2) int32; out (B, F * C, H, W) uint8, all on the kernel's device.
+// The checks are shared by both kernels; `device` is the device every tensor must be on.
+void check_random_shift_args(const char* op, const TensorView& frames, const TensorView& slots,
+                             const TensorView& shifts, const TensorView& out, int64_t pad,
+                             DeviceKind device);
+// CPU: slots outside [0, capacity) and shifts outside [0, 2 * pad] are a ValueError.
+void random_shift_cpu(const TensorView& frames, const TensorView& slots, const TensorView& shifts,
+                      const TensorView& out, int64_t pad, int num_threads);
+
 #ifdef FURL_FAST_WITH_CUDA
-// csrc/cuda/replay_sample.cu. frames (capacity, C, H, W) uint8 on the device; slots (B, F) int64 and
-// shifts (B, 2) int32 on the device; out (B, F * C, H, W) uint8. Slots outside [0, capacity) give
-// zeros (never an out-of-bounds read). Runs on `stream`.
-void replay_gather_frames_cuda(const TensorView& frames, const TensorView& slots,
-                               const TensorView& shifts, const TensorView& out, int64_t pad,
-                               uintptr_t stream);
-// Host or device -> device copy on `stream` of GPU `device`, synchronised so the source may be
-// freed at once.
+// csrc/cuda/replay_sample.cu: the GPU cannot check the slots and shifts without a sync, so slots
+// outside [0, capacity) give zeros (never an out-of-bounds read) and coordinates are clamped. Runs
+// on `stream`.
+void random_shift_cuda(const TensorView& frames, const TensorView& slots, const TensorView& shifts,
+                       const TensorView& out, int64_t pad, uintptr_t stream);
+// Host or device -> device copy on `stream` of GPU `device`; from host memory it is synchronised so
+// the source may be freed at once, from device memory it is stream-ordered (no host wait).
 void replay_copy_to_device_cuda(void* dst, const void* src, int64_t bytes, int device,
                                 uintptr_t stream);
 #endif
