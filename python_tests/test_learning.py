@@ -40,9 +40,9 @@ def test_sac_learns_reach_from_the_dense_reward(tmp_path):
     assert len(returns) == STEPS // 500
     random_level = np.mean(returns[: WARMUP // 500])  # the warm-up episodes: uniform random actions
     learned = np.mean(returns[-5:])
-    # Measured (this CPU, the command above): warm-up episodes average 500-700 for every seed; the
-    # last five episodes average 2,660 (seed 0), THRESHOLDS_MEASURED (seeds 1, 2). With the critic
-    # target's sign flipped they stay at MEASURED_BROKEN.
-    assert learned > 1_500 and learned > 2.5 * random_level, (
+    # Measured with the command above (2-core CPU): the 4 warm-up episodes average 557-626 for
+    # seeds 0, 1, 2; the last five episodes average 2,862, 1,915 and 2,720. With the critic target's
+    # sign flipped they stay at BROKEN_MEASURED.
+    assert learned > 1_200 and learned > 2 * random_level, (
         f"SAC did not learn reach: last 5 episode returns {returns[-5:]} (mean {learned:.0f}) vs "
         f"{random_level:.0f} for random actions; all returns: {[round(r) for r in returns]}")
