@@ -62,10 +62,18 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_model, algo, agent):
     steps = SETTINGS[agent][0]
     run_dir = tmp_path / "run"
     video = algo == "furl"  # an eval video costs an episode of renders: checked once per agent
-    result = run_cli(train_args(run_dir, algo, tiny_model, agent, video=video), tmp_path)
+    # The sac runs train on Meta-World's dense reward (the oracle), the others on the sparse one.
+    env_reward = "dense" if algo == "sac" else "sparse"
+    args = train_args(run_dir, algo, tiny_model, agent, video=video) + ["--env-reward", env_reward]
+    result = run_cli(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((run_dir / "config.json").read_text())
     assert config["algo"] == algo and config["agent"] == agent and config["total_steps"] == steps
+    assert config["env_reward"] == env_reward
+    returns = [float(line.split(",")[2]) for line in (run_dir / "metrics.csv").read_text().splitlines()
+               if ",charts/episode_return," in line]
+    # Sparse returns are sums of -1/0 per agent step; dense ones sum Meta-World's positive reward.
+    assert returns and (all(r > 0 for r in returns) if env_reward == "dense" else all(r <= 0 for r in returns))
     metrics = (run_dir / "metrics.csv").read_text()
     for name in ["eval/success", "eval/ever_success", "charts/episode_return", "losses/critic"]:
         assert name in metrics, name
