@@ -882,10 +882,6 @@ def train(cfg: Config, wandb_project: str | None = None, wandb_entity: str | Non
     try:
         cfg, run_dir, state = prepare(cfg)
         check_config(cfg)
-        logger.info("%s %s-%s on %s, seed %d: VLM %s, render quality %s, env reward %s; run directory %s",
-                    "resuming" if state is not None else "starting", cfg.algo, cfg.agent, cfg.task, cfg.seed,
-                    f"{cfg.vlm.model} ({cfg.vlm.pretrained or 'default weights'})" if cfg.loads_encoder
-                    else "none", cfg.render_quality, cfg.env_reward, run_dir)
         if wandb_project is not None:
             from furl_fast.metrics import require_wandb
 
@@ -893,7 +889,11 @@ def train(cfg: Config, wandb_project: str | None = None, wandb_entity: str | Non
         if cfg.torch_threads is not None:
             torch.set_num_threads(cfg.torch_threads)
         loading = "the VLM and the environments" if cfg.loads_encoder else "the environments"
-        print(f"furl_fast.train: starting {cfg.algo} {cfg.task} in {run_dir} (loading {loading})",
+        vlm = f"{cfg.vlm.model} ({cfg.vlm.pretrained or 'default weights'})" if cfg.loads_encoder \
+            else "none"
+        print(f"furl_fast.train: {'resuming' if state is not None else 'starting'} {cfg.algo} "
+              f"{cfg.task} in {run_dir} ({cfg.algo}-{cfg.agent}, seed {cfg.seed}, VLM {vlm}, render "
+              f"quality {cfg.render_quality}, env reward {cfg.env_reward}; loading {loading})",
               flush=True)
         encoder = load_vlm(cfg) if cfg.loads_encoder else None
         trainer = Trainer(cfg, run_dir, encoder)
