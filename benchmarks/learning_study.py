@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 TASKS = ("reach", "drawer-open", "window-open")
+STUDY_FILE = "study.json"  # the commit the runs were started at, and when the study started and ended
 METHODS = {
     # name: (sweep flags, flags after `--`)
     "sac+dense": (["--algos", "sac", "--env-rewards", "dense"], []),
@@ -52,19 +53,26 @@ def run_stats(run_dir: Path) -> tuple[float, float]:
     return wall, sps[-1] if sps else float("nan")
 
 
-def write_readme(args: argparse.Namespace, commands: list[list[str]], seconds: float) -> Path:
+def write_readme(args: argparse.Namespace, commands: list[list[str]]) -> Path:
     from furl_fast.sweep import collect, find_run_dirs, is_finished, method
 
     rows, finished, _ = collect(args.out)
+    study = json.loads((args.out / STUDY_FILE).read_text())
+    try:  # the command as a user would type it, from the checkout
+        out = args.out.relative_to(Path.cwd())
+    except ValueError:
+        out = args.out
     lines = [
         "# Learning study: SAC on Meta-World with the oracle, sparse and code rewards", "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU "
-        f"({platform.platform()}). Date: {time.strftime('%Y-%m-%d')}. Commit: {git_commit()}.",
-        f"Wall time of the whole study: {seconds / 60:.0f} min (this invocation).", "",
-        "Command:", "", "```bash", f"python benchmarks/learning_study.py --out {args.out} --steps {args.steps} "
+        f"({platform.platform()}). Started {study['started']} at commit {study['commit']}; "
+        + (f"finished {study['finished']}, {study['minutes']:.0f} min in all (resumed invocations "
+           "included)." if "finished" in study else "not finished yet."), "",
+        "Command:", "", "```bash", f"python benchmarks/learning_study.py --out {out} --steps {args.steps} "
         f"--eval-every {args.eval_every} --seeds {' '.join(map(str, args.seeds))} "
         f"--tasks {' '.join(args.tasks)}", "```", "",
-        "which runs:", "", "```bash", *(" ".join(c[1:]) for c in commands), "```", "",
+        "which runs:", "", "```bash",
+        *(" ".join(["python", *c[1:]]).replace(str(args.out), str(out)) for c in commands), "```", "",
         f"Eval: the deterministic policy every {args.eval_every} steps, 1 episode (fixed goal); success "
         "is success at the last step of the episode (the paper's measure), \"ever\" whether it "
         "succeeded at any step.", "",
@@ -89,6 +97,10 @@ def write_readme(args: argparse.Namespace, commands: list[list[str]], seconds: f
     return path
 
 
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -109,8 +121,12 @@ def main() -> int:
     args = parser.parse_args()
     args.out = args.out.resolve()
     commands = sweep_commands(args)
-    start = time.time()
+    study_file = args.out / STUDY_FILE
     if not args.report_only:
+        if not study_file.exists():
+            args.out.mkdir(parents=True, exist_ok=True)
+            study_file.write_text(json.dumps({"commit": git_commit(), "started": now(),
+                                              "start_time": time.time()}))
         for cmd in commands:
             print("+", " ".join(cmd), flush=True)
             code = subprocess.run(cmd, check=False).returncode
@@ -121,7 +137,10 @@ def main() -> int:
         # The last sweep's report covers every run under OUT; rebuild it once more to be sure.
         subprocess.run([sys.executable, "-m", "furl_fast.sweep", "--results-dir", str(args.out),
                         "--report-only"], check=True, stdout=subprocess.DEVNULL)
-    print(write_readme(args, commands, time.time() - start).read_text())
+        study = json.loads(study_file.read_text())
+        study.update(finished=now(), minutes=(time.time() - study["start_time"]) / 60)
+        study_file.write_text(json.dumps(study))
+    print(write_readme(args, commands).read_text())
     return 0
 
 
