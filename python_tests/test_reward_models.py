@@ -262,9 +262,12 @@ def test_vector_wrapper_resets_stateful_models_per_episode(closing):
     venv = closing(VLMRewardVectorWrapper(
         make_vector_env("reach", 2, seed=0, asynchronous=False, frame_size=32, max_episode_steps=3),
         model, mode="replace"))
-    obs, _ = venv.reset(seed=0)
+    obs, info = venv.reset(seed=0)
     np.testing.assert_array_equal(model.count, [1, 1])  # the reset frame was shown
-    np.testing.assert_array_equal(model.states_seen[0], obs["obs"])
+    # The model gets info["state"]: the observation with the goal the fixed-goal observation hides.
+    np.testing.assert_array_equal(model.states_seen[0], info["state"])
+    np.testing.assert_array_equal(model.states_seen[0][:, :-3], obs["obs"][:, :-3])
+    assert np.all(obs["obs"][:, -3:] == 0) and np.any(model.states_seen[0][:, -3:] != 0)
     rewards = [venv.step(venv.action_space.sample())[1].tolist() for _ in range(5)]
     # Steps 0-2 play (2nd, 3rd, 4th frame of the episode); step 3 is the autoreset step (reward 0,
     # the model restarted on the reset frame); step 4 is the new episode's second frame.
