@@ -45,7 +45,9 @@ def test_train_help(monkeypatch, capsys):
     text = help_text(train.parse_config, monkeypatch, capsys)
     assert text.startswith("usage: python -m furl_fast.train ")
     assert "--preset {laptop,paper}" in text and "(default: laptop)" in text
-    assert "--reward {furl,cosine,goal_baseline,binary,code}" in text and "{None,furl" not in text
+    flat = " ".join(text.split())
+    assert "--reward NAME [--reward.OPTION VALUE ...], NAME one of furl, cosine, goal_baseline, " \
+        "binary, code" in flat and "{None,furl" not in text
     assert "(default: drawer-open)" in text
     assert "spec" not in text and "/work/" not in text
     assert needless_breaks(text) == []
@@ -61,8 +63,29 @@ def test_train_help_shows_the_chosen_preset(monkeypatch, capsys):
 def test_preset_and_flags_parse():
     cfg = train.parse_config(["--preset", "paper", "--total-steps", "7", "--sac.tau", "0.5"])
     assert (cfg.total_steps, cfg.warmup_steps, cfg.sac.tau, cfg.task) == (7, 10_000, 0.5, "drawer-open")
-    assert train.parse_config(["--reward", "binary", "--algo", "vlm"]).reward == "binary"
+    assert train.parse_config(["--reward", "binary", "--algo", "vlm"]).reward.name == "binary"
     assert train.parse_config([]).reward is None
+
+
+def test_reward_options_parse_anywhere_on_the_line():
+    from furl_fast.config import BinaryRewardConfig, GoalBaselineRewardConfig
+
+    cfg = train.parse_config(["--reward.threshold", "0.3", "--algo", "vlm", "--reward", "binary",
+                              "--reward.negatives", "a cup", "a door", "--seed", "4"])
+    assert cfg.reward == BinaryRewardConfig(threshold=0.3, negatives=("a cup", "a door"))
+    assert (cfg.algo, cfg.seed) == ("vlm", 4)
+    cfg = train.parse_config(["--algo", "relay", "--reward=goal_baseline", "--reward.alpha", "1"])
+    assert cfg.reward == GoalBaselineRewardConfig(alpha=1.0)
+    with pytest.raises(ValueError, match="--reward nope is unknown; use one of furl, cosine"):
+        train.parse_config(["--reward", "nope"])
+    with pytest.raises(ValueError, match="--reward.threshold needs --reward NAME"):
+        train.parse_config(["--reward.threshold", "0.3"])
+
+
+def test_reward_help_lists_its_options(monkeypatch, capsys):
+    text = help_text(lambda argv: train.parse_config(["--reward", "binary", *argv]), monkeypatch,
+                     capsys)
+    assert "--reward.threshold FLOAT" in text and "--reward.no-binary" in text
 
 
 def test_other_commands_name_themselves(monkeypatch, capsys):

@@ -274,3 +274,82 @@ def test_vector_wrapper_resets_stateful_models_per_episode(closing):
     assert rewards == [[2, 2], [3, 3], [4, 4], [0, 0], [2, 2]]
     with pytest.raises(ValueError, match="episode states"):
         VLMRewardVectorWrapper(venv.env, StepCounter(3))
+
+
+# ---- rewards as plugins: built from their config, trained through the same hooks ----------------
+
+
+def context(encoder, **changes):
+    from furl_fast.config import FuRLConfig
+    from furl_fast.rewards import RewardContext
+
+    frame = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    fields = dict(encoder=encoder, task="drawer-open", prompt=None, num_envs=2,
+                  device=torch.device("cpu"), seed=0, furl=FuRLConfig(head_hidden=8, pair_batch=4),
+                  goal_frame=lambda: frame)
+    return RewardContext(**{**fields, **changes})
+
+
+def test_every_registered_reward_has_a_config_of_the_same_name():
+    from furl_fast.config import REWARD_CONFIGS
+    from furl_fast.rewards import REWARD_MODELS
+
+    assert sorted(c.name for c in REWARD_CONFIGS) == sorted(REWARD_MODELS)
+
+
+def test_build_reward_passes_each_rewards_own_options(encoder, emb):
+    from furl_fast.config import BinaryRewardConfig, GoalBaselineRewardConfig
+    from furl_fast.rewards import build_reward
+
+    binary = build_reward(BinaryRewardConfig(threshold=0.7, negatives=("a cup", "a door"),
+                                             temperature=0.5, binary=False), context(encoder))
+    assert isinstance(binary, BinaryReward)
+    assert (binary.threshold, binary.negatives, binary.temperature, binary.binary) == \
+        (0.7, ["a cup", "a door"], 0.5, False)
+    torch.testing.assert_close(binary.reward_from_embeddings(emb), binary.probability(emb))
+    gb = build_reward(GoalBaselineRewardConfig(alpha=1.0, goal_prompts=("an open drawer",)),
+                      context(encoder, prompt="ignored: goal_prompts win"))
+    assert (gb.alpha, gb.goal_prompts, gb.baseline_prompts) == \
+        (1.0, ["an open drawer"], [DEFAULT_BASELINE_PROMPT])
+    from_prompt = build_reward(GoalBaselineRewardConfig(), context(encoder, prompt="open it"))
+    assert from_prompt.goal_prompts == ["open it"]
+
+
+def test_furl_reward_trains_through_the_hooks(encoder, emb):
+    from types import SimpleNamespace
+
+    from furl_fast.config import FuRLRewardConfig
+    from furl_fast.rewards import build_reward
+
+    model = build_reward(FuRLRewardConfig(), context(encoder))
+    assert model.furl.goal_emb is not None  # phase A: the goal frame was encoded
+    before = model.reward_from_embeddings(emb)
+    assert model.update(SimpleNamespace(next_embedding=emb), log=True)["losses/heads_phase_a"] >= 0
+    assert not torch.equal(model.reward_from_embeddings(emb), before)  # the heads moved
+    model.end_episode(emb[:12], np.array([False] * 5 + [True] * 7))
+    assert model.furl.buffer.positives_added == 12 and model.furl.phase == "B"
+    state = model.state_dict()
+    fresh = build_reward(FuRLRewardConfig(), context(encoder))
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.reward_from_embeddings(emb), model.reward_from_embeddings(emb))
+
+
+def test_code_reward_stores_progress_and_pays_it(encoder):
+    from furl_fast.config import CodeRewardConfig
+    from furl_fast.envs import make_env
+    from furl_fast.rewards import build_reward
+
+    model = build_reward(CodeRewardConfig(), context(None, task="reach"))
+    try:
+        assert (model.stored_width, model.stored_dtype) == (1, torch.float32)
+        env = make_env("reach", seed=0, vlm_frames=False)
+        _, info = env.reset()
+        states = np.stack([info["state"], info["state"]])
+        model.reset([0, 1])
+        stored = model.observe(None if not model.reads_frames else np.zeros((2, 8, 8, 3), np.uint8),
+                               states, np.arange(2))
+        assert stored.shape == (2, 1) and stored.dtype == torch.float32
+        torch.testing.assert_close(model.reward_from_embeddings(stored), stored[:, 0])
+        env.close()
+    finally:
+        model.close()

@@ -326,7 +326,7 @@ def test_dense_env_reward_and_chosen_rewards_get_their_own_runs_and_columns(tmp_
     results = tmp_path / "results"
     write_run(results / "oracle", "sac", 0, 1.0, step=100, env_reward="dense")
     write_run(results / "sparse", "sac", 0, 0.0, step=100, env_reward="sparse")
-    write_run(results / "code", "vlm", 0, 0.5, step=100, reward="code")
+    write_run(results / "code", "vlm", 0, 0.5, step=100, reward={"name": "code", "programs": None})
     md, _, _ = sweep.write_report(results)
     rows = read_csv(results / "results.csv")
     assert [(r["method"], float(r["success_mean"])) for r in rows] == \

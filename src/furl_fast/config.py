@@ -9,11 +9,12 @@ import dataclasses
 import difflib
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+import tyro
 
 ALGOS = ("sac", "vlm", "relay", "furl")
 AGENTS = ("sac", "drq")
-REWARDS = ("furl", "cosine", "goal_baseline", "binary", "code")
 GOALS = ("fixed", "random")
 ENV_REWARDS = ("sparse", "dense")
 RENDER_QUALITIES = ("paper", "fast")
@@ -137,6 +138,81 @@ class FuRLConfig:
     """Relay RL: std of the Gaussian noise added to the relay agent's actions (then clipped)."""
 
 
+# ---- rewards: one config per reward (furl_fast.rewards.REWARDS has the model of each name) ----------
+
+
+class _Reward:
+    """What every reward config declares: its registry name, and whether the run loads the VLM."""
+
+    name: ClassVar[str]
+    needs_encoder: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class CosineRewardConfig(_Reward):
+    """cosine: cos(image embedding, task prompt embedding), the plain CLIP reward (VLM-RM's alpha = 0)."""
+
+    name: ClassVar[str] = "cosine"
+
+
+@dataclass(frozen=True)
+class GoalBaselineRewardConfig(_Reward):
+    """goal_baseline: VLM-RM's goal-baseline projection 1 - 0.5 |(x - g) P|^2 (Rocamonde et al.)."""
+
+    name: ClassVar[str] = "goal_baseline"
+    alpha: float = 0.5
+    """Projection strength in [0, 1]: 0 is an affine map of the cosine, 1 projects fully onto the
+    goal - baseline direction (the paper sweeps it)."""
+    goal_prompts: tuple[str, ...] | None = None
+    """Texts describing the goal (their mean embedding is g); None: the task prompt."""
+    baseline_prompts: tuple[str, ...] = ("a robot arm and a table",)
+    """Texts describing the scene without the goal (their mean embedding is b); the default fits
+    every Meta-World task."""
+
+
+@dataclass(frozen=True)
+class BinaryRewardConfig(_Reward):
+    """binary: Baumli et al.'s softmax over the goal prompt and negative prompts, thresholded."""
+
+    name: ClassVar[str] = "binary"
+    threshold: float = 0.5
+    """The reward is 1 where the goal's softmax probability exceeds this (beta), else 0."""
+    negatives: tuple[str, ...] | None = None
+    """Negative prompts; None: the other MT10 tasks' prompts."""
+    temperature: float | None = None
+    """Softmax temperature; None: the VLM's own learned temperature (1 / logit_scale)."""
+    binary: bool = True
+    """--reward.no-binary rewards the probability itself instead of thresholding it."""
+
+
+@dataclass(frozen=True)
+class FuRLRewardConfig(_Reward):
+    """furl: FuRL's aligned heads cos(f_I(image), f_L(text)), trained with ranking losses while the
+    agent learns; their hyper-parameters are the --furl.* flags (shared with relay RL)."""
+
+    name: ClassVar[str] = "furl"
+
+
+@dataclass(frozen=True)
+class CodeRewardConfig(_Reward):
+    """code: code-as-reward, the fraction of a task's verified checker programs completed in order
+    so far in the episode; needs no VLM."""
+
+    name: ClassVar[str] = "code"
+    needs_encoder: ClassVar[bool] = False
+    programs: str | None = None
+    """A program-set JSON file (ProgramSet.save's format, e.g. a set that
+    furl_fast.rewards.code.generate_program_set verified); None takes the task's hand-written
+    reference set (drawer-open, button-press-topdown, reach, ...)."""
+
+
+REWARD_CONFIGS: tuple[type, ...] = (FuRLRewardConfig, CosineRewardConfig, GoalBaselineRewardConfig,
+                                    BinaryRewardConfig, CodeRewardConfig)
+"""Every reward's config class; a new reward adds its class here (and its model to rewards.REWARDS)."""
+REWARDS = tuple(c.name for c in REWARD_CONFIGS)
+RewardConfig = Union[tuple(Annotated[c, tyro.conf.subcommand(c.name)] for c in REWARD_CONFIGS)]  # noqa: UP007
+
+
 @dataclass(frozen=True)
 class VLMConfig:
     """The frozen vision-language model that embeds frames and the task text."""
@@ -169,12 +245,11 @@ class Config:
     """sac: sparse reward only; vlm: + raw VLM reward; relay: raw VLM + relay RL; furl: aligned + relay."""
     agent: Literal["sac", "drq"] = "sac"
     """sac: state-based SAC (sac.* flags); drq: DrQ-v2 on 84x84 pixels (drq.* flags)."""
-    reward: Literal["furl", "cosine", "goal_baseline", "binary", "code"] | None = None
-    """VLM reward family; left unset: furl for algo=furl, cosine for vlm and relay (unused by sac)."""
-    code_programs: str | None = None
-    """reward=code: a program-set JSON file (ProgramSet.save's format, e.g. a set that
-    furl_fast.rewards.code.generate_program_set verified); None takes the task's hand-written
-    reference set (drawer-open, button-press-topdown, reach, ...)."""
+    reward: Annotated[RewardConfig | None, tyro.conf.arg(
+        help="The VLM reward and its own options: --reward NAME [--reward.OPTION VALUE ...], NAME one "
+             "of furl, cosine, goal_baseline, binary, code (python -m furl_fast.train --reward NAME "
+             "--help lists its options). Unset: furl for algo=furl, cosine for vlm and relay (unused "
+             "by sac).")] = None
     task: str = "drawer-open"
     """Meta-World v3 task name (any of the 50; "drawer-open-v3" works too)."""
     goal: Literal["fixed", "random"] = "fixed"
@@ -257,14 +332,27 @@ class Config:
     vlm: VLMConfig = field(default_factory=VLMConfig)
     """Vision-language model."""
 
+    def __post_init__(self) -> None:
+        # Config(reward="binary") is the reward with its default options (an unknown name stays, for
+        # validate() to report).
+        by_name = {c.name: c for c in REWARD_CONFIGS}
+        if isinstance(self.reward, str) and self.reward in by_name:
+            object.__setattr__(self, "reward", by_name[self.reward]())
+
     @property
     def resolved_reward(self) -> str | None:
-        """The reward family this run uses (None for algo=sac)."""
+        """The name of the reward this run uses (None for algo=sac)."""
+        config = self.reward_config
+        return None if config is None else config.name
+
+    @property
+    def reward_config(self) -> Any:
+        """The config of the reward this run uses: reward, or the algo's default (None for sac)."""
         if self.algo == "sac":
             return None
         if self.reward is not None:
             return self.reward
-        return "furl" if self.algo == "furl" else "cosine"
+        return FuRLRewardConfig() if self.algo == "furl" else CosineRewardConfig()
 
     @property
     def resolved_rho(self) -> float:
@@ -289,7 +377,8 @@ class Config:
     def loads_encoder(self) -> bool:
         """Whether the run needs the VLM's encoders: every reward but code (whose checker programs
         read frames and states), and none for algo=sac."""
-        return self.resolved_reward not in (None, "code")
+        config = self.reward_config
+        return config is not None and config.needs_encoder
 
     @property
     def uses_relay(self) -> bool:
@@ -345,24 +434,23 @@ def _problems(cfg: Config, known_tasks: Collection[str] | None) -> list[str]:
     p: list[str] = []
     p += _one_of("algo", cfg.algo, ALGOS)
     p += _one_of("agent", cfg.agent, AGENTS)
-    if cfg.reward is not None:
-        p += _one_of("reward", cfg.reward, REWARDS)
+    if cfg.reward is not None and not isinstance(cfg.reward, REWARD_CONFIGS):
+        p.append(f"reward={cfg.reward!r} is unknown; use one of {', '.join(REWARDS)}.")
     p += _one_of("goal", cfg.goal, GOALS)
     p += _one_of("env_reward", cfg.env_reward, ENV_REWARDS)
     p += _one_of("render_quality", cfg.render_quality, RENDER_QUALITIES)
-    if cfg.algo == "furl" and cfg.reward not in (None, "furl"):
-        p.append(f"algo=furl trains the aligned heads, so reward must be 'furl' (got {cfg.reward!r}); "
+    name = getattr(cfg.reward, "name", None)
+    if cfg.algo == "furl" and name not in (None, "furl"):
+        p.append(f"algo=furl trains the aligned heads, so reward must be 'furl' (got {name!r}); "
                  "for a raw VLM reward use --algo vlm or --algo relay.")
-    if cfg.algo in ("vlm", "relay") and cfg.reward == "furl":
+    if cfg.algo in ("vlm", "relay") and name == "furl":
         p.append(f"reward='furl' needs the aligned heads, which only algo=furl trains; use --algo furl "
                  f"or a raw reward (cosine, goal_baseline, binary, code) with --algo {cfg.algo}.")
     for flag, on in (("relay", cfg.furl.relay), ("phase-a", cfg.furl.phase_a)):
         if not on and cfg.algo != "furl":
             p.append(f"--furl.no-{flag} is an ablation of FuRL and needs --algo furl (got "
                      f"{cfg.algo!r}).")
-    if cfg.code_programs is not None and cfg.resolved_reward != "code":
-        p.append(f"code_programs={cfg.code_programs!r} is only read with --reward code (this run's "
-                 f"reward is {cfg.resolved_reward!r}).")
+    p += _reward_problems(cfg.reward_config)
     if known_tasks is not None and cfg.task not in known_tasks:
         p.append(f"task={cfg.task!r} is unknown{describe_unknown_task(cfg.task, known_tasks)}")
     if cfg.seed < 0:
@@ -446,6 +534,25 @@ def _problems(cfg: Config, known_tasks: Collection[str] | None) -> list[str]:
     return p
 
 
+def _reward_problems(r: Any) -> list[str]:
+    p: list[str] = []
+    if isinstance(r, GoalBaselineRewardConfig):
+        if not 0.0 <= r.alpha <= 1.0:
+            p.append(f"reward.alpha={r.alpha} must be in [0, 1].")
+        for name in ("goal_prompts", "baseline_prompts"):
+            prompts = getattr(r, name)
+            if prompts is not None and (not prompts or not all(t.strip() for t in prompts)):
+                p.append(f"reward.{name}={prompts!r} must be non-empty texts.")
+    if isinstance(r, BinaryRewardConfig):
+        if not 0.0 <= r.threshold < 1.0:
+            p.append(f"reward.threshold={r.threshold} must be in [0, 1).")
+        if r.temperature is not None and not r.temperature > 0:
+            p.append(f"reward.temperature={r.temperature} must be > 0.")
+        if r.negatives is not None and (not r.negatives or not all(t.strip() for t in r.negatives)):
+            p.append(f"reward.negatives={r.negatives!r} must be non-empty texts.")
+    return p
+
+
 def _paper() -> Config:
     """The FuRL paper's settings (spec: 1M environment steps, the paper's x-axis, for every agent;
     10k warm-up; replay 500k for FuRL / 1M baselines; Meta-World's own visuals). Add --vlm.model liv
@@ -475,3 +582,57 @@ def resolve_device(name: str):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+# ---- config.json ----------------------------------------------------------------------------------
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain JSON-able dict of cfg; the reward is {"name": ..., its options ...} (or None)."""
+    out = dataclasses.asdict(cfg)
+    if cfg.reward is not None:
+        out["reward"] = {"name": cfg.reward.name, **dataclasses.asdict(cfg.reward)}
+    return out
+
+
+def config_from_dict(cls: type, data: dict[str, Any]):
+    """Rebuilds (nested) frozen dataclasses from config_to_dict's output; lists become tuples."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        field_type = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if cls is Config and f.name == "reward":
+            value = _reward_from_dict(value)
+        elif dataclasses.is_dataclass(field_type):
+            value = config_from_dict(field_type, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _reward_from_dict(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, str):  # a bare name: the reward with its default options
+        value = {"name": value}
+    by_name = {c.name: c for c in REWARD_CONFIGS}
+    options = dict(value)
+    name = options.pop("name", None)
+    if name not in by_name:
+        raise ValueError(f"reward {name!r} is unknown; use one of {', '.join(REWARDS)}.")
+    return config_from_dict(by_name[name], options)
+
+
+def changed_fields(a: Config, b: Config) -> list[str]:
+    """Dotted names of the fields (nested ones as sac.tau) whose values differ."""
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    fa, fb = flat(config_to_dict(a)), flat(config_to_dict(b))
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))

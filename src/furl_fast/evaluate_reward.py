@@ -28,13 +28,13 @@ encoders (pretrained none) are never cached, and their numbers mean nothing.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
 import logging
 import os
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,15 +44,18 @@ from furl_fast.rewards.metrics import best_f1_threshold, pearson, precision_reca
 
 logger = logging.getLogger("furl_fast")
 
-EVAL_REWARDS = ("cosine", "goal_baseline", "binary")
-"""Rewards that score single frames from their embedding alone; furl needs trained heads and code
-needs whole episodes of states, so neither is offered here."""
+def eval_rewards() -> tuple[str, ...]:
+    """Rewards that score single frames from their embedding alone (RewardModel.offline_scorable);
+    furl needs trained heads and code needs whole episodes of states, so neither is offered here."""
+    from furl_fast.rewards import REWARD_MODELS
+
+    return tuple(name for name, cls in REWARD_MODELS.items() if cls.offline_scorable)
 
 COLUMNS = ("task", "model", "weights", "reward", "frames", "positives", "threshold",
            "threshold_kind", "precision", "recall", "f1", "roc_auc", "pearson")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     tasks: tuple[str, ...] = ("drawer-open",)
     """Meta-World tasks (MT10 tasks have built-in prompts)."""
@@ -150,17 +153,20 @@ def load_or_embed(cfg: EvalConfig, encoder, frames_key: str, frames: np.ndarray)
 def score_reward(name: str, encoder, task: str, emb: torch.Tensor, labels: np.ndarray,
                  cfg: EvalConfig) -> dict[str, object]:
     """Metrics of one reward model on one task's embeddings."""
-    from furl_fast.rewards.models import make_reward_model
+    from furl_fast.config import REWARD_CONFIGS
+    from furl_fast.rewards import RewardContext, build_reward
 
-    if name == "binary":
-        model = make_reward_model(name, encoder, task, threshold=cfg.threshold)
-        scores = model.probability(emb).cpu().numpy()
+    config = {c.name: c for c in REWARD_CONFIGS}[name]()
+    fields = {f.name for f in dataclasses.fields(config)}
+    config = dataclasses.replace(config, **{k: v for k, v in (("alpha", cfg.alpha),
+                                                               ("threshold", cfg.threshold)) if k in fields})
+    model = build_reward(config, RewardContext(encoder=encoder, task=task, prompt=None, num_envs=1,
+                                               device=encoder.device, seed=cfg.seed))
+    scores = model.score(emb).cpu().numpy()
+    if model.decision_threshold is not None:
         threshold, kind = model.decision_threshold, "reward"
         precision, recall, f1 = precision_recall_f1(labels, scores > threshold)
     else:
-        kwargs = {"alpha": cfg.alpha} if name == "goal_baseline" else {}
-        scores = make_reward_model(name, encoder, task, **kwargs).reward_from_embeddings(emb)
-        scores = scores.cpu().numpy()
         threshold, precision, recall, f1 = best_f1_threshold(labels, scores)
         kind = "best-F1"
     return {"threshold": threshold, "threshold_kind": kind, "precision": precision,
@@ -240,9 +246,9 @@ def evaluate(cfg: EvalConfig) -> list[dict[str, object]]:
     """Runs the whole evaluation and writes metrics.csv and metrics.png; returns the rows."""
     from furl_fast.vlm import load_encoder
 
-    bad = [r for r in cfg.rewards if r not in EVAL_REWARDS]
+    bad = [r for r in cfg.rewards if r not in eval_rewards()]
     if bad:
-        raise ValueError(f"evaluate_reward: cannot evaluate {bad}; choose from {', '.join(EVAL_REWARDS)} "
+        raise ValueError(f"evaluate_reward: cannot evaluate {bad}; choose from {', '.join(eval_rewards())} "
                          "(furl needs trained heads, code needs whole episodes of states).")
     if len(cfg.pretrained) not in (1, len(cfg.models)):
         raise ValueError(f"evaluate_reward: give one --pretrained for all models or one per model "

@@ -194,7 +194,7 @@ def is_finished(run_dir: Path) -> bool:
 def checkpoint_step(run_dir: Path) -> int | None:
     import torch
 
-    from furl_fast.train import CHECKPOINT_DIR, STATE_FILE
+    from furl_fast.runs import CHECKPOINT_DIR, STATE_FILE
 
     state = run_dir / CHECKPOINT_DIR / STATE_FILE
     if not state.exists():
@@ -413,8 +413,9 @@ def method(config: dict[str, Any]) -> str:
     """A run's column in the table: its algo, the reward when one was chosen (vlm+code), and +dense
     for Meta-World's shaped env reward (sac+dense is the oracle)."""
     name = config["algo"]
-    if config.get("reward") and config["algo"] != "sac":
-        name += f"+{config['reward']}"
+    reward = config.get("reward")
+    if reward and config["algo"] != "sac":
+        name += f"+{reward['name'] if isinstance(reward, dict) else reward}"
     if config.get("env_reward", "sparse") == "dense":
         name += "+dense"
     return name

@@ -16,8 +16,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
-import random
 import signal
 import sys
 import time
@@ -31,43 +29,24 @@ import numpy as np
 import torch
 import tyro
 
-from furl_fast import ops
-from furl_fast.config import PRESETS, Config, resolve_device
+from furl_fast.config import PRESETS, REWARDS, Config, config_to_dict, resolve_device
+from furl_fast.envs.steps import Transition, env_states, split_obs, vector_step
+from furl_fast.runs import (
+    CHECKPOINT_DIR,
+    atomic_write_text,
+    prepare,
+    rng_state,
+    saved_config,
+    seed_everything,
+    set_rng_state,
+    write_checkpoint,
+    write_video,
+)
 
 logger = logging.getLogger("furl_fast.train")
 
-CHECKPOINT_DIR = "checkpoints"
-STATE_FILE = "state.pt"
 
-
-# ---- configuration ---------------------------------------------------------------------------
-
-
-def config_to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def config_from_dict(cls: type, data: dict[str, Any]):
-    """Rebuilds (nested) frozen dataclasses from config_to_dict's output; lists become tuples."""
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        field_type = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(field_type):
-            value = config_from_dict(field_type, value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
-
-
-# What `--resume RUN` may change; every other flag keeps the run's saved value (changing one is
-# refused: the networks, buffers and schedules in the checkpoint were built for those values).
-RESUMABLE = ("total_steps", "eval_every", "eval_episodes", "eval_video", "log_every",
-             "checkpoint_every", "checkpoint_replay", "device", "torch_threads", "profile",
-             "overlap_encode")
+# ---- the command line ------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> _Args:
     preset, so the flags given are exactly the changes (prepare() checks them against RESUMABLE)."""
     from furl_fast._cli import tyro_cli
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--preset", choices=sorted(PRESETS), default=None)
     pre.add_argument("--resume", default=None)
@@ -110,31 +90,43 @@ def parse_args(argv: list[str] | None = None) -> _Args:
     else:
         preset = "laptop"
         default = dataclasses.replace(saved_config(Path(known.resume)), resume=known.resume)
-    return tyro_cli(_Args, prog="python -m furl_fast.train", description=__doc__, args=argv,
+    return tyro_cli(_Args, prog="python -m furl_fast.train", description=__doc__,
+                    args=reward_subcommand(argv, default.reward),
                     default=_Args(preset, config=default))
 
 
-def saved_config(run_dir: Path) -> Config:
-    """The configuration a run directory was started with (its config.json)."""
-    if not (run_dir / CHECKPOINT_DIR / STATE_FILE).is_file():
-        raise ValueError(f"--resume {run_dir}: no checkpoint there ({CHECKPOINT_DIR}/{STATE_FILE}); "
-                         "give the run directory of an interrupted or finished run.")
-    try:
-        return config_from_dict(Config, json.loads((run_dir / "config.json").read_text()))
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
-        raise ValueError(f"--resume {run_dir}: cannot read its config.json ({exc}).") from exc
-
-
-def changed_fields(a: Config, b: Config) -> list[str]:
-    """Dotted names of the fields (nested ones as sac.tau) whose values differ."""
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-        return out
-
-    fa, fb = flat(config_to_dict(a)), flat(config_to_dict(b))
-    return sorted(k for k in fa if fa[k] != fb.get(k))
+def reward_subcommand(argv: list[str], default_reward: Any) -> list[str]:
+    """`--reward NAME [--reward.OPTION VALUE ...]` anywhere on the command line, rewritten into
+    tyro's form for the reward's config (a subcommand): the other flags, then `reward:NAME`, then
+    the reward's own options. With --reward, --help shows that reward's options."""
+    rest, options, name = [], [], None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--reward" and i + 1 < len(argv):
+            name, i = argv[i + 1], i + 2
+        elif arg.startswith("--reward="):
+            name, i = arg.split("=", 1)[1], i + 1
+        elif arg.startswith("--reward."):
+            options.append(arg)
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):  # its values
+                options.append(argv[i])
+                i += 1
+        else:
+            rest.append(arg)
+            i += 1
+    if name is None and options:
+        if default_reward is None:
+            raise ValueError(f"{options[0]} needs --reward NAME before it (one of {', '.join(REWARDS)}).")
+        name = default_reward.name
+    if name is None:
+        return rest
+    if name not in REWARDS:
+        raise ValueError(f"--reward {name} is unknown; use one of {', '.join(REWARDS)}.")
+    helps = [a for a in rest if a in ("-h", "--help")]
+    rest = [a for a in rest if a not in helps]
+    return [*rest, "reward:" + name.replace("_", "-"), *options, *helps]
 
 
 def check_config(cfg: Config) -> None:
@@ -153,81 +145,9 @@ def check_config(cfg: Config) -> None:
                              f"{', '.join(sorted(MT10_PROMPTS))}); describe its goal for the VLM with "
                              '--vlm.prompt "..." (a short sentence saying what success looks like).')
     if cfg.resolved_reward == "code":
-        load_program_set(cfg)
+        from furl_fast.rewards.code import load_program_set
 
-
-def load_program_set(cfg: Config):
-    """The code reward's programs: --code-programs FILE, or the task's reference set."""
-    from furl_fast.rewards.code import REFERENCE_PROGRAM_SETS, ProgramSet, reference_program_set
-
-    if cfg.code_programs is None:
-        try:
-            return reference_program_set(cfg.task)
-        except KeyError:
-            raise ValueError(f"--reward code: {cfg.task} has no reference program set (those with one: "
-                             f"{', '.join(sorted(REFERENCE_PROGRAM_SETS))}); pass --code-programs FILE "
-                             "with a verified set (furl_fast.rewards.code.generate_program_set).") from None
-    try:
-        return ProgramSet.load(cfg.code_programs)
-    except (OSError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        raise ValueError(f"--code-programs {cfg.code_programs}: cannot read a program set there "
-                         f"({exc}).") from exc
-
-
-# ---- environment steps -----------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Transition:
-    """One vector step, with autoreset already unpacked. N = num_envs."""
-
-    next_obs: np.ndarray  # (N, *obs_shape): what each step returned (final obs for ended episodes)
-    next_frames: np.ndarray | None  # (N, H, W, 3) uint8 matching next_obs
-    reward: np.ndarray  # (N,) sparse reward
-    terminated: np.ndarray  # (N,) bool
-    truncated: np.ndarray  # (N,) bool
-    success: np.ndarray  # (N,) bool
-    done: np.ndarray  # (N,) bool: terminated or truncated
-    reset_obs: np.ndarray  # (N, *obs_shape): the observations to act on next
-    reset_frames: np.ndarray | None
-    next_states: np.ndarray  # (N, 39) the env state of next_obs (is next_obs unless pixels)
-    reset_states: np.ndarray  # (N, 39) the env state of reset_obs
-
-
-def env_states(obs: np.ndarray, info: dict[str, Any]) -> np.ndarray:
-    """The 39-d env states of a vector step for the code reward: info["state"] (the state with the
-    goal xyz, even when the observation hides it), else the observation itself."""
-    return np.asarray(info["state"]) if "state" in info else obs
-
-
-def split_obs(obs: Any) -> tuple[np.ndarray, np.ndarray | None]:
-    """Vector-env observation -> (states, frames or None)."""
-    if isinstance(obs, dict):
-        return np.asarray(obs["obs"]), np.asarray(obs["frame"])
-    return np.asarray(obs), None
-
-
-def vector_step(envs, actions: np.ndarray) -> Transition:
-    """envs.step with gymnasium's SAME_STEP autoreset: ended envs report their final observation and
-    info under final_obs / final_info, and return the reset observation."""
-    obs, reward, terminated, truncated, info = envs.step(actions)
-    states, frames = split_obs(obs)
-    done = np.logical_or(terminated, truncated)
-    success = np.asarray(info["success"], dtype=bool).copy()
-    reset_env_states = env_states(states, info)
-    next_obs, next_frames = states.copy(), None if frames is None else frames.copy()
-    next_env_states = reset_env_states.copy()
-    for i in np.flatnonzero(done):
-        final_states, final_frames = split_obs(info["final_obs"][i])
-        next_obs[i] = final_states
-        if next_frames is not None:
-            next_frames[i] = final_frames
-        final_info = info["final_info"]
-        next_env_states[i] = final_info["state"][i] if "state" in final_info else final_states
-        success[i] = bool(final_info["success"][i])
-    return Transition(next_obs, next_frames, np.asarray(reward, np.float32), np.asarray(terminated),
-                      np.asarray(truncated), success, done, states, frames, next_env_states,
-                      reset_env_states)
+        load_program_set(cfg.task, cfg.reward_config.programs)
 
 
 # ---- the trainer -----------------------------------------------------------------------------
@@ -247,23 +167,18 @@ class Trainer:
         self.timings: dict[str, float] = {}  # seconds per phase, for --profile
         self.device = resolve_device(cfg.device)
         seed_everything(cfg.seed)
-        self.uses_vlm = cfg.algo != "sac"
 
-        # The VLM reward on a batch of embeddings: FuRL's aligned heads (set up below, they need the
-        # goal image), a zero-shot reward model (cosine, goal_baseline, binary), or the code reward.
-        # The code reward is stateful per episode, so it is scored once, at collection time, and
-        # stored in the buffer's embedding slot as a (1,) "embedding": the episode's progress.
-        self.encoder, self.furl, self.reward_model, self.code = encoder, None, None, None
-        if cfg.resolved_reward == "code":
-            from furl_fast.rewards.code import CodeReward
+        # The VLM reward (None for algo=sac): a furl_fast.rewards.RewardModel built from its config.
+        # The buffer keeps what it observes of every observation (an image embedding, or the code
+        # reward's progress) and the critic's reward adds rho * its reward of those stored values.
+        self.encoder, self.reward = encoder, None
+        if cfg.reward_config is not None:
+            from furl_fast.rewards import RewardContext, build_reward
 
-            self.code = CodeReward(load_program_set(cfg), num_envs=cfg.num_envs)
-        elif self.uses_vlm and cfg.algo != "furl":
-            from furl_fast.rewards import make_reward_model
-
-            name = cfg.resolved_reward
-            prompt_arg = "goal_prompts" if name == "goal_baseline" else "prompt"
-            self.reward_model = make_reward_model(name, encoder, cfg.task, **{prompt_arg: cfg.vlm.prompt})
+            context = RewardContext(encoder=encoder, task=cfg.task, prompt=cfg.vlm.prompt,
+                                    num_envs=cfg.num_envs, device=self.device, seed=cfg.seed,
+                                    furl=cfg.furl, goal_frame=self.goal_frame)
+            self.reward = build_reward(cfg.reward_config, context)
 
         import gymnasium as gym
 
@@ -274,8 +189,8 @@ class Trainer:
         self.repeat = cfg.drq.action_repeat if self.pixels else 1
         env_kwargs = dict(obs="pixels", pixel_size=cfg.drq.image_size, frame_stack=cfg.drq.frame_stack,
                           action_repeat=cfg.drq.action_repeat) if self.pixels else {}
-        # Programs that never read their frame spare the render.
-        self.vlm_frames = self.uses_vlm and (self.code is None or self.code.reads_frames)
+        # Rewards that never read frames (code programs that read only states) spare the render.
+        self.vlm_frames = self.reward is not None and self.reward.reads_frames
         env_kwargs["reward"] = cfg.env_reward
         env_kwargs["fast_render"] = cfg.render_quality == "fast"
         self.envs = make_vector_env(cfg.task, cfg.num_envs, seed=cfg.seed, goal=cfg.goal,
@@ -304,45 +219,36 @@ class Trainer:
         self.relay_agent = make_agent("relay_") if cfg.uses_relay else None
         self.schedule = RelaySchedule.from_config(cfg.furl, num_envs=cfg.num_envs, seed=cfg.seed) \
             if cfg.uses_relay else None
-        if cfg.algo == "furl":
-            from furl_fast.rewards.furl import FuRLReward
-            from furl_fast.vlm import task_prompt
-
-            text_emb = self.encoder.encode_text([task_prompt(cfg.task, cfg.vlm.prompt)])[0].float()
-            self.furl = FuRLReward(self.encoder.embed_dim, text_emb, cfg.furl, self.device, seed=cfg.seed)
-            if cfg.furl.phase_a:  # only phase A reads the goal image (and its expert rollout)
-                self.furl.set_goal(self.goal_embedding())
-
         # Capacity counts observation slots: each episode also stores its final observation.
         episode_steps = self.eval_env.unwrapped.max_episode_steps // self.repeat
         capacity = cfg.resolved_buffer_size + cfg.resolved_buffer_size // episode_steps + 2 * cfg.num_envs
         self.buffer = ReplayBuffer(capacity, stored_shape, act_dim,
                                    frame_stack=cfg.drq.frame_stack if self.pixels else 1,
                                    shift_pad=cfg.drq.shift_pad,
-                                   embedding_dim=self.encoder.embed_dim if self.encoder else
-                                   int(self.code is not None),
-                                   embedding_dtype=torch.float16 if self.encoder else torch.float32,
+                                   embedding_dim=0 if self.reward is None else self.reward.stored_width,
+                                   embedding_dtype=torch.float16 if self.reward is None else
+                                   self.reward.stored_dtype,
                                    n_step=(cfg.drq if self.pixels else cfg.sac).n_step,
                                    gamma=(cfg.drq if self.pixels else cfg.sac).gamma,
                                    num_envs=cfg.num_envs,
                                    device=self.device, seed=cfg.seed)
         # The encoder runs beside the learner: a thread (torch ops release the GIL) and, on a GPU, its
         # own stream, so the frames of step t are encoded while step t's updates run.
-        overlap = cfg.overlap_encode and self.encoder is not None
+        overlap = cfg.overlap_encode and cfg.loads_encoder
         self.encode_pool = ThreadPoolExecutor(1, thread_name_prefix="encode") if overlap else None
         self.encode_stream = torch.cuda.Stream(self.device) if overlap and self.device.type == "cuda" \
             else None
         self.step = 0
         self.episodes = 0
-        self.relay_positives = 0  # algo=relay: positive frames counted as the embedding buffer would
+        self.relay_positives = 0  # positive frames, counted as FuRL's embedding buffer labels them
         self.last_eval_step = -1
         self.recent_success: deque[float] = deque(maxlen=20)
 
     # -- pieces --------------------------------------------------------------------------------
 
-    def goal_embedding(self) -> torch.Tensor:
-        """FuRL's goal image: the first success frame of the scripted expert (same seed and goal
-        setting as training), through the same 256 x 256 render (render_quality) and preprocessing as
+    def goal_frame(self) -> np.ndarray:
+        """FuRL's goal image, (H, W, 3) uint8: the first success frame of the scripted expert (same
+        seed and goal setting as training), through the same 256 x 256 render (render_quality) as
         every frame."""
         from furl_fast.envs import expert_rollout
 
@@ -352,22 +258,14 @@ class Trainer:
         if index is None:
             raise ValueError(f"the scripted expert did not solve {self.cfg.task} with seed "
                                f"{self.cfg.seed}, so FuRL has no goal image; try another seed.")
-        return self.encode(rollout.frames[index : index + 1])[0].float()
-
-    def encode(self, frames: np.ndarray) -> torch.Tensor:
-        """(N, H, W, 3) uint8 -> (N, D) embeddings on the training device."""
-        with self.timed("encode"):
-            return self.encoder.encode_frames(frames).to(self.device)
+        return rollout.frames[index]
 
     def reward_inputs(self, states: np.ndarray, frames: np.ndarray | None, env_ids) -> torch.Tensor:
-        """What the buffer keeps per observation of envs env_ids for the VLM reward: (n, D) image
-        embeddings, or for the code reward the (n, 1) progress of each env's episode so far."""
-        if self.code is None:
-            return self.encode(frames[env_ids])
-        with self.timed("code"):
-            frames = np.zeros((len(env_ids), 1, 1, 3), np.uint8) if frames is None else frames[env_ids]
-            progress = self.code.batch(frames, states[env_ids], env_ids=env_ids)
-        return torch.from_numpy(progress).unsqueeze(1).to(self.device)
+        """What the buffer keeps per observation of envs env_ids (reward.observe), on the training
+        device."""
+        with self.timed("encode" if self.cfg.loads_encoder else "code"):
+            return self.reward.observe(None if frames is None else frames[env_ids], states[env_ids],
+                                       np.asarray(env_ids)).to(self.device)
 
     def reward_inputs_later(self, states: np.ndarray, frames: np.ndarray | None,
                             env_ids) -> Callable[[], torch.Tensor]:
@@ -379,7 +277,7 @@ class Trainer:
 
         def encode_on_side_stream() -> torch.Tensor:
             with torch.cuda.stream(self.encode_stream):  # None (CPU): a no-op
-                return self.encode(frames[env_ids])
+                return self.reward_inputs(states, frames, env_ids)
 
         future = self.encode_pool.submit(encode_on_side_stream)
 
@@ -392,14 +290,6 @@ class Trainer:
             return embs
 
         return wait
-
-    def vlm_reward(self, emb: torch.Tensor) -> torch.Tensor:
-        """(B, D) embeddings -> (B,) float32 VLM reward with the heads / model as they are now."""
-        if self.code is not None:
-            return emb[:, 0]
-        if self.furl is not None:
-            return ops.mlp_cosine_reward(emb, *self.furl.fused_params())
-        return self.reward_model.reward_from_embeddings(emb)
 
     def timed(self, name: str):
         return _Timer(self.timings, name, self.cfg.profile and self.device.type == "cuda")
@@ -429,17 +319,17 @@ class Trainer:
         metrics: dict[str, Any] = {}
         with self.timed("update"):
             reward = batch.reward
-            if self.uses_vlm:
-                # Heads as they are before this step's update (spec: pre-update reward).
-                vlm, per_step = nstep_vlm_reward(batch, self.vlm_reward)
+            if self.reward is not None:
+                # The reward as it is before this step's update (FuRL's spec: pre-update heads).
+                vlm, per_step = nstep_vlm_reward(batch, self.reward.reward_from_embeddings)
                 reward = batch.reward + cfg.resolved_rho * vlm
                 if log:  # the reward of one frame, R(o_{t+1}), whatever the n of the n-step sum
                     metrics["charts/vlm_reward"] = per_step[:, 0].mean()
             metrics.update(self.agent.update(batch._replace(reward=reward), log=log))
             if self.relay_agent is not None and self.schedule.enabled:
                 metrics.update(self.relay_agent.update(batch, log=log))  # sparse reward only
-            if self.furl is not None:
-                metrics.update(self.furl.update(batch.next_embedding, log=log))
+            if self.reward is not None:
+                metrics.update(self.reward.update(batch, log=log))
         return metrics
 
     # -- episodes ------------------------------------------------------------------------------
@@ -453,9 +343,9 @@ class Trainer:
 
     def start_episodes(self, obs: np.ndarray, frames: np.ndarray | None, env_states: np.ndarray,
                        env_ids: np.ndarray) -> None:
-        if self.code is not None:
-            self.code.reset(env_ids)
-        embs = self.reward_inputs(env_states, frames, env_ids) if self.uses_vlm else None
+        if self.reward is not None:
+            self.reward.reset(env_ids)
+        embs = self.reward_inputs(env_states, frames, env_ids) if self.reward is not None else None
         for k, e in enumerate(env_ids):
             self.buffer.start_episode(self.stored(obs[e]), embedding=None if embs is None else embs[k],
                                       env=int(e))
@@ -468,15 +358,13 @@ class Trainer:
         success = np.asarray(self.ep_success[e], dtype=bool)
         self.episodes += 1
         self.recent_success.append(float(success[-1]))
-        if self.furl is not None:
-            self.furl.add_episode(torch.stack(self.ep_embs[e]), success)
-        elif self.schedule is not None:  # relay without heads: count positives as the heads' buffer would
+        if self.reward is not None:
+            self.reward.end_episode(torch.stack(self.ep_embs[e]), success)
+        if self.schedule is not None:
             from furl_fast.rewards.furl import label_episode
 
             self.relay_positives += label_episode(success)
-        if self.schedule is not None:
-            positives = self.furl.buffer.positives_added if self.furl is not None else self.relay_positives
-            self.schedule.observe_positives(positives)
+            self.schedule.observe_positives(self.relay_positives)
         return {"charts/episode_return": self.ep_return[e], "charts/episode_success": float(success[-1]),
                 "charts/episode_ever_success": float(success.any()), "charts/episodes": self.episodes}
 
@@ -521,7 +409,7 @@ class Trainer:
                 with self.timed("env"):
                     tr = vector_step(self.envs, actions)
                 inputs = self.reward_inputs_later(tr.next_states, tr.next_frames, np.arange(n)) \
-                    if self.uses_vlm else lambda: None
+                    if self.reward is not None else lambda: None
                 self.step += stride
                 log = self.step // log_every != (self.step - stride) // log_every
                 log_updates |= log
@@ -573,17 +461,15 @@ class Trainer:
             writer.close()
 
     def add_to_buffer(self, tr: Transition, actions: np.ndarray, embs: torch.Tensor | None) -> None:
-        n = self.cfg.num_envs
         with self.timed("buffer"):
-            for e in range(n):
-                self.buffer.add(self.stored(tr.next_obs[e]), actions[e], float(tr.reward[e]),
-                                bool(tr.terminated[e]),
-                                bool(tr.truncated[e]), success=bool(tr.success[e]),
-                                embedding=None if embs is None else embs[e], env=e)
-                self.ep_return[e] += float(tr.reward[e])
-                self.ep_success[e].append(bool(tr.success[e]))
-                if self.furl is not None:  # its embedding buffer takes whole labelled episodes
-                    self.ep_embs[e].append(embs[e])
+            next_obs = tr.next_obs[:, -self.frame_channels:] if self.pixels else tr.next_obs
+            self.buffer.add_batch(next_obs, actions, tr.reward, tr.terminated, tr.truncated,
+                                  success=tr.success, embedding=embs)
+        for e in range(self.cfg.num_envs):
+            self.ep_return[e] += float(tr.reward[e])
+            self.ep_success[e].append(bool(tr.success[e]))
+            if embs is not None:  # the reward sees whole episodes at their end
+                self.ep_embs[e].append(embs[e])
 
     def expectation_line(self) -> str:
         """What to expect, printed as a run starts: the steps to go and, on a CPU, the time they take
@@ -657,31 +543,20 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Atomic: the replay buffer goes to a new file first, then state.pt (which names it) replaces
-        the previous one, then older replay files are removed. A crash at any point leaves a
-        consistent (state.pt, replay file) pair."""
-        ckpt = self.run_dir / CHECKPOINT_DIR
-        ckpt.mkdir(parents=True, exist_ok=True)
-        replay_name = f"replay-{self.step:010d}.bin" if self.cfg.checkpoint_replay else None
-        if replay_name is not None:
-            self.buffer.save(ckpt / replay_name)
+        """Atomic (furl_fast.runs.write_checkpoint): a crash at any point leaves a consistent pair of
+        state.pt and the replay file it names."""
         state = {
-            "step": self.step, "episodes": self.episodes, "replay": replay_name,
+            "step": self.step, "episodes": self.episodes,
             "relay_positives": self.relay_positives, "last_eval_step": self.last_eval_step,
             "recent_success": list(self.recent_success),
             "agent": self.agent.state_dict(),
             "relay_agent": None if self.relay_agent is None else self.relay_agent.state_dict(),
             "schedule": None if self.schedule is None else self.schedule.state_dict(),
-            "furl": None if self.furl is None else self.furl.state_dict(),
+            "reward": None if self.reward is None else self.reward.state_dict(),
             "rng": rng_state(),
         }
-        tmp = ckpt / (STATE_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, ckpt / STATE_FILE)
-        for old in ckpt.glob("replay-*.bin"):
-            if old.name != replay_name:
-                old.unlink()
-        return ckpt / STATE_FILE
+        return write_checkpoint(self.run_dir, state, self.buffer if self.cfg.checkpoint_replay else None,
+                                self.step)
 
     def load_checkpoint(self, state: dict[str, Any]) -> None:
         """Restores read_checkpoint()'s state; raises ValueError when it does not fit this run."""
@@ -703,15 +578,15 @@ class Trainer:
         if self.relay_agent is not None:
             self.relay_agent.load_state_dict(state["relay_agent"])
             self.schedule.load_state_dict(state["schedule"])
-        if self.furl is not None:
-            self.furl.load_state_dict(state["furl"])
+        if self.reward is not None:
+            self.reward.load_state_dict(state["reward"])
         set_rng_state(state["rng"])
 
     def close(self) -> None:
         self.envs.close()
         self.eval_env.close()
-        if self.code is not None:
-            self.code.close()
+        if self.reward is not None:
+            self.reward.close()
         if self.encode_pool is not None:
             self.encode_pool.shutdown()
 
@@ -769,101 +644,6 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_video(stem: Path, frames: list[np.ndarray], fps: int = 30) -> Path:
-    """mp4 through imageio-ffmpeg, or a GIF when no ffmpeg can be found."""
-    import imageio
-
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        path = stem.with_suffix(".mp4")
-        imageio.mimwrite(path, frames, fps=fps, macro_block_size=1)
-    except Exception as exc:  # no ffmpeg backend: a GIF needs none
-        logger.warning("mp4 writing failed (%s); writing a GIF instead", exc)
-        path = stem.with_suffix(".gif")
-        imageio.mimwrite(path, frames, duration=1000 / fps)
-    return path
-
-
-def default_run_dir(cfg: Config) -> Path:
-    task = cfg.task.removesuffix("-v3")
-    return Path("runs") / f"{cfg.algo}-{task}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def prepare(cfg: Config) -> tuple[Config, Path, dict[str, Any] | None]:
-    """Resolves and checks the run directory. A resume returns the checkpoint's state too (read now,
-    so that a damaged file is reported before any start-up work), and its configuration: the saved
-    one with the changes of RESUMABLE applied (cfg must be the saved configuration plus changes, as
-    parse_config makes it)."""
-    if cfg.resume:
-        run_dir = Path(cfg.resume)
-        saved = saved_config(run_dir)
-        refused = [k for k in changed_fields(cfg, saved) if k not in (*RESUMABLE, "resume", "run_dir")]
-        if cfg.run_dir not in (saved.run_dir, str(run_dir)):
-            refused.append("run_dir")
-        if refused:
-            flags = ", ".join("--" + k.replace("_", "-") for k in refused)
-            raise ValueError(f"--resume {run_dir}: {flags} cannot change on a resume (the checkpoint "
-                             f"was made with the saved values); a resume may change only "
-                             f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)}.")
-        state = read_checkpoint(run_dir)
-        if cfg.total_steps < state["step"]:
-            raise ValueError(f"--resume {run_dir}: --total-steps {cfg.total_steps} is below the "
-                             f"checkpoint's step {state['step']}; a resume can only extend a run.")
-        return dataclasses.replace(cfg, resume=str(run_dir), run_dir=str(run_dir)), run_dir, state
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    for path in (run_dir, *run_dir.parents):
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"--run-dir {run_dir}: {path} is a file, not a directory; choose another "
-                             "path.")
-    if (run_dir / CHECKPOINT_DIR / STATE_FILE).exists():
-        raise ValueError(f"--run-dir {run_dir} already holds a run; continue it with --resume {run_dir} "
-                         "or choose another directory.")
-    return dataclasses.replace(cfg, run_dir=str(run_dir)), run_dir, None
-
-
-def read_checkpoint(run_dir: Path) -> dict[str, Any]:
-    """The checkpoint's state (state.pt), with its replay file's header checked."""
-    from furl_fast.replay import ReplayBuffer
-
-    path = run_dir / CHECKPOINT_DIR / STATE_FILE
-    try:  # our own file (it holds RNG states, which need full unpickling)
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["replay"] is not None:
-            ReplayBuffer.check_file(run_dir / CHECKPOINT_DIR / state["replay"])
-    except Exception as exc:  # noqa: BLE001  (truncated zip, bad pickle, missing key: all damage)
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"--resume {run_dir}: its checkpoint is damaged or incomplete ({message}); "
-                         "nothing was changed.") from exc
-    return state
-
-
 def load_vlm(cfg: Config):
     """The frozen VLM; fails fast (RuntimeError / FileNotFoundError / ValueError) without weights."""
     from furl_fast.vlm import load_encoder
@@ -874,62 +654,86 @@ def load_vlm(cfg: Config):
 
 def train(cfg: Config, wandb_project: str | None = None, wandb_entity: str | None = None) -> int:
     """Runs (or resumes) one training run; returns the process exit code (2: it could not start,
-    with a one-line message on stderr and no run directory made; 130: interrupted while starting).
+    with a one-line message on stderr and no run directory made; 128 + signal number: stopped by
+    SIGINT or SIGTERM, with a checkpoint once training has started, with nothing written before).
     wandb_project: track the run with Weights & Biases in that project (metrics.start_wandb)."""
     from furl_fast.vlm.encoder import WeightsUnavailableError
 
+    # SIGINT / SIGTERM only set a flag: start-up looks at it between its phases (a KeyboardInterrupt
+    # raised inside MuJoCo's renderer, a worker start or a weights load could leave a half-built
+    # object or a hung worker behind), the training loop before every step. A second SIGINT during
+    # start-up interrupts at once.
+    stop: list[int] = []
+    starting = True
+
+    def on_signal(signum: int, _frame) -> None:
+        stop.append(signum)
+        if starting and stop.count(signal.SIGINT) > 1:
+            raise KeyboardInterrupt
+
+    def interrupted() -> None:
+        if stop:
+            raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     trainer = None
     try:
-        cfg, run_dir, state = prepare(cfg)
-        check_config(cfg)
-        if wandb_project is not None:
-            from furl_fast.metrics import require_wandb
+        try:
+            cfg, run_dir, state = prepare(cfg, cfg.task.removesuffix("-v3"))
+            check_config(cfg)
+            if wandb_project is not None:
+                from furl_fast.metrics import require_wandb
 
-            require_wandb()
-        if cfg.torch_threads is not None:
-            torch.set_num_threads(cfg.torch_threads)
-        loading = "the VLM and the environments" if cfg.loads_encoder else "the environments"
-        vlm = f"{cfg.vlm.model} ({cfg.vlm.pretrained or 'default weights'})" if cfg.loads_encoder \
-            else "none"
-        print(f"furl_fast.train: {'resuming' if state is not None else 'starting'} {cfg.algo} "
-              f"{cfg.task} in {run_dir} ({cfg.algo}-{cfg.agent}, seed {cfg.seed}, VLM {vlm}, render "
-              f"quality {cfg.render_quality}, env reward {cfg.env_reward}; loading {loading})",
-              flush=True)
-        encoder = load_vlm(cfg) if cfg.loads_encoder else None
-        trainer = Trainer(cfg, run_dir, encoder)
+                require_wandb()
+            if cfg.torch_threads is not None:
+                torch.set_num_threads(cfg.torch_threads)
+            loading = "the VLM and the environments" if cfg.loads_encoder else "the environments"
+            vlm = f"{cfg.vlm.model} ({cfg.vlm.pretrained or 'default weights'})" if cfg.loads_encoder \
+                else "none"
+            print(f"furl_fast.train: {'resuming' if state is not None else 'starting'} {cfg.algo} "
+                  f"{cfg.task} in {run_dir} ({cfg.algo}-{cfg.agent}, seed {cfg.seed}, VLM {vlm}, render "
+                  f"quality {cfg.render_quality}, env reward {cfg.env_reward}; loading {loading})",
+                  flush=True)
+            interrupted()
+            encoder = load_vlm(cfg) if cfg.loads_encoder else None
+            interrupted()
+            trainer = Trainer(cfg, run_dir, encoder)
+            interrupted()
+            if state is not None:
+                trainer.load_checkpoint(state)
+            interrupted()
+            # Only now, with everything ready: a run that cannot start leaves no directory behind.
+            # (A resume rewrites it with the changes it made: total_steps, cadences, device.)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            resolved = config_to_dict(dataclasses.replace(cfg, resume=None))
+            atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=2))
+            starting = False
+        except (KeyboardInterrupt, ValueError, OSError, WeightsUnavailableError) as exc:
+            if trainer is not None:
+                trainer.close()
+            if isinstance(exc, KeyboardInterrupt):
+                print("furl_fast.train: interrupted while starting; nothing was written.",
+                      file=sys.stderr)
+                return 128 + (stop[0] if stop else signal.SIGINT)
+            print(f"furl_fast.train: {cli_message(exc)}", file=sys.stderr)
+            return 2
         if state is not None:
-            trainer.load_checkpoint(state)
-        # Only now, with everything ready: a run that cannot start leaves no directory behind.
-        # (A resume rewrites it with the changes it made: total_steps, cadences, device.)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        resolved = config_to_dict(dataclasses.replace(cfg, resume=None))
-        atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=2))
-    except (KeyboardInterrupt, ValueError, OSError, WeightsUnavailableError) as exc:
-        if trainer is not None:
-            trainer.close()
-        if isinstance(exc, KeyboardInterrupt):
-            print("furl_fast.train: interrupted while starting; nothing was written.", file=sys.stderr)
-            return 130
-        print(f"furl_fast.train: {cli_message(exc)}", file=sys.stderr)
-        return 2
-    if state is not None:
-        logger.info("resumed %s at step %d", run_dir, trainer.step)
-    tracker = None
-    if wandb_project is not None:
-        from furl_fast.metrics import start_wandb
+            logger.info("resumed %s at step %d", run_dir, trainer.step)
+        tracker = None
+        if wandb_project is not None:
+            from furl_fast.metrics import start_wandb
 
-        tracker = start_wandb(run_dir, config_to_dict(cfg), project=wandb_project, entity=wandb_entity)
-    stop: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, _frame: stop.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        code = trainer.run(stop)
+            tracker = start_wandb(run_dir, config_to_dict(cfg), project=wandb_project,
+                                  entity=wandb_entity)
+        try:
+            code = trainer.run(stop)
+        finally:
+            trainer.close()
+            if tracker is not None:
+                tracker.finish()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        trainer.close()
-        if tracker is not None:
-            tracker.finish()
     if code == 0:
         print(f"done: {trainer.step} steps, run directory {run_dir}")
     return code

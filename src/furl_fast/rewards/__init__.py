@@ -12,7 +12,9 @@ from furl_fast.rewards.models import (
     CosineReward,
     FuRLRewardModel,
     GoalBaselineReward,
+    RewardContext,
     RewardModel,
+    build_reward,
     make_reward_model,
 )
 from furl_fast.rewards.wrapper import VLMRewardVectorWrapper, VLMRewardWrapper
@@ -25,8 +27,10 @@ __all__ = [
     "CosineReward",
     "FuRLRewardModel",
     "GoalBaselineReward",
+    "RewardContext",
     "RewardModel",
     "VLMRewardVectorWrapper",
     "VLMRewardWrapper",
+    "build_reward",
     "make_reward_model",
 ]

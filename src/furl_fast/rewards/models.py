@@ -12,13 +12,24 @@ episode state per environment slot: call `reset(env_ids)` when those environment
 - FuRLRewardModel: FuRL's aligned heads (furl_fast.rewards.furl.FuRLReward).
 - CodeRewardModel: code-as-reward programs (furl_fast.rewards.code.CodeReward); needs states.
 
-make_reward_model(name, encoder, task, **kwargs) builds any of them by name.
+make_reward_model(name, encoder, task, **kwargs) builds any of them by name; REWARD_MODELS is the
+registry (name -> class) that the trainer and the reward evaluation read.
+
+Training with a reward (furl_fast.train) goes through the hooks of RewardModel beside
+reward_from_embeddings: `from_config(config, context)` builds it for a run from its config dataclass
+(furl_fast.config, e.g. BinaryRewardConfig); `observe(frames, states, env_ids)` gives what the replay
+buffer keeps per observation (`stored_width` values of `stored_dtype`: an image embedding, or the
+code reward's progress); `reward_from_embeddings(stored)` scores a sampled batch of those values;
+`end_episode(stored, success)` sees each finished episode (FuRL fills its embedding buffer);
+`update(batch)` trains whatever the reward trains (FuRL's heads); `state_dict` / `load_state_dict`
+go into checkpoints; `close` frees workers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -34,7 +45,9 @@ __all__ = [
     "CosineReward",
     "FuRLRewardModel",
     "GoalBaselineReward",
+    "RewardContext",
     "RewardModel",
+    "build_reward",
     "make_reward_model",
 ]
 
@@ -54,29 +67,100 @@ def _prompt_list(name: str, prompts: str | Sequence[str]) -> list[str]:
     return prompts
 
 
+@dataclasses.dataclass(frozen=True)
+class RewardContext:
+    """What a reward may read while it builds itself for a training run (RewardModel.from_config)."""
+
+    encoder: Encoder | None
+    """The frozen VLM (None when the run loads none: the reward's needs_encoder is False)."""
+    task: str
+    """The task name."""
+    prompt: str | None
+    """--vlm.prompt: the task's text goal, or None for the task's built-in prompt."""
+    num_envs: int
+    """Environments stepped in parallel (stateful rewards keep one episode state each)."""
+    device: torch.device
+    """The training device: where stored values and rewards of batches live."""
+    seed: int
+    furl: Any = None
+    """The run's FuRLConfig (--furl.*)."""
+    goal_frame: Callable[[], np.ndarray] | None = None
+    """Renders the task's goal image, (H, W, 3) uint8 (FuRL's phase A reads it)."""
+
+
 class RewardModel:
     """Base class: a batch of frames (or of image embeddings) in, one float32 reward per item out.
 
-    Attributes: `name` (the factory name); `needs_states` (True: __call__ requires `states`);
-    `stateful` (True: call reset(env_ids) at episode starts); `decision_threshold` (the reward's own
-    success threshold on its continuous score, or None when it has none: see evaluate_reward).
+    Attributes: `name` (the registry name, the config's name); `needs_states` (True: __call__ requires `states`); `stateful` (True: call reset(env_ids) at
+    episode starts); `offline_scorable` (it scores single frames from their embedding alone, so the
+    reward evaluation can test it); `decision_threshold` (the reward's own success threshold on its
+    continuous score, or None when it has none: see evaluate_reward).
     """
 
-    name: str = ""
-    needs_states: bool = False
-    stateful: bool = False
+    name: ClassVar[str] = ""
+    needs_states: ClassVar[bool] = False
+    stateful: ClassVar[bool] = False
+    offline_scorable: ClassVar[bool] = False
     decision_threshold: float | None = None
+    stored_dtype: torch.dtype = torch.float16
+    """dtype of what observe() returns in the replay buffer (embeddings keep half precision)."""
 
     def __init__(self, encoder: Encoder | None) -> None:
         self.encoder = encoder
+
+    @classmethod
+    def from_config(cls, config: Any, context: RewardContext) -> RewardModel:
+        """The reward for a training run: config is its dataclass from furl_fast.config."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built for training.")
+
+    # -- training hooks --------------------------------------------------------------------------
+
+    @property
+    def stored_width(self) -> int:
+        """Values the replay buffer keeps per observation (the image embedding's width)."""
+        return self.encoder.embed_dim
+
+    @property
+    def reads_frames(self) -> bool:
+        """Whether observe() reads frames (False spares rendering them)."""
+        return True
+
+    def observe(self, frames: np.ndarray | None, states: np.ndarray,
+                env_ids: np.ndarray) -> torch.Tensor:
+        """What the replay buffer keeps of new observations of envs env_ids: frames (n, H, W, 3)
+        uint8 (None when reads_frames is False), states (n, S) -> (n, stored_width) on the encoder's
+        device. Called once per observation, in order, the reset observation included."""
+        return self.encoder.encode_frames(frames)
+
+    def end_episode(self, stored: torch.Tensor, success: np.ndarray) -> None:
+        """A finished episode: stored (T, stored_width), the values observe() gave for the frames
+        after each of its T steps; success (T,) bool, each step's success flag."""
+
+    def update(self, batch: Any, log: bool = False) -> dict[str, Any]:
+        """Trains whatever the reward learns on a sampled replay batch (furl_fast.replay.Batch);
+        returns metrics (0-dim tensors, or floats with log=True)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What a checkpoint keeps of the reward (None: nothing to keep)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restores state_dict()'s output."""
 
     @property
     def device(self) -> torch.device:
         return self.encoder.device if self.encoder is not None else torch.device("cpu")
 
     def reward_from_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
-        """emb: (N, D) float image embeddings (not necessarily normalised) -> (N,) float32."""
+        """emb: (N, D) float image embeddings (not necessarily normalised) -> (N,) float32. During
+        training, emb is what observe() stored (for the code reward: its progress)."""
         raise NotImplementedError(f"{type(self).__name__} does not score image embeddings.")
+
+    def score(self, emb: torch.Tensor) -> torch.Tensor:
+        """The continuous score behind the reward, (N,) float32 (the reward evaluation's ROC-AUC and
+        correlation read it): the reward itself, unless the reward thresholds a score."""
+        return self.reward_from_embeddings(emb)
 
     def __call__(self, frames: np.ndarray | torch.Tensor,
                  states: np.ndarray | None = None) -> torch.Tensor:
@@ -111,6 +195,11 @@ class CosineReward(RewardModel):
     """
 
     name = "cosine"
+    offline_scorable = True
+
+    @classmethod
+    def from_config(cls, config: Any, context: RewardContext) -> CosineReward:
+        return cls(context.encoder, context.task, prompt=context.prompt)
 
     def __init__(self, encoder: Encoder, task: str, *, prompt: str | None = None) -> None:
         super().__init__(encoder)
@@ -132,6 +221,14 @@ class GoalBaselineReward(RewardModel):
     """
 
     name = "goal_baseline"
+    offline_scorable = True
+
+    @classmethod
+    def from_config(cls, config: Any, context: RewardContext) -> GoalBaselineReward:
+        goal_prompts = config.goal_prompts if config.goal_prompts is not None else \
+            task_prompt(context.task, context.prompt)
+        return cls(context.encoder, context.task, goal_prompts=goal_prompts,
+                   baseline_prompts=config.baseline_prompts, alpha=config.alpha)
 
     def __init__(self, encoder: Encoder, task: str, *,
                  goal_prompts: str | Sequence[str] | None = None,
@@ -163,6 +260,12 @@ class BinaryReward(RewardModel):
     """
 
     name = "binary"
+    offline_scorable = True
+
+    @classmethod
+    def from_config(cls, config: Any, context: RewardContext) -> BinaryReward:
+        return cls(context.encoder, context.task, prompt=context.prompt, negatives=config.negatives,
+                   temperature=config.temperature, threshold=config.threshold, binary=config.binary)
 
     def __init__(self, encoder: Encoder, task: str, *, prompt: str | None = None,
                  negatives: Sequence[str] | None = None, temperature: float | None = None,
@@ -193,6 +296,9 @@ class BinaryReward(RewardModel):
         return ops.softmax_goal_reward(self._check_emb(emb), self.text_emb, 0,
                                        temperature=self.temperature)
 
+    def score(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.probability(emb)
+
     def reward_from_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
         return ops.softmax_goal_reward(self._check_emb(emb), self.text_emb, 0,
                                        temperature=self.temperature,
@@ -202,12 +308,23 @@ class BinaryReward(RewardModel):
 class FuRLRewardModel(RewardModel):
     """FuRL's aligned reward cos(f_I(emb), f_L(text)) with the heads of a FuRLReward, as they are now.
 
-    furl: the FuRLReward to read (training it stays the caller's job: furl.update / add_episode);
-    default a fresh one on the task prompt (untrained heads: the reward means nothing yet).
+    furl: the FuRLReward to read; default a fresh one on the task prompt (untrained heads: the reward
+    means nothing yet). In training (from_config) it also trains them: update() takes one head step
+    per agent update, end_episode() fills FuRL's embedding buffer, and phase A ranks frames by their
+    distance to the goal image's embedding.
     Equivalent: ops.mlp_cosine_reward(emb, *furl.fused_params()).
     """
 
     name = "furl"
+
+    @classmethod
+    def from_config(cls, config: Any, context: RewardContext) -> FuRLRewardModel:
+        model = cls(context.encoder, context.task, prompt=context.prompt, config=context.furl,
+                    seed=context.seed)
+        if model.furl.config.phase_a:  # only phase A reads the goal image (and its expert rollout)
+            goal = context.encoder.encode_frames(context.goal_frame()[None])[0]
+            model.furl.set_goal(goal.float())
+        return model
 
     def __init__(self, encoder: Encoder, task: str, *, furl: Any = None, prompt: str | None = None,
                  config: Any = None, seed: int = 0) -> None:
@@ -215,12 +332,24 @@ class FuRLRewardModel(RewardModel):
         if furl is None:
             from furl_fast.rewards.furl import FuRLReward
 
-            text = encoder.encode_text([task_prompt(task, prompt)])[0]
+            text = encoder.encode_text([task_prompt(task, prompt)])[0].float()
             furl = FuRLReward(encoder.embed_dim, text, config, device=encoder.device, seed=seed)
         self.furl = furl
 
     def reward_from_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
         return ops.mlp_cosine_reward(self._check_emb(emb), *self.furl.fused_params())
+
+    def end_episode(self, stored: torch.Tensor, success: np.ndarray) -> None:
+        self.furl.add_episode(stored, success)
+
+    def update(self, batch: Any, log: bool = False) -> dict[str, Any]:
+        return self.furl.update(batch.next_embedding, log=log)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.furl.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        self.furl.load_state_dict(state)
 
 
 class CodeRewardModel(RewardModel):
@@ -230,19 +359,53 @@ class CodeRewardModel(RewardModel):
     must have (one episode state per slot). Needs states: (num_envs, S) float, the env's state.
     Stateful: reset(env_ids) at each episode start, then score every observation of the episode,
     the reset one included (see furl_fast.rewards.code.reward). The encoder is not used.
+    In training the replay buffer stores each observation's progress ((1,) float32) and the reward
+    of a sampled batch is that stored progress: the programs run once per observation, at collection.
     """
 
     name = "code"
     needs_states = True
     stateful = True
+    stored_dtype = torch.float32
+
+    @classmethod
+    def from_config(cls, config: Any, context: RewardContext) -> CodeRewardModel:
+        from furl_fast.rewards.code import load_program_set
+
+        return cls(context.encoder, context.task, program_set=load_program_set(context.task,
+                                                                                config.programs),
+                   num_envs=context.num_envs, device=context.device)
 
     def __init__(self, encoder: Encoder | None, task: str, *, program_set: Any = None,
-                 num_envs: int = 1, limits: Any = None) -> None:
+                 num_envs: int = 1, limits: Any = None, device: torch.device | str = "cpu") -> None:
         super().__init__(encoder)
         from furl_fast.rewards.code import CodeReward, reference_program_set
 
         self.code = CodeReward(program_set or reference_program_set(task), num_envs, limits)
         self.num_envs = num_envs
+        self._device = torch.device(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def stored_width(self) -> int:
+        return 1
+
+    @property
+    def reads_frames(self) -> bool:
+        return self.code.reads_frames
+
+    def observe(self, frames: np.ndarray | None, states: np.ndarray,
+                env_ids: np.ndarray) -> torch.Tensor:
+        if frames is None:  # no program reads its frame: a 1x1 stand-in spares the render
+            frames = np.zeros((len(env_ids), 1, 1, 3), np.uint8)
+        progress = self.code.batch(frames, states, env_ids=env_ids)
+        return torch.from_numpy(progress).unsqueeze(1).to(self.device)
+
+    def reward_from_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
+        return emb[:, 0]
 
     def __call__(self, frames: np.ndarray | torch.Tensor,
                  states: np.ndarray | None = None) -> torch.Tensor:
@@ -270,7 +433,13 @@ REWARD_MODELS: dict[str, type[RewardModel]] = {
     cls.name: cls
     for cls in (CosineReward, GoalBaselineReward, BinaryReward, FuRLRewardModel, CodeRewardModel)
 }
-"""Factory names -> classes."""
+"""The registry: reward name -> class. A new reward registers its class here and its config class
+in furl_fast.config.REWARD_CONFIGS (the names match)."""
+
+
+def build_reward(config: Any, context: RewardContext) -> RewardModel:
+    """The reward of a training run from its config dataclass (furl_fast.config.RewardConfig)."""
+    return REWARD_MODELS[config.name].from_config(config, context)
 
 
 def make_reward_model(name: str, encoder: Encoder | None, task: str, **kwargs: Any) -> RewardModel:
@@ -279,6 +448,8 @@ def make_reward_model(name: str, encoder: Encoder | None, task: str, **kwargs: A
     if name not in REWARD_MODELS:
         raise ValueError(f"make_reward_model: unknown reward {name!r}; choose one of "
                          f"{', '.join(REWARD_MODELS)}.")
-    if encoder is None and name != "code":
+    from furl_fast.config import REWARD_CONFIGS
+
+    if encoder is None and {c.name: c for c in REWARD_CONFIGS}[name].needs_encoder:
         raise ValueError(f"make_reward_model: the {name!r} reward needs a VLM encoder.")
     return REWARD_MODELS[name](encoder, task, **kwargs)

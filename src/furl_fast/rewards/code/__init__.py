@@ -18,7 +18,7 @@ from furl_fast.rewards.code.client import (
     generate_program_set,
     parse_program_set,
 )
-from furl_fast.rewards.code.program_set import ProgramSet, progress_from_done
+from furl_fast.rewards.code.program_set import ProgramSet, load_program_set, progress_from_done
 from furl_fast.rewards.code.reference_programs import REFERENCE_PROGRAM_SETS, reference_program_set
 from furl_fast.rewards.code.reward import CodeReward
 from furl_fast.rewards.code.sandbox import RunResult, Sandbox, SandboxLimits, check_source
@@ -48,6 +48,7 @@ __all__ = [
     "encode_png",
     "evaluate_programs",
     "generate_program_set",
+    "load_program_set",
     "parse_program_set",
     "progress_from_done",
     "reference_program_set",

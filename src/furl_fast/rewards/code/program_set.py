@@ -98,3 +98,22 @@ def progress_from_done(done: np.ndarray) -> np.ndarray:
         start += int(hits[0])
         progress[start:] += 1
     return progress
+
+
+def load_program_set(task: str, path: str | None) -> ProgramSet:
+    """A training run's programs: the set in the JSON file `path` (ProgramSet.save's format), or for
+    path None the task's reference set. Raises ValueError naming the flag to change."""
+    from furl_fast.rewards.code.reference_programs import REFERENCE_PROGRAM_SETS, reference_program_set
+
+    if path is None:
+        try:
+            return reference_program_set(task)
+        except KeyError:
+            raise ValueError(f"--reward code: {task} has no reference program set (those with one: "
+                             f"{', '.join(sorted(REFERENCE_PROGRAM_SETS))}); pass --reward.programs "
+                             "FILE with a verified set (furl_fast.rewards.code.generate_program_set)."
+                             ) from None
+    try:
+        return ProgramSet.load(path)
+    except (OSError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"--reward.programs {path}: cannot read a program set there ({exc}).") from exc
