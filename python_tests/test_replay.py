@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from furl_fast import ReplayBuffer, _native, reference
+from furl_fast.replay import file_format
 
 pytestmark = pytest.mark.skipif(not _native.HAS_NATIVE, reason="native module not built")
 
@@ -151,7 +152,7 @@ def fill(buf, model, g, episodes, *, max_len=9, env=0, emb_dim=0, emb_dtype=torc
         for t in range(length):
             emb = torch.randn(emb_dim, generator=g).to(emb_dtype) if emb_dim else None
             frame = random_frame(g, buf.obs_shape)
-            action = torch.randn(buf._cfg["action_dim"], generator=g)
+            action = torch.randn(buf._layout.action_dim, generator=g)
             reward = float(torch.randn(1, generator=g))
             goal = float(torch.rand(1, generator=g))
             success = bool(torch.rand(1, generator=g) < 0.3)
@@ -661,7 +662,8 @@ def _version_1_file(buf: ReplayBuffer, path: Path) -> None:
         if name in ("frames", "embeddings"):
             a[int(buf._columns["state"][0]) :] = 0
         cols.append(a.numpy().tobytes())
-    blob = json.dumps({"layout": buf._layout(), "crc32": [zlib.crc32(c) for c in cols]}).encode()
+    layout = file_format.header_layout(buf._layout, buf.capacity)
+    blob = json.dumps({"layout": layout, "crc32": [zlib.crc32(c) for c in cols]}).encode()
     path.write_bytes(b"FURLRPB\x00" + struct.pack("<III", 1, len(blob), zlib.crc32(blob)) + blob
                      + b"".join(cols))
 

@@ -1,40 +1,13 @@
-"""Replay buffer for pixel and state RL with VLM embeddings: one stored frame per environment step,
-frame stacks and n-step returns built by index at sample time, DrQ random shift fused into the gather.
-
-The core is C++ (csrc/replay/); this module allocates its storage as torch tensors, validates
-arguments, and returns batches as torch tensors.
-
-Adding data. An episode is `start_episode(first_obs)` followed by one `add(next_obs, action, reward,
-terminated, truncated)` per step, where next_obs is the observation that step returned. The step
-that ends the episode (terminated or truncated) carries its final observation, so the last
-transition's next_obs is always stored; the next episode needs a new start_episode(), and add()
-without an open episode raises. Every observation is stored exactly once. (The argument order of
-add() follows what env.step() returns first: the observation, then the rest.)
-
-    buf.start_episode(obs)
-    while True:
-        action = policy(obs)
-        obs, reward, terminated, truncated, info = env.step(action)
-        buf.add(obs, action, reward, terminated, truncated, success=info["success"])
-        if terminated or truncated:
-            break
-
-Vector envs: num_envs=N, then start_episode(obs_e, env=e) per env, and add_batch() with (N, ...)
-arrays per step; pass reset_obs (the observations after the automatic reset) to start the next
-episodes of the envs that ended in the same call.
-"""
+"""The ReplayBuffer facade: checks arguments, keeps the storage as torch tensors and hands them
+to the C++ core (furl_fast._C.ReplayCore) as DLPack capsules; sample() returns a Batch."""
 
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import math
 import os
-import struct
 import threading
-import zlib
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -42,19 +15,8 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from furl_fast import _native
-
-__all__ = ["Batch", "ReplayBuffer"]
-
-_MAGIC = b"FURLRPB\x00"
-# Version 2 stores only the slots written so far (`rows` in the header); version 1 files hold all
-# `capacity` slots and are still read.
-_FORMAT_VERSION = 2
-_READ_VERSIONS = (1, 2)
-_STATE_HEADER = 8  # kStateHeader in csrc/include/furl_fast/replay.h
-_EMBEDDING_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
-_MAX_CAPACITY = 2**31 - 1  # the core keeps slot numbers in int32 columns (valid_list)
-_COLUMN_DTYPES = ("uint8", "int32", "int64", "float16", "float32")  # what _allocate() creates
-_MAX_BYTES = 2**60  # per column, as the core's check (TensorView::kMaxElements)
+from furl_fast.replay import file_format, gpu
+from furl_fast.replay.layout import Layout, allocate, positive_int
 
 
 class Batch(NamedTuple):
@@ -92,19 +54,6 @@ class Batch(NamedTuple):
     step_embeddings: torch.Tensor | None = None
     step_discounts: torch.Tensor | None = None
 
-
-def _positive_int(value: Any, name: str, minimum: int = 1, maximum: int | None = None) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or value < minimum
-        or (maximum is not None and value > maximum)
-    ):
-        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"ReplayBuffer: '{name}' must be an int {bounds}, got {value!r}.")
-    return int(value)
-
-
 def _to_tensor(value: Any, name: str, op: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach()
@@ -120,48 +69,10 @@ def _capsule(t: torch.Tensor | None):
     return None if t is None else to_dlpack(t)
 
 
-def _raw_bytes(a: np.ndarray) -> memoryview:
-    """The bytes of a C-contiguous array, without a copy (also for empty ones, which
-    memoryview.cast refuses)."""
-    return memoryview(a.reshape(-1).view(np.uint8))
 
-
-def _column_entry_ok(entry: Any) -> bool:
-    """[name, dtype name, shape] as save() writes it."""
-    return (
-        isinstance(entry, list)
-        and len(entry) == 3
-        and isinstance(entry[0], str)
-        and entry[1] in _COLUMN_DTYPES
-        and isinstance(entry[2], list)
-        and all(isinstance(n, int) and 0 <= n < 2**62 for n in entry[2])
-    )
-
-
-def _packed(
-    plan: dict[str, tuple[tuple[int, ...], torch.dtype]],
-    device: torch.device,
-    *,
-    pin_memory: bool = False,
-    source: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One byte buffer holding every tensor of plan (name -> (shape, dtype)), 8-byte aligned, and
-    the views into it. With source (a packed buffer of the same plan), the buffer is source copied
-    to device (non-blocking: one copy instead of one per tensor)."""
-    spans, total = {}, 0
-    for name, (shape, dtype) in plan.items():
-        nbytes = math.prod(shape) * dtype.itemsize
-        spans[name] = (total, nbytes)
-        total += -(-nbytes // 8) * 8  # the next view starts 8-byte aligned
-    if source is None:
-        buf = torch.empty(total, dtype=torch.uint8, device=device, pin_memory=pin_memory)
-    else:
-        buf = source.to(device, non_blocking=True)
-    views = {
-        name: buf[start : start + nbytes].view(plan[name][1]).view(plan[name][0])
-        for name, (start, nbytes) in spans.items()
-    }
-    return buf, views
+def _require_native() -> None:
+    if not _native.HAS_NATIVE:
+        raise ImportError(_native.IMPORT_ERROR)
 
 
 class ReplayBuffer:
@@ -212,25 +123,22 @@ class ReplayBuffer:
         prefetch: bool = False,
         shift_pad: int = 4,
     ) -> None:
-        self._setup(
-            {
-                "capacity": capacity,
-                "obs_shape": obs_shape,
-                "action_dim": action_dim,
-                "frame_stack": frame_stack,
-                "embedding_dim": embedding_dim,
-                "embedding_dtype": embedding_dtype,
-                "n_step": n_step,
-                "gamma": gamma,
-                "num_envs": num_envs,
-                "shift_pad": shift_pad,
-            },
-            device=device,
-            num_threads=num_threads,
-            pin_memory=pin_memory,
-            prefetch=prefetch,
+        _require_native()
+        layout = Layout(
+            capacity=capacity,
+            obs_shape=obs_shape,
+            action_dim=action_dim,
+            frame_stack=frame_stack,
+            embedding_dim=embedding_dim,
+            embedding_dtype=embedding_dtype,
+            n_step=n_step,
+            gamma=gamma,
+            num_envs=num_envs,
+            shift_pad=shift_pad,
         )
-        self._columns = self._allocate()
+        self._setup(
+            layout, device=device, num_threads=num_threads, pin_memory=pin_memory, prefetch=prefetch
+        )
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
         self._core = self._make_core(fresh=True, seed=int(seed) % 2**64)
@@ -239,48 +147,14 @@ class ReplayBuffer:
 
     def _setup(
         self,
-        cfg: dict[str, Any],
+        layout: Layout,
         *,
         device: str | torch.device,
         num_threads: int | None,
         pin_memory: bool,
         prefetch: bool,
     ) -> None:
-        if not _native.HAS_NATIVE:
-            raise ImportError(_native.IMPORT_ERROR)
-        capacity = _positive_int(cfg["capacity"], "capacity", maximum=_MAX_CAPACITY)
-        obs_shape = tuple(cfg["obs_shape"]) if isinstance(cfg["obs_shape"], (tuple, list)) else None
-        if obs_shape is None or len(obs_shape) not in (1, 3):
-            raise ValueError(
-                f"ReplayBuffer: 'obs_shape' must be (C, H, W) for pixel frames or (dim,) for state "
-                f"vectors, got {cfg['obs_shape']!r}."
-            )
-        obs_shape = tuple(_positive_int(s, "obs_shape") for s in obs_shape)
-        embedding_dtype = cfg["embedding_dtype"]
-        if embedding_dtype not in _EMBEDDING_DTYPES:
-            raise TypeError(
-                f"ReplayBuffer: 'embedding_dtype' must be torch.float32 or torch.float16, got {embedding_dtype}."
-            )
-        gamma = float(cfg["gamma"])
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"ReplayBuffer: 'gamma' must be in [0, 1], got {gamma}.")
-        self._cfg = {
-            "capacity": capacity,
-            "obs_shape": obs_shape,
-            "action_dim": _positive_int(cfg["action_dim"], "action_dim"),
-            # A stack or n-step window never spans more slots than the ring holds.
-            "frame_stack": _positive_int(cfg["frame_stack"], "frame_stack", maximum=capacity),
-            "embedding_dim": _positive_int(cfg["embedding_dim"], "embedding_dim", 0),
-            "embedding_dtype": embedding_dtype,
-            "n_step": _positive_int(cfg["n_step"], "n_step", maximum=capacity),
-            "gamma": gamma,
-            "num_envs": _positive_int(cfg["num_envs"], "num_envs"),
-            "shift_pad": _positive_int(cfg["shift_pad"], "shift_pad", 0, 1024),
-        }
-        if capacity <= self._cfg["num_envs"]:
-            raise ValueError(
-                f"ReplayBuffer: 'capacity' ({capacity}) must exceed 'num_envs' ({self._cfg['num_envs']})."
-            )
+        """Checks the buffer's settings and allocates its (uninitialised) storage columns."""
         self.device = torch.device(device)
         if self.device.type == "cuda":
             status = _native.cuda_status()
@@ -305,102 +179,39 @@ class ReplayBuffer:
                 "ReplayBuffer: pin_memory=True needs a CUDA device (pinned memory is for GPU copies)."
             )
         if num_threads is not None:
-            _positive_int(num_threads, "num_threads", maximum=2**31 - 1)
+            positive_int(num_threads, "num_threads", maximum=2**31 - 1)
+        self._layout = layout
         self.num_threads = num_threads
         self.pin_memory = pin_memory
-        self.pixels = len(obs_shape) == 3
-        self._obs_dtype = torch.uint8 if self.pixels else torch.float32
-        self._columns: dict[str, torch.Tensor] = {}  # _allocate() fills it
-        self._write_lock = (
-            threading.Lock()
-        )  # one add / save at a time; save sees a consistent state
+        self.pixels = layout.pixels
+        self._columns = allocate(layout, self.device)
+        # One add / save at a time; a save sees a consistent state.
+        self._write_lock = threading.Lock()
         self._executor = concurrent.futures.ThreadPoolExecutor(1) if prefetch else None
         self._pending: tuple[tuple[int, bool], concurrent.futures.Future] | None = None
 
-    def _column_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]]:
-        """name -> (shape, dtype, device) of every storage column."""
-        c = self._cfg
-        cap, dev, cpu = c["capacity"], self.device, torch.device("cpu")
-        specs = {
-            "frames": ((cap, *c["obs_shape"]), self._obs_dtype, dev),
-            "actions": ((cap, c["action_dim"]), torch.float32, cpu),
-            "rewards": ((cap,), torch.float32, cpu),
-            "goal_distances": ((cap,), torch.float32, cpu),
-            "flags": ((cap,), torch.uint8, cpu),
-            "prev": ((cap,), torch.int64, cpu),
-            "next": ((cap,), torch.int64, cpu),
-            "episodes": ((cap,), torch.int64, cpu),
-            "steps": ((cap,), torch.int32, cpu),
-            "valid_pos": ((cap,), torch.int32, cpu),
-            "valid_list": ((cap,), torch.int32, cpu),
-            "state": ((_STATE_HEADER + c["num_envs"],), torch.int64, cpu),
-        }
-        if c["embedding_dim"] > 0:
-            specs["embeddings"] = ((cap, c["embedding_dim"]), c["embedding_dtype"], dev)
-        return specs
-
-    def _allocate(self) -> dict[str, torch.Tensor]:
-        specs, cap = self._column_specs(), self._cfg["capacity"]
-        nbytes = {k: math.prod(shape) * dtype.itemsize for k, (shape, dtype, _) in specs.items()}
-        if max(nbytes.values()) >= _MAX_BYTES:
-            raise ValueError(
-                f"ReplayBuffer: {cap} slots of obs_shape {self.obs_shape} need more than 2^60 bytes."
-            )
-        # torch.empty commits pages only when written, so frames and embeddings grow with the data;
-        # but the core initialises every other column at once: refuse what cannot fit in memory
-        # instead of letting the first write run the machine out of it.
-        written = sum(v for k, v in nbytes.items() if k not in ("frames", "embeddings"))
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        if written > physical:
-            raise ValueError(
-                f"ReplayBuffer: capacity {cap} needs {written / 2**30:.1f} GiB of bookkeeping "
-                f"(initialised at once) but this machine has {physical / 2**30:.1f} GiB of memory."
-            )
-        return {k: torch.empty(shape, dtype=dtype, device=d) for k, (shape, dtype, d) in specs.items()}
-
-    def _core_layout(self) -> dict[str, Any]:
-        """The layout dict the native ReplayCore is built from."""
-        c = self._cfg
-        shape = c["obs_shape"]
-        return {
-            "capacity": c["capacity"],
-            "num_envs": c["num_envs"],
-            "frame_stack": c["frame_stack"],
-            "n_step": c["n_step"],
-            "gamma": c["gamma"],
-            "action_dim": c["action_dim"],
-            "pixels": self.pixels,
-            "channels": shape[0],
-            "height": shape[1] if self.pixels else 1,
-            "width": shape[2] if self.pixels else 1,
-            "embedding_dim": c["embedding_dim"],
-            "embedding_dtype": _EMBEDDING_DTYPES[c["embedding_dtype"]],
-            "shift_pad": c["shift_pad"],
-            "device": self.device.type,
-        }
-
     def _make_core(self, *, fresh: bool, seed: int) -> Any:
-        layout = self._core_layout()
+        """The native core over self._columns; fresh: initialise them (else check what they hold)."""
         capsules = {name: to_dlpack(t) for name, t in self._columns.items()}
-        return _native._C.ReplayCore(layout, capsules, fresh, seed)
+        return _native._C.ReplayCore(self._layout.native_layout(self.device), capsules, fresh, seed)
 
     # ---- properties ----------------------------------------------------------------------------
 
     @property
     def capacity(self) -> int:
-        return self._cfg["capacity"]
+        return self._layout.capacity
 
     @property
     def obs_shape(self) -> tuple[int, ...]:
-        return self._cfg["obs_shape"]
+        return self._layout.obs_shape
 
     @property
     def frame_stack(self) -> int:
-        return self._cfg["frame_stack"]
+        return self._layout.frame_stack
 
     @property
     def num_envs(self) -> int:
-        return self._cfg["num_envs"]
+        return self._layout.num_envs
 
     @property
     def nbytes(self) -> int:
@@ -477,7 +288,7 @@ class ReplayBuffer:
     def _embedding(
         self, value: Any, name: str, op: str, batch: int | None = None
     ) -> torch.Tensor | None:
-        d = self._cfg["embedding_dim"]
+        d = self._layout.embedding_dim
         if d == 0:
             if value is not None:
                 raise ValueError(
@@ -491,7 +302,7 @@ class ReplayBuffer:
         shape = (d,) if batch is None else (batch, d)
         t = _to_tensor(value, name, op)
         device = self.device if t.device.type == "cuda" else None
-        return self._staged(self._floats(t, name, op, shape, self._cfg["embedding_dtype"], device))
+        return self._staged(self._floats(t, name, op, shape, self._layout.embedding_dtype, device))
 
     def _wait_prefetch(self) -> None:
         if self._pending is not None:
@@ -529,7 +340,7 @@ class ReplayBuffer:
         step (NaN when None). terminated or truncated ends the episode; call start_episode() next.
         """
         o = self._obs(next_obs, "next_obs", "add")
-        a = self._floats(action, "action", "add", (self._cfg["action_dim"],))
+        a = self._floats(action, "action", "add", (self._layout.action_dim,))
         e = self._embedding(embedding, "embedding", "add")
         g = math.nan if goal_distance is None else float(goal_distance)
         with self._write_lock:
@@ -571,7 +382,7 @@ class ReplayBuffer:
         """
         n, op = self.num_envs, "add_batch"
         o = self._obs(next_obs, "next_obs", op, n)
-        a = self._floats(action, "action", op, (n, self._cfg["action_dim"]))
+        a = self._floats(action, "action", op, (n, self._layout.action_dim))
         r = self._floats(reward, "reward", op, (n,))
         flags = []
         for name, value in (
@@ -624,7 +435,7 @@ class ReplayBuffer:
         ~2 x 16 MB of fresh memory per batch of 256 84x84 3-stacks).
         Equivalent: gather(indices, shifts=...) with the drawn indices and shifts.
         """
-        batch_size = _positive_int(batch_size, "batch_size")
+        batch_size = positive_int(batch_size, "batch_size")
         if out is not None and (self._executor is not None or self.device.type != "cpu"):
             raise ValueError("sample: 'out' is for CPU mode without prefetch.")
         if len(self) == 0:
@@ -692,7 +503,7 @@ class ReplayBuffer:
         if idx.dim() != 1:
             raise ValueError(f"earlier: 'indices' must be 1-D, got shape {tuple(idx.shape)}.")
         # More steps back than the ring holds reaches the same (earliest) transition.
-        k = min(_positive_int(k, "k", 0), self.capacity)
+        k = min(positive_int(k, "k", 0), self.capacity)
         out = torch.empty_like(idx)
         if idx.numel():
             self._core.earlier(_capsule(idx), k, _capsule(out))
@@ -709,8 +520,8 @@ class ReplayBuffer:
         shifts: torch.Tensor | None,
         reuse: Batch | None = None,
     ) -> Batch:
-        c = self._cfg
-        f, d = c["frame_stack"], c["embedding_dim"]
+        lay = self._layout
+        f, d, n = lay.frame_stack, lay.embedding_dim, lay.n_step
         stack = (b, f * self.obs_shape[0], *self.obs_shape[1:])
         if reuse is not None:  # the native side checks every shape and dtype again
             out = {k: v for k, v in reuse._asdict().items() if v is not None}
@@ -724,7 +535,7 @@ class ReplayBuffer:
             )
             return reuse
         plan = {
-            "action": ((b, c["action_dim"]), torch.float32),
+            "action": ((b, lay.action_dim), torch.float32),
             "reward": ((b,), torch.float32),
             "discount": ((b,), torch.float32),
             "goal_distance": ((b,), torch.float32),
@@ -734,7 +545,6 @@ class ReplayBuffer:
             "steps": ((b,), torch.int64),
         }
         cuda = self.device.type == "cuda"
-        n = c["n_step"]
         if d:
             plan["step_discounts"] = ((b, n), torch.float32)
         if cuda:
@@ -742,15 +552,15 @@ class ReplayBuffer:
                         shifts=((b, 4), torch.int32))
             if d:
                 plan["step_slots"] = ((b, n), torch.int64)
-            packed, out = _packed(plan, torch.device("cpu"), pin_memory=True)
+            packed, out = gpu.packed(plan, torch.device("cpu"), pin_memory=True)
         else:
             out = {k: self._empty(shape, dtype) for k, (shape, dtype) in plan.items()}
-            out["obs"] = self._empty(stack, self._obs_dtype)
-            out["next_obs"] = self._empty(stack, self._obs_dtype)
+            out["obs"] = self._empty(stack, lay.obs_dtype)
+            out["next_obs"] = self._empty(stack, lay.obs_dtype)
             if d:
-                out["embedding"] = self._empty((b, d), c["embedding_dtype"])
-                out["next_embedding"] = self._empty((b, d), c["embedding_dtype"])
-                out["step_embeddings"] = self._empty((b, n, d), c["embedding_dtype"])
+                out["embedding"] = self._empty((b, d), lay.embedding_dtype)
+                out["next_embedding"] = self._empty((b, d), lay.embedding_dtype)
+                out["step_embeddings"] = self._empty((b, n, d), lay.embedding_dtype)
         self._core.sample(
             b,
             augment,
@@ -760,151 +570,26 @@ class ReplayBuffer:
             self.num_threads or 0,
         )
         if cuda:
-            out = self._gather_cuda(packed, plan, stack)
+            out = gpu.gather_cuda(packed, plan, stack, lay, self._columns, self._stream())
         fields = {k: out.get(k) for k in Batch._fields if k in out}
         return Batch(**fields)
 
-    def _gather_cuda(
-        self, packed: torch.Tensor, plan: dict[str, tuple], stack: tuple[int, ...]
-    ) -> dict[str, torch.Tensor]:
-        """GPU mode: the host planned the batch (slots, shifts and the small columns) into one
-        pinned buffer; one asynchronous copy moves it, and frames are gathered on the GPU.
-
-        Everything runs on the caller's current stream. The gather reads the frame storage after
-        the write lock is released: an add() on another thread that runs on another stream may
-        overwrite a slot of this batch before the gather reads it (as with any tensor written on
-        one stream and read on another); add and sample on one stream, or synchronise them."""
-        dev, frames = self.device, self._columns["frames"]
-        _, res = _packed(plan, dev, source=packed)
-        slots = {k: res.pop(k) for k in ("obs_slots", "next_slots")}
-        shifts = res.pop("shifts")
-        for name, key, cols in (
-            ("obs", "obs_slots", slice(0, 2)),
-            ("next_obs", "next_slots", slice(2, 4)),
-        ):
-            if self.pixels:
-                res[name] = torch.empty(stack, dtype=torch.uint8, device=dev)
-                _native._C.random_shift_cuda(
-                    to_dlpack(frames),
-                    to_dlpack(slots[key]),
-                    to_dlpack(shifts[:, cols].contiguous()),
-                    to_dlpack(res[name]),
-                    self._cfg["shift_pad"],
-                    self._stream(),
-                )
-            else:
-                res[name] = frames.index_select(0, slots[key].flatten()).reshape(stack)
-        if self._cfg["embedding_dim"]:
-            emb = self._columns["embeddings"]
-            res["embedding"] = emb.index_select(0, slots["obs_slots"][:, -1])
-            res["next_embedding"] = emb.index_select(0, slots["next_slots"][:, -1])
-            step_slots = res.pop("step_slots")  # step_discounts came with the packed plan
-            res["step_embeddings"] = emb.index_select(0, step_slots.flatten()).view(
-                *step_slots.shape, -1)
-        return res
-
     # ---- persistence ----------------------------------------------------------------------------
-
-    def _layout(self, rows: int | None = None) -> dict[str, Any]:
-        """The header's description of the storage; rows: the slots stored per column (all but the
-        small state column), default all `capacity`."""
-        c = dict(self._cfg)
-        c["obs_shape"] = list(c["obs_shape"])
-        c["embedding_dtype"] = _EMBEDDING_DTYPES[c["embedding_dtype"]]
-        rows = self.capacity if rows is None else rows
-        c["columns"] = [
-            [name, str(dtype).removeprefix("torch."), list(shape if name == "state" else (rows, *shape[1:]))]
-            for name, (shape, dtype, _) in self._column_specs().items()
-        ]
-        return c
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the buffer (data, episode state and the sampler's RNG) to path atomically: a
         temporary file in the same directory, fsync, then rename, so a crash mid-save leaves any
         previous file at path intact. Until the ring is full only the slots written so far are
         stored (the file grows with the data, not with the capacity)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        # Under the write lock: no add() changes the columns between checksum and write. The small
-        # state column (counters, RNG) is copied, as a sample() in another thread advances the RNG.
-        with self._write_lock:
+        with self._write_lock:  # no add() changes the columns while they are written
             self._wait_prefetch()
-            state = self._columns["state"].clone()
-            # Slots are written in order, so slots from `written` on were never written: they hold
-            # only what a fresh buffer starts with, which load() recreates.
-            rows = min(int(state[0]), self.capacity)  # kStateWritten
-            columns = [
-                (state if name == "state" else t[:rows]).cpu().numpy()
-                for name, t in self._columns.items()
-            ]
-            header = {
-                "layout": self._layout(rows),
-                "rows": rows,
-                "crc32": [zlib.crc32(_raw_bytes(a)) for a in columns],
-            }
-            blob = json.dumps(header).encode()
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(
-                        _MAGIC + struct.pack("<III", _FORMAT_VERSION, len(blob), zlib.crc32(blob))
-                    )
-                    f.write(blob)
-                    f.writelines(_raw_bytes(a) for a in columns)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            file_format.save(path, self._layout, self._columns)
 
     @staticmethod
-    def _read_header(f: Any, path: Path) -> dict[str, Any]:
-        """The checked header; header["rows"] is set for every version (1: all slots)."""
-        head = f.read(len(_MAGIC) + 12)
-        if len(head) < len(_MAGIC) + 12 or head[: len(_MAGIC)] != _MAGIC:
-            raise ValueError(f"ReplayBuffer.load: {path} is not a furl_fast replay buffer file.")
-        version, size, crc = struct.unpack("<III", head[len(_MAGIC) :])
-        if version not in _READ_VERSIONS:
-            raise ValueError(
-                f"ReplayBuffer.load: {path} has format version {version}; this furl_fast reads "
-                f"versions {', '.join(map(str, _READ_VERSIONS))}."
-            )
-        blob = f.read(size)
-        if len(blob) != size or zlib.crc32(blob) != crc:
-            raise ValueError(f"ReplayBuffer.load: the header of {path} is truncated or corrupted.")
-        header = json.loads(blob)  # json's errors are ValueErrors
-        # A header that passed its checksum may still be malformed: check its structure here so
-        # that everything after it reads plain values (never a KeyError or a huge allocation).
-        layout = header.get("layout") if isinstance(header, dict) else None
-        columns = layout.get("columns") if isinstance(layout, dict) else None
-        crcs = header.get("crc32") if isinstance(header, dict) else None
-        rows = header.get("rows") if version >= 2 else layout.get("capacity") if columns else None
-        if (
-            not isinstance(columns, list)
-            or not isinstance(crcs, list)
-            or len(crcs) != len(columns)
-            or not all(_column_entry_ok(e) for e in columns)
-            or isinstance(rows, bool)
-            or not isinstance(rows, int)
-            or not 0 <= rows < 2**62
-        ):
-            raise ValueError(f"ReplayBuffer.load: the header of {path} has an unknown structure.")
-        header["rows"] = rows
-        data_bytes = sum(math.prod(shape) * getattr(torch, dt).itemsize for _, dt, shape in columns)
-        actual = os.fstat(f.fileno()).st_size
-        if actual != len(head) + size + data_bytes:
-            raise ValueError(
-                f"ReplayBuffer.load: {path} is truncated or has trailing data: {actual} bytes, "
-                f"expected {len(head) + size + data_bytes}."
-            )
-        return header
-
-    @classmethod
-    def check_file(cls, path: str | os.PathLike) -> None:
+    def check_file(path: str | os.PathLike) -> None:
         """Raises ValueError unless path holds a replay buffer file of a version this furl_fast
         reads, whole (header and size; load() verifies the data's checksums). Reads the header only."""
-        path = Path(path)
-        with open(path, "rb") as f:
-            cls._read_header(f, path)
+        file_format.check_file(path)
 
     @classmethod
     def load(
@@ -919,86 +604,27 @@ class ReplayBuffer:
         """Reads a buffer written by save(): same data, episodes in progress and RNG state, so it
         samples exactly what the saved one would have. Raises ValueError on a file of another format
         version or layout, or a truncated or corrupted one."""
-        path = Path(path)
-        with open(path, "rb") as f:
-            header = cls._read_header(f, path)
-            layout = header["layout"]
-            buf = cls.__new__(cls)
-            try:
-                cfg = {
-                    k: layout[k]
-                    for k in (
-                        "capacity",
-                        "obs_shape",
-                        "action_dim",
-                        "frame_stack",
-                        "embedding_dim",
-                        "n_step",
-                        "gamma",
-                        "num_envs",
-                        "shift_pad",
-                    )
-                }
-                cfg["embedding_dtype"] = {v: k for k, v in _EMBEDDING_DTYPES.items()}[
-                    layout["embedding_dtype"]
-                ]
-            except (KeyError, TypeError) as exc:
-                raise ValueError(
-                    f"ReplayBuffer.load: {path} has an unknown layout ({exc!r})."
-                ) from exc
-            try:
-                buf._setup(
-                    cfg,
-                    device=device,
-                    num_threads=num_threads,
-                    pin_memory=pin_memory,
-                    prefetch=prefetch,
-                )
-            except TypeError as exc:  # e.g. a list where the layout has a number
-                raise ValueError(f"ReplayBuffer.load: {path} has an invalid layout ({exc}).") from exc
-            rows = header["rows"]
-            # Before allocating: the header's sizes are checked now.
-            if rows > buf.capacity or buf._layout(rows) != layout:
-                raise ValueError(
-                    f"ReplayBuffer.load: {path} has a storage layout this version does not read."
-                )
-            buf._columns = buf._allocate()
+        _require_native()
+        buf = cls.__new__(cls)
+
+        def storage(layout: Layout) -> dict[str, torch.Tensor]:
+            buf._setup(
+                layout, device=device, num_threads=num_threads, pin_memory=pin_memory,
+                prefetch=prefetch,
+            )  # fmt: skip
             # A fresh core gives the slots the file does not store (never written) their initial
             # values; the stored rows then overwrite the others.
             buf._make_core(fresh=True, seed=1)
-            # (The file's size matches these columns: _read_header checked it against the header.)
-            for (name, t), crc in zip(buf._columns.items(), header["crc32"]):
-                t = t if name == "state" else t[:rows]
-                host = torch.empty(t.shape, dtype=t.dtype) if t.device.type != "cpu" else t
-                view = _raw_bytes(host.numpy())
-                if f.readinto(view) != len(view) or zlib.crc32(view) != crc:
-                    raise ValueError(
-                        f"ReplayBuffer.load: column '{name}' of {path} is corrupted (checksum mismatch)."
-                    )
-                if host is not t:
-                    t.copy_(host)
-        written = int(buf._columns["state"][0])  # kStateWritten
-        if rows < min(written, buf.capacity):  # its missing slots would read as never written
-            raise ValueError(
-                f"ReplayBuffer.load: {path} is inconsistent: it stores {rows} slots, but "
-                f"{min(written, buf.capacity)} were written."
-            )
-        buf._core = buf._make_core(fresh=False, seed=0)
+            return buf._columns
+
+        file_format.load(path, storage)
+        buf._core = buf._make_core(fresh=False, seed=0)  # checks what the file holds
         return buf
 
     def restore(self, path: str | os.PathLike) -> None:
         """load() into this buffer; raises ValueError (and changes nothing) if the file's layout
         (capacity, shapes, frame_stack, n_step, gamma, embeddings, ...) differs from this one's."""
-        path = Path(path)
-        with open(path, "rb") as f:
-            header = self._read_header(f, path)
-        ours, theirs = self._layout(header["rows"]), header["layout"]
-        if ours != theirs:
-            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-            raise ValueError(
-                f"ReplayBuffer.restore: {path} was written by a buffer of a different layout "
-                f"(differs in: {', '.join(diff)})."
-            )
+        file_format.check_same_layout(path, self._layout)
         other = ReplayBuffer.load(
             path,
             device=self.device,
