@@ -3,8 +3,8 @@ frame stacks and n-step returns built by index at sample time, DrQ random shift 
 
 The core is C++ (csrc/replay/); this package allocates its storage as torch tensors, validates
 arguments, and returns batches as torch tensors. Modules: buffer (the ReplayBuffer facade and
-Batch), layout (the validated Layout and the storage columns it implies), file_format (save / load),
-gpu (GPU mode's batch gather).
+Batch), layout (the validated Layout and the storage columns it implies), inputs (argument
+conversion), sampling (a sample's outputs, GPU mode's gather), file_format (save / load).
 
 Adding data. An episode is `start_episode(first_obs)` followed by one `add(next_obs, action, reward,
 terminated, truncated)` per step, where next_obs is the observation that step returned. The step
@@ -29,6 +29,6 @@ episodes of the envs that ended in the same call.
 from __future__ import annotations
 
 from furl_fast.replay.buffer import Batch, ReplayBuffer
-from furl_fast.replay.gpu import packed as _packed  # noqa: F401 (python_tests/test_cuda_paths.py)
+from furl_fast.replay.sampling import packed as _packed  # noqa: F401 (python_tests/test_cuda_paths.py)
 
 __all__ = ["Batch", "ReplayBuffer"]

@@ -10,12 +10,12 @@ import threading
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from torch.utils.dlpack import to_dlpack
 
 from furl_fast import _native
-from furl_fast.replay import file_format, gpu
+from furl_fast.replay import file_format, sampling
+from furl_fast.replay.inputs import Inputs, host_int64, to_tensor
 from furl_fast.replay.layout import Layout, allocate, positive_int
 
 
@@ -53,17 +53,6 @@ class Batch(NamedTuple):
     next_embedding: torch.Tensor | None = None
     step_embeddings: torch.Tensor | None = None
     step_discounts: torch.Tensor | None = None
-
-def _to_tensor(value: Any, name: str, op: str) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    try:  # ascontiguousarray: torch cannot wrap negative strides (e.g. a frame flipped with [::-1])
-        return torch.as_tensor(np.ascontiguousarray(value))
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(
-            f"{op}: '{name}' must be a tensor or array, got {type(value).__name__}."
-        ) from exc
-
 
 def _capsule(t: torch.Tensor | None):
     return None if t is None else to_dlpack(t)
@@ -181,6 +170,7 @@ class ReplayBuffer:
         if num_threads is not None:
             positive_int(num_threads, "num_threads", maximum=2**31 - 1)
         self._layout = layout
+        self._inputs = Inputs(layout, self.device)
         self.num_threads = num_threads
         self.pin_memory = pin_memory
         self.pixels = layout.pixels
@@ -242,68 +232,6 @@ class ReplayBuffer:
             torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
         )
 
-    def _obs(self, value: Any, name: str, op: str, batch: int | None = None) -> torch.Tensor:
-        t = _to_tensor(value, name, op)
-        shape = self.obs_shape if batch is None else (batch, *self.obs_shape)
-        if self.pixels and t.dtype != torch.uint8:
-            raise TypeError(f"{op}: '{name}' must be a uint8 frame {shape}, got dtype {t.dtype}.")
-        if not self.pixels:
-            if not t.is_floating_point():
-                raise TypeError(
-                    f"{op}: '{name}' must be a floating-point state vector, got {t.dtype}."
-                )
-            t = t.to(torch.float32)
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{op}: '{name}' must have shape {shape}, got {tuple(t.shape)}.")
-        if t.device.type == "cuda" and t.device != self.device:
-            raise ValueError(
-                f"{op}: '{name}' is on {t.device}; the buffer stores on {self.device}."
-            )
-        return self._staged(t.contiguous())
-
-    def _staged(self, t: torch.Tensor) -> torch.Tensor:
-        """GPU mode: a host tensor moved to the buffer's GPU through pinned memory, asynchronously
-        on the current stream; the core's copy from it is then stream-ordered, so an add does not
-        wait for the training kernels queued before it."""
-        if self.device.type == "cuda" and t.device.type == "cpu":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
-
-    def _floats(
-        self,
-        value: Any,
-        name: str,
-        op: str,
-        shape: tuple[int, ...],
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | None = None,
-    ) -> torch.Tensor:
-        t = _to_tensor(value, name, op)
-        if not t.is_floating_point():
-            raise TypeError(f"{op}: '{name}' must be floating point, got {t.dtype}.")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{op}: '{name}' must have shape {shape}, got {tuple(t.shape)}.")
-        return t.to(device=device or torch.device("cpu"), dtype=dtype).contiguous()
-
-    def _embedding(
-        self, value: Any, name: str, op: str, batch: int | None = None
-    ) -> torch.Tensor | None:
-        d = self._layout.embedding_dim
-        if d == 0:
-            if value is not None:
-                raise ValueError(
-                    f"{op}: '{name}' was given but the buffer stores no embeddings (embedding_dim=0)."
-                )
-            return None
-        if value is None:
-            raise ValueError(
-                f"{op}: '{name}' is required (the buffer stores embeddings, embedding_dim={d})."
-            )
-        shape = (d,) if batch is None else (batch, d)
-        t = _to_tensor(value, name, op)
-        device = self.device if t.device.type == "cuda" else None
-        return self._staged(self._floats(t, name, op, shape, self._layout.embedding_dtype, device))
-
     def _wait_prefetch(self) -> None:
         if self._pending is not None:
             concurrent.futures.wait([self._pending[1]])
@@ -314,8 +242,8 @@ class ReplayBuffer:
         obs: (C, H, W) uint8 or (dim,) float; embedding: (D,) float when the buffer stores embeddings.
         Raises if env's previous episode was not ended by a terminated or truncated step.
         """
-        o = self._obs(obs, "obs", "start_episode")
-        e = self._embedding(embedding, "embedding", "start_episode")
+        o = self._inputs.obs(obs, "obs", "start_episode")
+        e = self._inputs.embedding(embedding, "embedding", "start_episode")
         with self._write_lock:
             self._wait_prefetch()
             self._core.start_episode(int(env), _capsule(o), _capsule(e), self._stream())
@@ -339,9 +267,9 @@ class ReplayBuffer:
         action: (A,) float; embedding: (D,) embedding of next_obs; goal_distance: a scalar for this
         step (NaN when None). terminated or truncated ends the episode; call start_episode() next.
         """
-        o = self._obs(next_obs, "next_obs", "add")
-        a = self._floats(action, "action", "add", (self._layout.action_dim,))
-        e = self._embedding(embedding, "embedding", "add")
+        o = self._inputs.obs(next_obs, "next_obs", "add")
+        a = self._inputs.floats(action, "action", "add", (self._layout.action_dim,))
+        e = self._inputs.embedding(embedding, "embedding", "add")
         g = math.nan if goal_distance is None else float(goal_distance)
         with self._write_lock:
             self._wait_prefetch()
@@ -380,32 +308,21 @@ class ReplayBuffer:
         episode ended here start their next episode (the other rows are ignored). Without it, call
         start_episode(obs, env=e) for those envs before their next step.
         """
-        n, op = self.num_envs, "add_batch"
-        o = self._obs(next_obs, "next_obs", op, n)
-        a = self._floats(action, "action", op, (n, self._layout.action_dim))
-        r = self._floats(reward, "reward", op, (n,))
-        flags = []
-        for name, value in (
-            ("terminated", terminated),
-            ("truncated", truncated),
-            ("success", success),
-        ):
-            t = torch.zeros(n, dtype=torch.bool) if value is None else _to_tensor(value, name, op)
-            if tuple(t.shape) != (n,):
-                raise ValueError(f"{op}: '{name}' must have shape ({n},), got {tuple(t.shape)}.")
-            flags.append(t.to(device="cpu", dtype=torch.bool).contiguous())
-        g = (
-            torch.full((n,), math.nan)
-            if goal_distance is None
-            else self._floats(goal_distance, "goal_distance", op, (n,))
-        )
-        e = self._embedding(embedding, "embedding", op, n)
-        ro = None if reset_obs is None else self._obs(reset_obs, "reset_obs", op, n)
-        re = (
-            None
-            if reset_obs is None
-            else self._embedding(reset_embedding, "reset_embedding", op, n)
-        )
+        n, op, inputs = self.num_envs, "add_batch", self._inputs
+        o = inputs.obs(next_obs, "next_obs", op, n)
+        a = inputs.floats(action, "action", op, (n, self._layout.action_dim))
+        r = inputs.floats(reward, "reward", op, (n,))
+        flags = [
+            inputs.flags(value, name, op, n)
+            for name, value in (("terminated", terminated), ("truncated", truncated),
+                                ("success", success))
+        ]  # fmt: skip
+        g = inputs.goal_distances(goal_distance, op, n)
+        e = inputs.embedding(embedding, "embedding", op, n)
+        ro, re = None, None
+        if reset_obs is not None:
+            ro = inputs.obs(reset_obs, "reset_obs", op, n)
+            re = inputs.embedding(reset_embedding, "reset_embedding", op, n)
         if reset_obs is None and reset_embedding is not None:
             raise ValueError(f"{op}: 'reset_embedding' was given without 'reset_obs'.")
         with self._write_lock:
@@ -470,11 +387,7 @@ class ReplayBuffer:
         (no augmentation) or (B, 4) ints (obs x, obs y, next_obs x, next_obs y), each in
         [0, 2 * shift_pad], for pixel buffers: the same result as sample() drawing those shifts.
         """
-        idx = (
-            _to_tensor(indices, "indices", "gather")
-            .to(device="cpu", dtype=torch.int64)
-            .contiguous()
-        )
+        idx = host_int64(indices, "indices", "gather")
         if idx.dim() != 1 or idx.numel() == 0:
             raise ValueError(
                 f"gather: 'indices' must be a non-empty 1-D tensor, got shape {tuple(idx.shape)}."
@@ -483,10 +396,11 @@ class ReplayBuffer:
         if shifts is not None:
             if not self.pixels:
                 raise ValueError("gather: 'shifts' apply to pixel observations only.")
-            sh = _to_tensor(shifts, "shifts", "gather")
+            sh = to_tensor(shifts, "shifts", "gather")
             if sh.is_floating_point() or tuple(sh.shape) != (idx.numel(), 4):
                 raise ValueError(
-                    f"gather: 'shifts' must be ({idx.numel()}, 4) integers, got {tuple(sh.shape)} {sh.dtype}."
+                    f"gather: 'shifts' must be ({idx.numel()}, 4) integers, got "
+                    f"{tuple(sh.shape)} {sh.dtype}."
                 )
             sh = sh.to(device="cpu", dtype=torch.int32).contiguous()
         return self._sample(idx.numel(), False, idx, sh)
@@ -495,11 +409,7 @@ class ReplayBuffer:
         """For each valid transition index, the index of the transition k steps earlier in the same
         episode, clamped to the earliest one of that episode still stored (check Batch.steps to see
         whether the full k steps were available). indices: (B,) int64 -> (B,) int64."""
-        idx = (
-            _to_tensor(indices, "indices", "earlier")
-            .to(device="cpu", dtype=torch.int64)
-            .contiguous()
-        )
+        idx = host_int64(indices, "indices", "earlier")
         if idx.dim() != 1:
             raise ValueError(f"earlier: 'indices' must be 1-D, got shape {tuple(idx.shape)}.")
         # More steps back than the ring holds reaches the same (earliest) transition.
@@ -520,47 +430,19 @@ class ReplayBuffer:
         shifts: torch.Tensor | None,
         reuse: Batch | None = None,
     ) -> Batch:
-        lay = self._layout
-        f, d, n = lay.frame_stack, lay.embedding_dim, lay.n_step
-        stack = (b, f * self.obs_shape[0], *self.obs_shape[1:])
         if reuse is not None:  # the native side checks every shape and dtype again
             out = {k: v for k, v in reuse._asdict().items() if v is not None}
             self._core.sample(
-                b,
-                augment,
-                None,
-                None,
-                {k: _capsule(v) for k, v in out.items()},
+                b, augment, None, None, {k: _capsule(v) for k, v in out.items()},
                 self.num_threads or 0,
-            )
+            )  # fmt: skip
             return reuse
-        plan = {
-            "action": ((b, lay.action_dim), torch.float32),
-            "reward": ((b,), torch.float32),
-            "discount": ((b,), torch.float32),
-            "goal_distance": ((b,), torch.float32),
-            "success": ((b,), torch.bool),
-            "indices": ((b,), torch.int64),
-            "episodes": ((b,), torch.int64),
-            "steps": ((b,), torch.int64),
-        }
         cuda = self.device.type == "cuda"
-        if d:
-            plan["step_discounts"] = ((b, n), torch.float32)
+        plan = sampling.plan(self._layout, b, gpu=cuda)
         if cuda:
-            plan.update(obs_slots=((b, f), torch.int64), next_slots=((b, f), torch.int64),
-                        shifts=((b, 4), torch.int32))
-            if d:
-                plan["step_slots"] = ((b, n), torch.int64)
-            packed, out = gpu.packed(plan, torch.device("cpu"), pin_memory=True)
+            packed, out = sampling.packed(plan, torch.device("cpu"), pin_memory=True)
         else:
             out = {k: self._empty(shape, dtype) for k, (shape, dtype) in plan.items()}
-            out["obs"] = self._empty(stack, lay.obs_dtype)
-            out["next_obs"] = self._empty(stack, lay.obs_dtype)
-            if d:
-                out["embedding"] = self._empty((b, d), lay.embedding_dtype)
-                out["next_embedding"] = self._empty((b, d), lay.embedding_dtype)
-                out["step_embeddings"] = self._empty((b, n, d), lay.embedding_dtype)
         self._core.sample(
             b,
             augment,
@@ -570,7 +452,7 @@ class ReplayBuffer:
             self.num_threads or 0,
         )
         if cuda:
-            out = gpu.gather_cuda(packed, plan, stack, lay, self._columns, self._stream())
+            out = sampling.gather_cuda(packed, plan, self._layout, self._columns, self._stream())
         fields = {k: out.get(k) for k in Batch._fields if k in out}
         return Batch(**fields)
 

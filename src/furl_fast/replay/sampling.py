@@ -1,5 +1,6 @@
-"""GPU mode's sampling: the host plans a batch (slots, shifts and the small columns) into one
-pinned buffer, one asynchronous copy moves it, and frames and embeddings are gathered on the GPU."""
+"""What one sample() hands the core to fill (its plan), and GPU mode's gather: there the host
+plans a batch (slots, shifts and the small columns) into one pinned buffer, one asynchronous copy
+moves it, and frames and embeddings are gathered on the GPU."""
 
 from __future__ import annotations
 
@@ -12,6 +13,42 @@ from furl_fast import _native
 from furl_fast.replay.layout import Layout
 
 Plan = dict[str, tuple[tuple[int, ...], torch.dtype]]  # name -> (shape, dtype)
+
+
+def plan(layout: Layout, batch: int, *, gpu: bool) -> Plan:
+    """The core's outputs for a batch (Batch's fields; see ReplaySampleOut in
+    csrc/include/furl_fast/replay.h). gpu: instead of obs, next_obs and the embeddings, the slots
+    and shifts gather_cuda() reads them with."""
+    b, f, d, n = batch, layout.frame_stack, layout.embedding_dim, layout.n_step
+    out: Plan = {
+        "action": ((b, layout.action_dim), torch.float32),
+        "reward": ((b,), torch.float32),
+        "discount": ((b,), torch.float32),
+        "goal_distance": ((b,), torch.float32),
+        "success": ((b,), torch.bool),
+        "indices": ((b,), torch.int64),
+        "episodes": ((b,), torch.int64),
+        "steps": ((b,), torch.int64),
+    }
+    if d:
+        out["step_discounts"] = ((b, n), torch.float32)
+    if gpu:
+        out["obs_slots"] = out["next_slots"] = ((b, f), torch.int64)
+        out["shifts"] = ((b, 4), torch.int32)
+        if d:
+            out["step_slots"] = ((b, n), torch.int64)
+    else:
+        out["obs"] = out["next_obs"] = (stack_shape(layout, b), layout.obs_dtype)
+        if d:
+            out["embedding"] = out["next_embedding"] = ((b, d), layout.embedding_dtype)
+            out["step_embeddings"] = ((b, n, d), layout.embedding_dtype)
+    return out
+
+
+def stack_shape(layout: Layout, batch: int) -> tuple[int, ...]:
+    """The shape of a batch of stacked observations, frames concatenated along channels."""
+    c, *rest = layout.obs_shape
+    return (batch, layout.frame_stack * c, *rest)
 
 
 def packed(
@@ -42,15 +79,13 @@ def packed(
 
 def gather_cuda(
     packed_plan: torch.Tensor,
-    plan: Plan,
-    stack: tuple[int, ...],
+    host_plan: Plan,
     layout: Layout,
     columns: dict[str, torch.Tensor],
     stream: int,
 ) -> dict[str, torch.Tensor]:
     """The batch's tensors on the GPU of columns["frames"], from the packed host plan (holding
-    obs_slots, next_slots, shifts and step_slots besides the batch's small columns); stack is the
-    shape of obs / next_obs.
+    the outputs of plan(..., gpu=True)).
 
     Everything runs on the caller's current stream. The gather reads the frame storage after
     the write lock is released: an add() on another thread that runs on another stream may
@@ -58,7 +93,8 @@ def gather_cuda(
     one stream and read on another); add and sample on one stream, or synchronise them."""
     frames = columns["frames"]
     dev = frames.device
-    _, res = packed(plan, dev, source=packed_plan)
+    _, res = packed(host_plan, dev, source=packed_plan)
+    stack = stack_shape(layout, len(res["indices"]))
     slots = {k: res.pop(k) for k in ("obs_slots", "next_slots")}
     shifts = res.pop("shifts")
     for name, key, cols in (
