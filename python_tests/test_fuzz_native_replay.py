@@ -224,6 +224,19 @@ def test_replay_core_methods(cfg, seed, steps, data):
     assert len(again) == len(buf)
 
 
+@FUZZ
+@given(st.lists(INTS | st.none() | st.text(max_size=3), max_size=3))
+def test_replay_columns(args):
+    """replay_columns() takes no argument (anything else is a TypeError) and describes the same
+    columns every time, with rules from the vocabulary the facade reads."""
+    columns, exc = call(C.replay_columns, *args)
+    if args:
+        assert isinstance(exc, TypeError)
+        return
+    assert exc is None and columns == C.replay_columns() and len(columns) >= 1
+    assert all(len(c) == 4 and all(isinstance(v, str) for v in c) for c in columns)
+
+
 LAYOUT_JUNK = st.sampled_from([-1, 0, 2**31, 2**62, 2**63 - 1, 2**64, 1.5, math.nan, "x", None])
 
 
