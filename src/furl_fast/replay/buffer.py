@@ -54,9 +54,9 @@ class Batch(NamedTuple):
     step_embeddings: torch.Tensor | None = None
     step_discounts: torch.Tensor | None = None
 
+
 def _capsule(t: torch.Tensor | None):
     return None if t is None else to_dlpack(t)
-
 
 
 def _require_native() -> None:
