@@ -154,7 +154,8 @@ def baseline():
 
 
 def _record(name: str, benchmark) -> None:
-    _results[name] = BATCH / benchmark.stats.stats.median
+    if benchmark.stats is not None:  # None under --benchmark-disable (each function runs once)
+        _results[name] = BATCH / benchmark.stats.stats.median
 
 
 def test_baseline_sb3_numpy_plus_drqv2_aug(benchmark, baseline):
@@ -220,7 +221,7 @@ def report():
     for name, rate in _results.items():
         ratio = f"{rate / base:.1f}x" if base else "-"
         print(f"{name:<22} {rate:>12,.0f} {ratio:>12}")
-    if _memory:
+    if {"ours_bytes", "baseline_bytes"} <= set(_memory):
         print(
             f"bytes per stored transition: ours {_memory['ours_bytes']:,.0f} "
             f"(RSS {_memory['ours_rss']:,.0f}), baseline {_memory['baseline_bytes']:,.0f} "

@@ -144,6 +144,7 @@ py::dict limits() {
   d["max_threads"] = static_cast<int64_t>(INT32_MAX);  // num_threads is a C int
   d["max_elements"] = TensorView::kMaxElements;
   d["max_dims"] = TensorView::kMaxDims;
+  d["replay_state_header"] = static_cast<int64_t>(kStateHeader);  // the replay 'state' column
   return d;
 }
 
@@ -218,32 +219,39 @@ std::unique_ptr<ReplayHandle> make_replay(py::dict layout_args, py::dict cols, b
     throw ValueError("ReplayBuffer: 'device' must be cpu or cuda, got " + device + ".");
   l.device = device == "cpu" ? DeviceKind::kCPU : DeviceKind::kCUDA;
   auto handle = std::make_unique<ReplayHandle>();
-  const auto col = [&](const char* name) {
-    if (!cols.contains(name))
-      throw ValueError(std::string("ReplayBuffer: storage column '") + name + "' is missing.");
-    py::object capsule = cols[name];
-    handle->columns.append(capsule);
-    return tensor_arg(capsule, "ReplayBuffer", name);
-  };
+  // Every column of FURL_REPLAY_COLUMNS by name; ReplayTensors checks which ones are required.
+  std::vector<std::pair<const char*, std::optional<TensorView>>> views;
+#define FURL_REPLAY_COLUMN_NAME(name, c_type, dtype, shape, device) \
+  views.emplace_back(#name, std::nullopt);
+  FURL_REPLAY_COLUMNS(FURL_REPLAY_COLUMN_NAME)
+#undef FURL_REPLAY_COLUMN_NAME
+  for (const auto& item : cols) {
+    const std::string key = py::str(item.first);
+    const auto it =
+        std::find_if(views.begin(), views.end(), [&](const auto& v) { return key == v.first; });
+    if (it == views.end()) throw ValueError("ReplayBuffer: unknown storage column '" + key + "'.");
+    handle->columns.append(item.second);
+    it->second = tensor_arg(item.second, "ReplayBuffer", it->first);
+  }
   ReplayColumnViews v;
-  v.frames = col("frames");
-  v.actions = col("actions");
-  v.rewards = col("rewards");
-  v.goal_distances = col("goal_distances");
-  v.flags = col("flags");
-  v.prev = col("prev");
-  v.next = col("next");
-  v.episodes = col("episodes");
-  v.steps = col("steps");
-  v.valid_pos = col("valid_pos");
-  v.valid_list = col("valid_list");
-  v.state = col("state");
-  std::optional<TensorView> emb;
-  if (l.embedding_dim > 0) emb = col("embeddings");
-  v.embeddings = ptr_or_null(emb);
+  size_t i = 0;
+#define FURL_REPLAY_COLUMN_VIEW(name, c_type, dtype, shape, device) \
+  v.name = ptr_or_null(views[i++].second);
+  FURL_REPLAY_COLUMNS(FURL_REPLAY_COLUMN_VIEW)
+#undef FURL_REPLAY_COLUMN_VIEW
   py::gil_scoped_release release;  // a fresh buffer initialises, a loaded one checks, O(capacity)
   handle->impl = std::make_unique<ReplayTensors>(l, v, fresh, seed);
   return handle;
+}
+
+// The storage columns as (name, dtype, shape, device) rules: see FURL_REPLAY_COLUMNS.
+py::list replay_columns() {
+  py::list columns;
+#define FURL_REPLAY_COLUMN_RULES(name, c_type, dtype, shape, device) \
+  columns.append(py::make_tuple(#name, #dtype, #shape, #device));
+  FURL_REPLAY_COLUMNS(FURL_REPLAY_COLUMN_RULES)
+#undef FURL_REPLAY_COLUMN_RULES
+  return columns;
 }
 
 }  // namespace
@@ -376,7 +384,9 @@ PYBIND11_MODULE(_C, m) {
   });
 #endif
 
-  // ---- replay buffer (csrc/replay/; facade furl_fast/replay.py) ---------------------------------
+  // ---- replay buffer (csrc/replay/; facade furl_fast/replay/) ----------------------------------
+  m.def("replay_columns", &replay_columns,
+        "The replay buffer's storage columns: (name, dtype, shape, device) rules, in file order.");
   py::class_<ReplayHandle>(m, "ReplayCore")
       .def(py::init(&make_replay), py::arg("layout"), py::arg("columns"), py::arg("fresh"),
            py::arg("seed"))

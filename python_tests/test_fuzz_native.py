@@ -58,13 +58,13 @@ CUDA_ENTRY_POINTS = {
 }  # fmt: skip
 FUNCTIONS = {
     "build_info", "limits", "preprocess_frames_cpu", "mlp_cosine_reward_cpu", "clip_similarity_cpu",
-    "goal_baseline_reward_cpu", "softmax_goal_reward_cpu", "random_shift_cpu",
+    "goal_baseline_reward_cpu", "softmax_goal_reward_cpu", "random_shift_cpu", "replay_columns",
 } | (CUDA_ENTRY_POINTS | {"cuda_runtime_info"} if _native.HAS_CUDA_KERNELS else set())  # fmt: skip
 
 
 def test_every_entry_point_is_fuzzed():
     """The entry points the tests below drive are all there are: a new binding needs a fuzz test.
-    (25 with the CUDA kernels: 16 functions and ReplayCore's 9 methods; 17 without.)"""
+    (26 with the CUDA kernels: 17 functions and ReplayCore's 9 methods; 18 without.)"""
     names = {n for n in dir(C) if not n.startswith("_") and not n.startswith("Native")}
     assert names == FUNCTIONS | {"ReplayCore"}
     methods = {n for n in vars(C.ReplayCore) if n in ("__init__", "__len__") or n[0] != "_"}

@@ -36,7 +36,7 @@ from fuzz_strategies import (  # python_tests/ is on sys.path
 from test_replay import Model, check_batch  # python_tests/ is on sys.path
 
 from furl_fast import ReplayBuffer, _native, reference
-from furl_fast import replay as replay_module
+from furl_fast.replay import file_format
 
 pytestmark = pytest.mark.skipif(not _native.HAS_NATIVE, reason="native module not built")
 
@@ -87,13 +87,13 @@ class Source:
         return torch.randn(shape, generator=self.gen)
 
     def emb(self, *batch: int) -> torch.Tensor | None:
-        d = self.buf._cfg["embedding_dim"]
+        d = self.buf._layout.embedding_dim
         if d == 0:
             return None
-        return torch.randn((*batch, d), generator=self.gen).to(self.buf._cfg["embedding_dtype"])
+        return torch.randn((*batch, d), generator=self.gen).to(self.buf._layout.embedding_dtype)
 
     def action(self, *batch: int) -> torch.Tensor:
-        return torch.randn((*batch, self.buf._cfg["action_dim"]), generator=self.gen)
+        return torch.randn((*batch, self.buf._layout.action_dim), generator=self.gen)
 
 
 def fill_randomly(buf: ReplayBuffer, src: Source, steps: int) -> None:
@@ -112,8 +112,8 @@ def fill_randomly(buf: ReplayBuffer, src: Source, steps: int) -> None:
 @st.composite
 def core_call(draw, buf: ReplayBuffer, src: Source):
     """One ReplayCore method with fuzzed arguments: (name, args)."""
-    n, cfg = buf.num_envs, buf._cfg
-    f, c = cfg["frame_stack"], buf.obs_shape[0]
+    n, lay = buf.num_envs, buf._layout
+    f, c = lay.frame_stack, buf.obs_shape[0]
     name = draw(st.sampled_from(sorted(REPLAY_METHODS - {"__init__"})))
 
     def cap(t: torch.Tensor | None) -> Any:
@@ -163,18 +163,17 @@ def core_call(draw, buf: ReplayBuffer, src: Source):
     )
     if name == "earlier":
         return name, (cap(indices), draw(INTS), cap(torch.empty(rows, dtype=torch.int64)))
-    shifts = torch.randint(-1, 2 * cfg["shift_pad"] + 2, (rows, 4), generator=src.gen).int()
-    emb_dtype = cfg["embedding_dtype"]
-    d = cfg["embedding_dim"]
+    shifts = torch.randint(-1, 2 * lay.shift_pad + 2, (rows, 4), generator=src.gen).int()
+    emb_dtype, d = lay.embedding_dtype, lay.embedding_dim
     shapes = {
-        "obs": ((rows, f * c, *buf.obs_shape[1:]), buf._obs_dtype),
+        "obs": ((rows, f * c, *buf.obs_shape[1:]), lay.obs_dtype),
         "embedding": ((rows, d), emb_dtype),
-        "step_embeddings": ((rows, cfg["n_step"], d), emb_dtype),
-        "step_slots": ((rows, cfg["n_step"]), torch.int64),
-        "step_discounts": ((rows, cfg["n_step"]), torch.float32),
+        "step_embeddings": ((rows, lay.n_step, d), emb_dtype),
+        "step_slots": ((rows, lay.n_step), torch.int64),
+        "step_discounts": ((rows, lay.n_step), torch.float32),
         "obs_slots": ((rows, f), torch.int64),
         "shifts": ((rows, 4), torch.int32),
-        "action": ((rows, cfg["action_dim"]), torch.float32),
+        "action": ((rows, lay.action_dim), torch.float32),
         "success": ((rows,), torch.bool),
         "indices": ((rows,), torch.int64),
         "episodes": ((rows,), torch.int64),
@@ -225,6 +224,19 @@ def test_replay_core_methods(cfg, seed, steps, data):
     assert len(again) == len(buf)
 
 
+@FUZZ
+@given(st.lists(INTS | st.none() | st.text(max_size=3), max_size=3))
+def test_replay_columns(args):
+    """replay_columns() takes no argument (anything else is a TypeError) and describes the same
+    columns every time, with rules from the vocabulary the facade reads."""
+    columns, exc = call(C.replay_columns, *args)
+    if args:
+        assert isinstance(exc, TypeError)
+        return
+    assert exc is None and columns == C.replay_columns() and len(columns) >= 1
+    assert all(len(c) == 4 and all(isinstance(v, str) for v in c) for c in columns)
+
+
 LAYOUT_JUNK = st.sampled_from([-1, 0, 2**31, 2**62, 2**63 - 1, 2**64, 1.5, math.nan, "x", None])
 
 
@@ -234,8 +246,8 @@ def test_replay_core_constructor(cfg, data):
     """ReplayCore(layout, columns, fresh, seed) with fuzzed layouts and storage columns."""
     draw = data.draw
     buf = ReplayBuffer(**cfg, seed=0)
-    c = buf._cfg
-    layout = buf._core_layout()
+    lay = buf._layout
+    layout = lay.native_layout(buf.device)
     for key in draw(st.lists(st.sampled_from(sorted(layout)), max_size=2, unique=True)):
         if draw(st.integers(0, 4)) == 0:
             del layout[key]
@@ -255,7 +267,7 @@ def test_replay_core_constructor(cfg, data):
     if exc is None:  # a core that was accepted must work: fill it past wrap-around and sample
         src = Source(buf, 0)
         for t in range(3 * buf.capacity):
-            emb = to_dlpack(src.emb()) if c["embedding_dim"] else None
+            emb = to_dlpack(src.emb()) if lay.embedding_dim else None
             if t % 4 == 0:
                 call(core.start_episode, 0, to_dlpack(src.obs()), emb)
             call(
@@ -276,9 +288,9 @@ def test_replay_core_constructor(cfg, data):
                     "obs": to_dlpack(
                         torch.empty(
                             2,
-                            c["frame_stack"] * buf.obs_shape[0],
+                            lay.frame_stack * buf.obs_shape[0],
                             *buf.obs_shape[1:],
-                            dtype=buf._obs_dtype,
+                            dtype=lay.obs_dtype,
                         )
                     ),
                 }
@@ -343,7 +355,7 @@ def join_file(header: dict, cols: list[bytearray], fix_crcs: bool = True) -> byt
     if fix_crcs:
         header["crc32"] = [zlib.crc32(c) for c in cols]
     blob = json.dumps(header).encode()
-    version = replay_module._FORMAT_VERSION
+    version = file_format.FORMAT_VERSION
     return MAGIC + struct.pack("<III", version, len(blob), zlib.crc32(blob)) + blob + b"".join(cols)
 
 
@@ -574,7 +586,7 @@ class ReplayMachine(RuleBasedStateMachine):
         indices = data.draw(
             st.lists(pick | st.sampled_from([-1, self.buf.capacity, 2**40]), max_size=5)
         )
-        pad = self.buf._cfg["shift_pad"]
+        pad = self.buf._layout.shift_pad
         shifts = data.draw(
             st.none()
             | st.lists(
@@ -799,7 +811,7 @@ def test_frame_stack_and_n_step_beyond_the_capacity():
 
 
 def _layout_dict(buf: ReplayBuffer, **changes) -> dict[str, Any]:
-    return {**buf._core_layout(), **changes}
+    return {**buf._layout.native_layout(buf.device), **changes}
 
 
 def test_replay_layout_entries_are_checked():

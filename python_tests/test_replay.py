@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from furl_fast import ReplayBuffer, _native, reference
+from furl_fast.replay import file_format
 
 pytestmark = pytest.mark.skipif(not _native.HAS_NATIVE, reason="native module not built")
 
@@ -151,7 +152,7 @@ def fill(buf, model, g, episodes, *, max_len=9, env=0, emb_dim=0, emb_dtype=torc
         for t in range(length):
             emb = torch.randn(emb_dim, generator=g).to(emb_dtype) if emb_dim else None
             frame = random_frame(g, buf.obs_shape)
-            action = torch.randn(buf._cfg["action_dim"], generator=g)
+            action = torch.randn(buf._layout.action_dim, generator=g)
             reward = float(torch.randn(1, generator=g))
             goal = float(torch.rand(1, generator=g))
             success = bool(torch.rand(1, generator=g) < 0.3)
@@ -661,7 +662,8 @@ def _version_1_file(buf: ReplayBuffer, path: Path) -> None:
         if name in ("frames", "embeddings"):
             a[int(buf._columns["state"][0]) :] = 0
         cols.append(a.numpy().tobytes())
-    blob = json.dumps({"layout": buf._layout(), "crc32": [zlib.crc32(c) for c in cols]}).encode()
+    layout = file_format.header_layout(buf._layout, buf.capacity)
+    blob = json.dumps({"layout": layout, "crc32": [zlib.crc32(c) for c in cols]}).encode()
     path.write_bytes(b"FURLRPB\x00" + struct.pack("<III", 1, len(blob), zlib.crc32(blob)) + blob
                      + b"".join(cols))
 
@@ -719,6 +721,81 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         buf.save(path)
     assert path.read_bytes() == before
     assert list(tmp_path.iterdir()) == [path]
+
+
+FORMAT_V2_FILE = Path(__file__).parent / "replay_files" / "format_v2.bin"
+
+
+def test_files_of_the_current_format_load_and_save_byte_for_byte(tmp_path):
+    """A version 2 file kept from when the format was introduced (pixels (3, 4, 5), float16
+    embeddings, two envs with open episodes, the RNG advanced by a sample) loads, samples what its
+    saved RNG state draws, and saves back to the same bytes: reader and writer stay compatible."""
+    buf = ReplayBuffer.load(FORMAT_V2_FILE)
+    assert (buf.capacity, buf.obs_shape, buf.num_envs, len(buf)) == (16, (3, 4, 5), 2, 8)
+    assert buf.episode_open(0) and buf.episode_open(1)
+    buf.save(tmp_path / "again.bin")
+    assert (tmp_path / "again.bin").read_bytes() == FORMAT_V2_FILE.read_bytes()
+    assert buf.sample(3).indices.tolist() == [2, 2, 5]
+    same = ReplayBuffer(16, (3, 4, 5), 2, frame_stack=2, n_step=2, gamma=0.9, num_envs=2,
+                        embedding_dim=3, embedding_dtype=torch.float16, shift_pad=2)  # fmt: skip
+    same.restore(FORMAT_V2_FILE)
+    assert same.sample(3).indices.tolist() == [2, 2, 5]
+
+
+def test_storage_columns_are_the_native_list():
+    """The facade allocates, and a file lists, exactly the columns FURL_REPLAY_COLUMNS declares,
+    in its order (embeddings only with embedding_dim > 0)."""
+    names = [name for name, *_ in _native._C.replay_columns()]
+    for buf in (ReplayBuffer(8, (2,), 1), ReplayBuffer(8, (3, 4, 4), 1, embedding_dim=2)):
+        stored = [n for n in names if n != "embeddings" or buf._layout.embedding_dim]
+        assert list(buf._columns) == stored
+        header = file_format.header_layout(buf._layout, 3)
+        assert [name for name, _, _ in header["columns"]] == stored
+    for name, dtype, shape, device in _native._C.replay_columns():
+        assert dtype in ("uint8", "int32", "int64", "float32", "obs", "embedding"), name
+        assert shape in ("slot", "action", "obs", "embedding", "state"), name
+        assert device in ("host", "buffer"), name
+
+
+def test_native_core_names_missing_and_unknown_columns():
+    buf = ReplayBuffer(8, (2,), 1, embedding_dim=2, seed=0)
+    layout = buf._layout.native_layout(buf.device)
+    cols = {k: torch.utils.dlpack.to_dlpack(t) for k, t in buf._columns.items()}
+    with pytest.raises(ValueError, match=r"storage column 'embeddings' is missing"):
+        _native._C.ReplayCore(layout, {k: v for k, v in cols.items() if k != "embeddings"}, True, 0)
+    with pytest.raises(ValueError, match=r"unknown storage column 'bogus'"):
+        _native._C.ReplayCore(layout, {**cols, "bogus": cols["rewards"]}, True, 0)
+
+
+def test_gpu_mode_plan_and_gather_run_on_the_cpu(monkeypatch):
+    """GPU mode's sample path (the packed plan of slots and shifts, then the gather) with CPU
+    tensors and the CPU shift kernel standing in for the CUDA one: the same batches as CPU mode."""
+    from furl_fast.replay import sampling
+
+    monkeypatch.setattr(_native._C, "random_shift_cuda", _native._C.random_shift_cpu, raising=False)
+    for obs_shape in ((3, 5, 4), (3,)):
+        buf = ReplayBuffer(30, obs_shape, 2, frame_stack=2, n_step=3, embedding_dim=4, seed=1)
+        g = torch.Generator().manual_seed(2)
+        for t in range(40):
+            obs = torch.randint(0, 256, obs_shape, generator=g, dtype=torch.uint8)
+            obs = obs if buf.pixels else obs.float()
+            if not buf.episode_open():
+                buf.start_episode(obs, embedding=torch.randn(4, generator=g))
+            buf.add(obs, torch.randn(2, generator=g), float(t), t % 7 == 6, False,
+                    embedding=torch.randn(4, generator=g))  # fmt: skip
+        idx = buf.sample(7).indices
+        shifts = torch.randint(0, 9, (7, 4), dtype=torch.int32) if buf.pixels else None
+        expected = buf.gather(idx, shifts=shifts)
+        plan = sampling.plan(buf._layout, 7, gpu=True)
+        packed, out = sampling.packed(plan, torch.device("cpu"))
+        capsules = {k: torch.utils.dlpack.to_dlpack(v) for k, v in out.items()}
+        sh = None if shifts is None else torch.utils.dlpack.to_dlpack(shifts)
+        buf._core.sample(7, False, torch.utils.dlpack.to_dlpack(idx), sh, capsules, 1)
+        got = sampling.gather_cuda(packed, plan, buf._layout, buf._columns, 0)
+        assert set(got) == {k for k, v in expected._asdict().items() if v is not None}
+        for k, v in got.items():
+            torch.testing.assert_close(v, getattr(expected, k), rtol=0, atol=0, equal_nan=True,
+                                       msg=k)  # goal_distance: NaN, not given
 
 
 def test_load_rejects_bad_files(tmp_path):

@@ -147,6 +147,39 @@ void check_replay_layout(const ReplayLayout& l) {
     bad("'capacity' slots of this observation, action and embedding size exceed 2^60 bytes");
 }
 
+bool replay_column_stored(const ReplayLayout& l, ReplayColumnShape shape) {
+  return shape != ReplayColumnShape::embedding || l.embedding_dim > 0;
+}
+
+std::vector<int64_t> replay_column_shape(const ReplayLayout& l, ReplayColumnShape shape) {
+  switch (shape) {
+    case ReplayColumnShape::slot: return {l.capacity};
+    case ReplayColumnShape::action: return {l.capacity, l.action_dim};
+    case ReplayColumnShape::obs:
+      if (l.pixels) return {l.capacity, l.channels, l.height, l.width};
+      return {l.capacity, l.channels};
+    case ReplayColumnShape::embedding: return {l.capacity, l.embedding_dim};
+    case ReplayColumnShape::state: return {kStateHeader + l.num_envs};
+  }
+  throw std::logic_error("unknown replay column shape");
+}
+
+DType replay_column_dtype(const ReplayLayout& l, ReplayColumnDType dtype) {
+  switch (dtype) {
+    case ReplayColumnDType::uint8: return DType::kUInt8;
+    case ReplayColumnDType::int32: return DType::kInt32;
+    case ReplayColumnDType::int64: return DType::kInt64;
+    case ReplayColumnDType::float32: return DType::kFloat32;
+    case ReplayColumnDType::obs: return l.pixels ? DType::kUInt8 : DType::kFloat32;
+    case ReplayColumnDType::embedding: return l.embedding_dtype;
+  }
+  throw std::logic_error("unknown replay column dtype");
+}
+
+DeviceKind replay_column_device(const ReplayLayout& l, ReplayColumnDevice device) {
+  return device == ReplayColumnDevice::buffer ? l.device : DeviceKind::kCPU;
+}
+
 ReplayCore::ReplayCore(const ReplayLayout& layout, const ReplayColumns& columns,
                        ReplayCopier copier, bool fresh, uint64_t seed)
     : layout_(layout), c_(columns), copy_(copier) {
@@ -154,10 +187,11 @@ ReplayCore::ReplayCore(const ReplayLayout& layout, const ReplayColumns& columns,
   const auto bad = [](const std::string& what) { throw ValueError("ReplayBuffer: " + what + "."); };
   check_replay_layout(l);
   if (!copy_.fn) bad("no frame copier was given");
-  if (!c_.frames || !c_.actions || !c_.rewards || !c_.goal_distances || !c_.flags || !c_.prev ||
-      !c_.next || !c_.episodes || !c_.steps || !c_.valid_pos || !c_.valid_list || !c_.state ||
-      (l.embedding_dim > 0 && !c_.embeddings))
-    bad("a storage column is missing");
+#define FURL_REPLAY_CHECK_PRESENT(name, c_type, dtype, shape, device)                    \
+  if (!c_.name && replay_column_stored(l, ReplayColumnShape::shape))                     \
+    bad("the storage column '" #name "' is missing");
+  FURL_REPLAY_COLUMNS(FURL_REPLAY_CHECK_PRESENT)
+#undef FURL_REPLAY_CHECK_PRESENT
   if (!fresh) {
     check_state();
     return;

@@ -44,63 +44,17 @@ ReplayTensors::ReplayTensors(const ReplayLayout& layout, const ReplayColumnViews
                              uint64_t seed)
     : layout_(layout) {
   check_replay_layout(layout);  // first: the shapes below are built from it
-  const int64_t cap = layout.capacity;
-  const DeviceKind dev = layout.device, cpu = DeviceKind::kCPU;
-  std::vector<int64_t> frame_shape = {cap, layout.channels};
-  if (layout.pixels) frame_shape.insert(frame_shape.end(), {layout.height, layout.width});
-  expect_tensor(c.frames, kOp, "frames", frame_shape,
-                layout.pixels ? DType::kUInt8 : DType::kFloat32, dev, true);
-  expect_tensor(c.actions, kOp, "actions", {cap, layout.action_dim}, DType::kFloat32, cpu, true);
-  expect_tensor(c.rewards, kOp, "rewards", {cap}, DType::kFloat32, cpu, true);
-  expect_tensor(c.goal_distances, kOp, "goal_distances", {cap}, DType::kFloat32, cpu, true);
-  expect_tensor(c.flags, kOp, "flags", {cap}, DType::kUInt8, cpu, true);
-  expect_tensor(c.prev, kOp, "prev", {cap}, DType::kInt64, cpu, true);
-  expect_tensor(c.next, kOp, "next", {cap}, DType::kInt64, cpu, true);
-  expect_tensor(c.episodes, kOp, "episodes", {cap}, DType::kInt64, cpu, true);
-  expect_tensor(c.steps, kOp, "steps", {cap}, DType::kInt32, cpu, true);
-  expect_tensor(c.valid_pos, kOp, "valid_pos", {cap}, DType::kInt32, cpu, true);
-  expect_tensor(c.valid_list, kOp, "valid_list", {cap}, DType::kInt32, cpu, true);
-  expect_tensor(c.state, kOp, "state", {kStateHeader + layout.num_envs}, DType::kInt64, cpu, true);
-  if (layout.embedding_dim > 0) {
-    if (!c.embeddings) throw ValueError("ReplayBuffer: the 'embeddings' column is missing.");
-    expect_tensor(*c.embeddings, kOp, "embeddings", {cap, layout.embedding_dim},
-                  layout.embedding_dtype, dev, true);
-  }
-  if (dev == DeviceKind::kCUDA && c.embeddings &&
-      c.embeddings->device_index != c.frames.device_index)
-    throw ValueError("ReplayBuffer: 'frames' and 'embeddings' must be on the same GPU.");
-  // Columns that share memory would overwrite each other's links and indices, and those are used
-  // as offsets: every column needs its own memory, and no argument of a later call may point into
-  // it (a sample output written over 'valid_list' would turn it into out-of-range slots).
-  const std::pair<const char*, const TensorView*> named[] = {
-      {"frames", &c.frames}, {"actions", &c.actions}, {"rewards", &c.rewards},
-      {"goal_distances", &c.goal_distances}, {"flags", &c.flags}, {"prev", &c.prev},
-      {"next", &c.next}, {"episodes", &c.episodes}, {"steps", &c.steps},
-      {"valid_pos", &c.valid_pos}, {"valid_list", &c.valid_list}, {"state", &c.state},
-      {"embeddings", c.embeddings}};
-  for (const auto& [name, view] : named) {
-    if (!view) continue;
-    for (const auto& [other, range] : storage_)
-      if (overlaps(*view, range))
-        throw ValueError(std::string("ReplayBuffer: storage columns '") + other + "' and '" +
-                         name + "' share memory; each column needs its own tensor.");
-    storage_.emplace_back(name, byte_range(*view));
-  }
-
   ReplayColumns cols;
-  cols.frames = c.frames.ptr<uint8_t>();
-  cols.embeddings = c.embeddings ? c.embeddings->ptr<uint8_t>() : nullptr;
-  cols.actions = c.actions.ptr<float>();
-  cols.rewards = c.rewards.ptr<float>();
-  cols.goal_distances = c.goal_distances.ptr<float>();
-  cols.flags = c.flags.ptr<uint8_t>();
-  cols.prev = c.prev.ptr<int64_t>();
-  cols.next = c.next.ptr<int64_t>();
-  cols.episodes = c.episodes.ptr<int64_t>();
-  cols.steps = c.steps.ptr<int32_t>();
-  cols.valid_pos = c.valid_pos.ptr<int32_t>();
-  cols.valid_list = c.valid_list.ptr<int32_t>();
-  cols.state = c.state.ptr<int64_t>();
+#define FURL_REPLAY_BIND_COLUMN(name, c_type, dtype, shape, device)                        \
+  cols.name = static_cast<c_type*>(bind_column(#name, c.name, ReplayColumnDType::dtype,    \
+                                               ReplayColumnShape::shape,                   \
+                                               ReplayColumnDevice::device));
+  FURL_REPLAY_COLUMNS(FURL_REPLAY_BIND_COLUMN)
+#undef FURL_REPLAY_BIND_COLUMN
+  const DeviceKind dev = layout.device;
+  if (dev == DeviceKind::kCUDA && cols.embeddings &&
+      c.embeddings->device_index != c.frames->device_index)
+    throw ValueError("ReplayBuffer: 'frames' and 'embeddings' must be on the same GPU.");
 
   ReplayCopier copier;
   if (dev == DeviceKind::kCPU) {
@@ -111,13 +65,32 @@ ReplayTensors::ReplayTensors(const ReplayLayout& layout, const ReplayColumnViews
       const auto* self = static_cast<ReplayTensors*>(ctx);
       replay_copy_to_device_cuda(dst, src, bytes, self->device_index_, self->stream_);
     };
-    device_index_ = c.frames.device_index;
+    device_index_ = c.frames->device_index;
     copier.ctx = this;
 #else
     throw ValueError("ReplayBuffer: device='cuda' needs furl_fast built with its CUDA kernels.");
 #endif
   }
   core_ = std::make_unique<ReplayCore>(layout, cols, copier, fresh, seed);
+}
+
+void* ReplayTensors::bind_column(const char* name, const TensorView* view,
+                                 ReplayColumnDType dtype, ReplayColumnShape shape,
+                                 ReplayColumnDevice device) {
+  if (!replay_column_stored(layout_, shape)) return nullptr;
+  if (!view)
+    throw ValueError(std::string("ReplayBuffer: storage column '") + name + "' is missing.");
+  expect_tensor(*view, kOp, name, replay_column_shape(layout_, shape),
+                replay_column_dtype(layout_, dtype), replay_column_device(layout_, device), true);
+  // Columns that share memory would overwrite each other's links and indices, and those are used
+  // as offsets: every column needs its own memory, and no argument of a later call may point into
+  // it (a sample output written over 'valid_list' would turn it into out-of-range slots).
+  for (const auto& [other, range] : storage_)
+    if (overlaps(*view, range))
+      throw ValueError(std::string("ReplayBuffer: storage columns '") + other + "' and '" + name +
+                       "' share memory; each column needs its own tensor.");
+  storage_.emplace_back(name, byte_range(*view));
+  return view->data;
 }
 
 void ReplayTensors::expect_arg(const TensorView& t, const char* op, const char* arg,

@@ -1,6 +1,6 @@
 // The replay buffer core: a FIFO ring of observation slots plus per-slot transition data, with
 // frame stacking, n-step returns and DrQ random shift done at sample time. Pure C++17: no Python,
-// no torch, no CUDA headers. Facade: furl_fast/replay.py; the CUDA gather lives in
+// no torch, no CUDA headers. Facade: furl_fast/replay/; the CUDA gather lives in
 // csrc/cuda/replay_sample.cu.
 //
 // Storage model. Every observation an environment returns is written once, into one slot:
@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <mutex>
 #include <shared_mutex>
+#include <vector>
 
 #include "furl_fast/tensor.h"
 
@@ -64,23 +65,61 @@ struct ReplayLayout {
   int64_t embedding_bytes() const { return embedding_dim * dtype_size(embedding_dtype); }
 };
 
-// Column pointers, each with `capacity` rows. frames / embeddings are on layout.device, everything
-// else is host memory. The owner (the Python facade) keeps them alive while the core exists.
+// The storage columns, declared once: ReplayColumns (the core's pointers), the checks of
+// ReplayTensors, the bindings' column dict, the stand-alone test's storage and
+// furl_fast._C.replay_columns() are all generated from this list, and the Python facade allocates,
+// saves and loads exactly the columns it exports. The order is the order of the columns in a saved
+// replay file.
+//
+// X(name, c_type, dtype, shape, device), where the last three are rules of a fixed vocabulary
+// (ReplayColumnDType / Shape / Device below; Python reads them by these names):
+//   c_type  the element type of the core's pointer (frames and embeddings are raw bytes)
+//   dtype   uint8, int32, int64 or float32; obs: uint8 pixel frames or float32 state vectors;
+//           embedding: layout.embedding_dtype
+//   shape   slot: (capacity,); action: (capacity, action_dim); obs: (capacity, *obs_shape);
+//           embedding: (capacity, embedding_dim), stored only when embedding_dim > 0;
+//           state: (kStateHeader + num_envs,), the one column that is not per slot
+//   device  host (CPU memory) or buffer (layout.device: GPU memory in GPU mode)
+//
+// Adding a column: its line here (at the end, to keep the other columns where files have them),
+// then the core code that gives it a meaning (ReplayCore's c_.<name>, its initial value in the
+// constructor) and, only if Python reads it itself, that use in furl_fast/replay/. Nothing else
+// lists the columns. A file saved before the column existed no longer matches the layout, so
+// load() refuses it unless the file format learns to fill the new column in.
+#define FURL_REPLAY_COLUMNS(X)                                                                 \
+  X(frames, uint8_t, obs, obs, buffer)          /* one observation per slot */                 \
+  X(actions, float, float32, action, host)      /* a_t of the slot's transition */             \
+  X(rewards, float, float32, slot, host)                                                       \
+  X(goal_distances, float, float32, slot, host) /* NaN when not given */                       \
+  X(flags, uint8_t, uint8, slot, host)          /* ReplayFlag bits of the transition */        \
+  X(prev, int64_t, int64, slot, host)           /* seq of the previous obs, -1 at the start */ \
+  X(next, int64_t, int64, slot, host)           /* seq of the next obs, -1 while none */       \
+  X(episodes, int64_t, int64, slot, host)                                                      \
+  X(steps, int32_t, int32, slot, host)          /* step in episode of the slot's obs */        \
+  X(valid_pos, int32_t, int32, slot, host)      /* index in valid_list, -1: not valid */       \
+  X(valid_list, int32_t, int32, slot, host)     /* valid slots (state[kStateNumValid]) */      \
+  X(state, int64_t, int64, state, host)         /* ReplayState words */                        \
+  X(embeddings, uint8_t, embedding, embedding, buffer)
+
+// The rules of the column list; the enumerators are spelled as the rule names Python receives.
+enum class ReplayColumnDType { uint8, int32, int64, float32, obs, embedding };
+enum class ReplayColumnShape { slot, action, obs, embedding, state };
+enum class ReplayColumnDevice { host, buffer };
+
+// Column pointers. frames / embeddings are on layout.device, everything else is host memory;
+// embeddings is null when embedding_dim is 0. The owner (the Python facade) keeps them alive
+// while the core exists.
 struct ReplayColumns {
-  uint8_t* frames = nullptr;      // (capacity, frame_bytes)
-  uint8_t* embeddings = nullptr;  // (capacity, embedding_bytes) or null
-  float* actions = nullptr;       // (capacity, action_dim)
-  float* rewards = nullptr;
-  float* goal_distances = nullptr;  // NaN when not given
-  uint8_t* flags = nullptr;
-  int64_t* prev = nullptr;        // seq of the previous observation of the episode, -1 at its start
-  int64_t* next = nullptr;        // seq of the next observation, -1 while there is none
-  int64_t* episodes = nullptr;
-  int32_t* steps = nullptr;       // step in episode of the slot's observation
-  int32_t* valid_pos = nullptr;   // position in valid_list, -1 when not sampleable
-  int32_t* valid_list = nullptr;  // slots of the valid transitions (first state[kStateNumValid])
-  int64_t* state = nullptr;       // kStateHeader + num_envs words
+#define FURL_REPLAY_COLUMN_POINTER(name, c_type, dtype, shape, device) c_type* name = nullptr;
+  FURL_REPLAY_COLUMNS(FURL_REPLAY_COLUMN_POINTER)
+#undef FURL_REPLAY_COLUMN_POINTER
 };
+
+// What the rules mean for one layout.
+bool replay_column_stored(const ReplayLayout& layout, ReplayColumnShape shape);
+std::vector<int64_t> replay_column_shape(const ReplayLayout& layout, ReplayColumnShape shape);
+DType replay_column_dtype(const ReplayLayout& layout, ReplayColumnDType dtype);
+DeviceKind replay_column_device(const ReplayLayout& layout, ReplayColumnDevice device);
 
 // Copies one frame / embedding into device-side storage (memcpy on CPU, cudaMemcpy on CUDA).
 struct ReplayCopier {

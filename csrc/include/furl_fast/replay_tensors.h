@@ -13,10 +13,13 @@
 
 namespace furl_fast {
 
+// The storage columns (FURL_REPLAY_COLUMNS); null ones are missing. Every column the layout stores
+// is required; one it does not store (embeddings without embedding_dim) is ignored.
 struct ReplayColumnViews {
-  TensorView frames, actions, rewards, goal_distances, flags, prev, next, episodes, steps,
-      valid_pos, valid_list, state;
-  const TensorView* embeddings = nullptr;  // required when embedding_dim > 0
+#define FURL_REPLAY_COLUMN_VIEW(name, c_type, dtype, shape, device) \
+  const TensorView* name = nullptr;
+  FURL_REPLAY_COLUMNS(FURL_REPLAY_COLUMN_VIEW)
+#undef FURL_REPLAY_COLUMN_VIEW
 };
 
 // Optional outputs of sample(); null ones are not written. See ReplaySampleOut for the shapes.
@@ -55,6 +58,10 @@ class ReplayTensors {
   void truncate_episode(int64_t env) { core_->truncate_episode(env); }
 
  private:
+  // The checked data pointer of one storage column (null when the layout does not store it); its
+  // memory may not overlap the columns checked before it.
+  void* bind_column(const char* name, const TensorView* view, ReplayColumnDType dtype,
+                    ReplayColumnShape shape, ReplayColumnDevice device);
   // expect_tensor() plus: t does not overlap the buffer's own storage.
   void expect_arg(const TensorView& t, const char* op, const char* arg,
                   const std::vector<int64_t>& shape, DType dtype, DeviceKind device,

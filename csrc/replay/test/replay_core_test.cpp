@@ -23,34 +23,29 @@ namespace {
 
 void copy_bytes(void* dst, const void* src, int64_t n, void*) { std::memcpy(dst, src, n); }
 
+// Host memory for every column the layout stores, sized by the column rules.
 struct Storage {
-  explicit Storage(const ReplayLayout& l)
-      : frames(l.capacity * l.frame_bytes()), actions(l.capacity * l.action_dim),
-        rewards(l.capacity), goals(l.capacity), flags(l.capacity), prev(l.capacity),
-        next(l.capacity), episodes(l.capacity), steps(l.capacity), valid_pos(l.capacity),
-        valid_list(l.capacity), state(kStateHeader + l.num_envs) {}
+  explicit Storage(const ReplayLayout& l) {
+#define FURL_REPLAY_ALLOCATE(name, c_type, dtype, shape, device)                     \
+  if (replay_column_stored(l, ReplayColumnShape::shape)) {                          \
+    int64_t bytes = dtype_size(replay_column_dtype(l, ReplayColumnDType::dtype));   \
+    for (int64_t n : replay_column_shape(l, ReplayColumnShape::shape)) bytes *= n;  \
+    name.resize(bytes / sizeof(c_type));                                            \
+  }
+    FURL_REPLAY_COLUMNS(FURL_REPLAY_ALLOCATE)
+#undef FURL_REPLAY_ALLOCATE
+  }
   ReplayColumns columns() {
     ReplayColumns c;
-    c.frames = frames.data();
-    c.actions = actions.data();
-    c.rewards = rewards.data();
-    c.goal_distances = goals.data();
-    c.flags = flags.data();
-    c.prev = prev.data();
-    c.next = next.data();
-    c.episodes = episodes.data();
-    c.steps = steps.data();
-    c.valid_pos = valid_pos.data();
-    c.valid_list = valid_list.data();
-    c.state = state.data();
+#define FURL_REPLAY_POINT(name, c_type, dtype, shape, device) \
+  c.name = name.empty() ? nullptr : name.data();
+    FURL_REPLAY_COLUMNS(FURL_REPLAY_POINT)
+#undef FURL_REPLAY_POINT
     return c;
   }
-  std::vector<uint8_t> frames;
-  std::vector<float> actions, rewards, goals;
-  std::vector<uint8_t> flags;
-  std::vector<int64_t> prev, next, episodes;
-  std::vector<int32_t> steps, valid_pos, valid_list;
-  std::vector<int64_t> state;
+#define FURL_REPLAY_VECTOR(name, c_type, dtype, shape, device) std::vector<c_type> name;
+  FURL_REPLAY_COLUMNS(FURL_REPLAY_VECTOR)
+#undef FURL_REPLAY_VECTOR
 };
 
 }  // namespace
