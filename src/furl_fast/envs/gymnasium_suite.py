@@ -23,6 +23,10 @@ from furl_fast.envs.gl import load_triton_before_gl
 from furl_fast.envs.suite import Suite
 from furl_fast.envs.wrappers import NoTaskReward, SparseSuccessReward, Wrapper
 
+# The suite renders offscreen only ("rgb_array"): pygame's (SDL's) dummy video driver, unless the user
+# chose one, spares the failed look for a display and its "XDG_RUNTIME_DIR is invalid" line.
+os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+
 MUJOCO_FRAME_SIZE = 256
 
 
@@ -93,7 +97,7 @@ class GymnasiumTask(Wrapper):
             raise ValueError(f"{self.env.spec.id}: render() must give an (H, W, 3) uint8 RGB frame in "
                              f"render_mode='rgb_array', got {type(frame).__name__} "
                              f"{getattr(frame, 'shape', '')}.")
-        return frame
+        return np.ascontiguousarray(frame)  # MuJoCo's comes as a flipped (negative-stride) view
 
     def _contract_info(self, obs: Any, info: dict[str, Any], *, reset: bool) -> dict[str, Any]:
         info = dict(info)
