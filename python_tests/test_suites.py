@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import ClassVar
 
 import gymnasium as gym
 import imageio.v3 as iio
@@ -52,23 +53,24 @@ def trace(env, steps: int, reset_seeds=(None,), seed: int = 0) -> list:
     return out
 
 
-# Recorded from the single-class MetaWorldEnv (sparse reward, action repeat, pixels and stack all in
-# one env) with this very trace(): the wrapper stack must reproduce them exactly. Frames come from
+# Recorded with this very trace() from the single-class Meta-World env (sparse reward, action repeat,
+# pixels and stack in one class), the reference the wrapper stack must match exactly. Frames come from
 # Mesa's llvmpipe, which renders the same bits for the same scene on every run.
 GOLDEN = {
-    "state_sparse": (dict(task="reach", seed=0, vlm_frames=False), 12, (None, 3),
+    "state_sparse": ({"task": "reach", "seed": 0, "vlm_frames": False}, 12, (None, 3),
                      "9dca10dd3439676b", "cf6c98396fd3e834"),
-    "state_dense_frames": (dict(task="drawer-open", seed=1, reward="dense", frame_size=64), 4,
+    "state_dense_frames": ({"task": "drawer-open", "seed": 1, "reward": "dense", "frame_size": 64}, 4,
                            (None,), "810b0a69dc2dac0e", "9ae7039809905b11"),
-    "state_repeat3_truncated": (dict(task="push", seed=2, goal="random", reward="dense",
-                                     vlm_frames=False, action_repeat=3, max_episode_steps=10), 6,
+    "state_repeat3_truncated": ({"task": "push", "seed": 2, "goal": "random", "reward": "dense",
+                                 "vlm_frames": False, "action_repeat": 3, "max_episode_steps": 10}, 6,
                                 (None, 7), "03e7b6f79420d54a", "e9dc5f8134fb5ea1"),
-    "pixels_sparse_frames": (dict(task="pick-place", seed=2, goal="random", obs="pixels",
-                                  frame_size=64, pixel_size=32), 4, (None, 5),
+    "pixels_sparse_frames": ({"task": "pick-place", "seed": 2, "goal": "random", "obs": "pixels",
+                              "frame_size": 64, "pixel_size": 32}, 4, (None, 5),
                              "3ab0733285be6c0a", "7085b114d3e5ecca"),
-    "pixels_dense_no_frames_truncated": (dict(task="reach", seed=0, obs="pixels", reward="dense",
-                                              vlm_frames=False, frame_size=64, pixel_size=24,
-                                              frame_stack=2, max_episode_steps=8, fast_render=False),
+    "pixels_dense_no_frames_truncated": ({"task": "reach", "seed": 0, "obs": "pixels",
+                                          "reward": "dense", "vlm_frames": False, "frame_size": 64,
+                                          "pixel_size": 24, "frame_stack": 2, "max_episode_steps": 8,
+                                          "fast_render": False},
                                          5, (None,), "dc7d2b30c1cc8fcf", "e1706daa4fbf3f8c"),
 }
 
@@ -158,7 +160,7 @@ def test_encoder_takes_the_suite_crop(tiny_model):
 class ToyEnv(gym.Env):
     """Counts its steps; info["is_success"] from step 3 on; 6-step episodes (registered below)."""
 
-    metadata = {"render_modes": ["rgb_array"]}
+    metadata: ClassVar[dict] = {"render_modes": ["rgb_array"]}
 
     def __init__(self, render_mode: str | None = None) -> None:
         self.render_mode = render_mode
