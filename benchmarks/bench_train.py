@@ -90,7 +90,7 @@ def run_release_loop(cfg: Config, encoder) -> float:
     from furl_fast.agents.sac import SAC
     from furl_fast.envs import make_env
     from furl_fast.rewards.furl import FuRLReward
-    from furl_fast.vlm import task_prompt
+    from furl_fast.envs.metaworld import task_prompt
 
     env = make_env(cfg.task, seed=cfg.seed, vlm_frames=True)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]

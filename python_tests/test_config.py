@@ -6,7 +6,8 @@ import pytest
 import torch
 import tyro
 
-from furl_fast.config import PRESETS, Config, FuRLConfig, SACConfig, VLMConfig
+from furl_fast.config import PRESETS, Config, FuRLConfig, GymnasiumConfig, SACConfig, VLMConfig
+from furl_fast.envs import get_suite
 
 
 def _replace(cfg: Config, **kw) -> Config:
@@ -17,7 +18,7 @@ def test_defaults_and_presets_validate():
     for cfg in PRESETS.values():
         cfg.validate()
     cfg = Config()
-    cfg.validate(known_tasks={"drawer-open"})
+    cfg.validate(get_suite("metaworld"))
     assert cfg.algo == "furl" and cfg.resolved_rho == 0.05 and cfg.sac.tau == 0.01 and cfg.furl.lag == 10
 
 
@@ -90,18 +91,29 @@ def test_validation_errors_say_what_to_change(changes, message):
     assert message in str(err.value)
 
 
-def test_unknown_task_through_the_hook_and_all_problems_at_once():
-    _replace(Config(), task="fly-v3").validate()  # without known tasks the task is not checked
+def test_unknown_task_through_the_suite_and_all_problems_at_once():
+    _replace(Config(), task="fly-v3").validate()  # without a suite the task is not checked
     cfg = _replace(Config(), task="fly-v3", rho=-1.0)
     with pytest.raises(ValueError) as err:
-        cfg.validate(known_tasks=["drawer-open-v3", "reach-v3"])
+        cfg.validate(get_suite("metaworld"))
     text = str(err.value)
-    assert "task='fly-v3' is unknown; the 2 tasks (each also as NAME-v3): drawer-open, reach." \
-        in text
+    assert "task='fly-v3': Unknown Meta-World task 'fly-v3'" in text and "the 50 tasks" in text
     assert "rho=-1.0" in text
-    with pytest.raises(ValueError, match=r"^invalid configuration: task='drawr-open' is unknown "
-                                         r"\(did you mean 'drawer-open'\?\); the 2 tasks"):
-        _replace(Config(), task="drawr-open").validate(known_tasks=["drawer-open-v3", "reach-v3"])
+    with pytest.raises(ValueError, match=r"^invalid configuration: task='drawr-open': Unknown "
+                                         r"Meta-World task 'drawr-open' \(did you mean 'drawer-open'"):
+        _replace(Config(), task="drawr-open").validate(get_suite("metaworld"))
+
+
+def test_suite_checks_goal_randomisation_and_its_options():
+    gym_suite = get_suite("gymnasium")
+    cfg = _replace(Config(), suite="gymnasium", task="CartPole-v1", goal="random")
+    with pytest.raises(ValueError, match="the gymnasium suite has no goal randomisation"):
+        cfg.validate(gym_suite)
+    _replace(cfg, goal="fixed").validate(gym_suite)
+    with pytest.raises(ValueError, match="--gym.\\* options are read only with --suite gymnasium"):
+        _replace(Config(), gym=GymnasiumConfig(success_key="is_success")).validate()
+    with pytest.raises(ValueError, match="suite='atari' is unknown"):
+        _replace(Config(), suite="atari").validate()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without a GPU")

@@ -1,4 +1,4 @@
-"""furl_fast.envs: Meta-World factory, sparse reward, truncation, scenes, upright frames, experts, vector
+"""furl_fast.envs.metaworld: Meta-World factory, sparse reward, truncation, scenes, upright frames, experts, vector
 envs. Rendering is software (llvmpipe) here, so frames are only rendered where a test needs them."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from furl_fast.envs import (
+from furl_fast.envs.metaworld import (
     MT10_TASKS,
     TASKS,
     Rollout,
@@ -19,8 +19,8 @@ from furl_fast.envs import (
     make_env,
     make_vector_env,
     random_rollout,
-    resolve_task,
 )
+from furl_fast.envs.metaworld import canonical_task as resolve_task
 from furl_fast.reference import preprocess_frames as reference_preprocess
 
 

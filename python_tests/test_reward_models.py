@@ -17,7 +17,8 @@ from furl_fast.rewards.models import (
     RewardModel,
     make_reward_model,
 )
-from furl_fast.vlm import MT10_PROMPTS, load_encoder
+from furl_fast.envs.metaworld import MT10_PROMPTS
+from furl_fast.vlm import load_encoder
 
 
 @pytest.fixture(scope="module")
@@ -281,11 +282,13 @@ def test_vector_wrapper_resets_stateful_models_per_episode(closing):
 
 def context(encoder, **changes):
     from furl_fast.config import FuRLConfig
+    from furl_fast.envs import get_suite
     from furl_fast.rewards import RewardContext
 
     frame = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
     fields = dict(encoder=encoder, task="drawer-open", prompt=None, num_envs=2,
-                  device=torch.device("cpu"), seed=0, furl=FuRLConfig(head_hidden=8, pair_batch=4),
+                  device=torch.device("cpu"), seed=0, suite=get_suite("metaworld"),
+                  furl=FuRLConfig(head_hidden=8, pair_batch=4),
                   goal_frame=lambda: frame)
     return RewardContext(**{**fields, **changes})
 
@@ -299,6 +302,7 @@ def test_every_registered_reward_has_a_config_of_the_same_name():
 
 def test_build_reward_passes_each_rewards_own_options(encoder, emb):
     from furl_fast.config import BinaryRewardConfig, GoalBaselineRewardConfig
+    from furl_fast.envs import get_suite
     from furl_fast.rewards import build_reward
 
     binary = build_reward(BinaryRewardConfig(threshold=0.7, negatives=("a cup", "a door"),
@@ -313,6 +317,11 @@ def test_build_reward_passes_each_rewards_own_options(encoder, emb):
         (1.0, ["an open drawer"], [DEFAULT_BASELINE_PROMPT])
     from_prompt = build_reward(GoalBaselineRewardConfig(), context(encoder, prompt="open it"))
     assert from_prompt.goal_prompts == ["open it"]
+    default = build_reward(BinaryRewardConfig(), context(encoder, prompt=MT10_PROMPTS["drawer-open"]))
+    assert default.negatives == [p for p in MT10_PROMPTS.values() if p != MT10_PROMPTS["drawer-open"]]
+    with pytest.raises(ValueError, match="--reward.negatives"):
+        build_reward(BinaryRewardConfig(), context(encoder, task="CartPole-v1", prompt="a pole",
+                                                   suite=get_suite("gymnasium")))
 
 
 def test_furl_reward_trains_through_the_hooks(encoder, emb):

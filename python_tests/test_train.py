@@ -282,6 +282,39 @@ def test_cli_zero_shot_rewards(tmp_path, tiny_model, reward):
         assert all(0.0 <= v <= 1.0 for v in values)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["CartPole-v1", "Humanoid-v5"])
+def test_cli_any_gymnasium_env_with_a_clip_reward(tmp_path, tiny_model, task):
+    """--suite gymnasium trains on a Gymnasium id with a CLIP reward of its rendered frames (the
+    tasks VLM-RM used): CartPole's Discrete actions through ContinuousActions, Humanoid's float64
+    MuJoCo observations; without a success key the env reward is 0, so the VLM reward alone trains."""
+    run_dir = tmp_path / "run"
+    args = ["--suite", "gymnasium", "--task", task, "--algo", "vlm", "--reward", "cosine",
+            "--vlm.prompt", "a pole balanced upright" if task.startswith("CartPole") else
+            "a humanoid robot standing", "--vlm.model", tiny_model, "--vlm.pretrained", "none",
+            "--total-steps", "300", "--warmup-steps", "200", "--batch-size", "32", "--buffer-size",
+            "5000", "--eval-every", "300", "--no-eval-video", "--run-dir", str(run_dir), "--device",
+            "cpu", "--sac.hidden-dims", "32", "32", "--torch-threads", "1", "--log-every", "100"]
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["suite"], config["task"], config["reward"]["name"]) == ("gymnasium", task, "cosine")
+    rows = [line.split(",") for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    vlm = [float(v) for _, name, v in rows if name == "charts/vlm_reward"]
+    assert vlm and all(-1.0 <= v <= 1.0 for v in vlm)
+    assert {float(v) for _, name, v in rows if name == "charts/episode_return"} == {0.0}
+    assert json.loads((run_dir / "eval.json").read_text())["eval/success"] == 0.0
+
+
+def test_cli_gymnasium_furl_without_a_goal_image_says_which_flag(tmp_path, tiny_model):
+    result = run_cli(["--suite", "gymnasium", "--task", "CartPole-v1", "--algo", "furl",
+                      "--vlm.prompt", "a pole balanced upright", "--vlm.model", tiny_model,
+                      "--vlm.pretrained", "none", "--run-dir", str(tmp_path / "run")], tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "--gym.goal-image FILE" in result.stderr and "--furl.no-phase-a" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 # Stateful checkers that random warm-up actions complete: "moved 2 cm from the reset position", then
 # "moved 4 cm". The reset observation must be scored for `start` to be right.
 MOVED_PROGRAMS = {"task": "reach-v3", "subtasks": [

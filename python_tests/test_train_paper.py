@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-import furl_fast.envs
+import furl_fast.envs.metaworld.rollout
 from furl_fast.config import Config, FuRLConfig, SACConfig, VLMConfig
 from furl_fast.envs import Rollout, make_env
 from furl_fast.train import Trainer, train
@@ -36,7 +36,7 @@ def expert_calls(monkeypatch):
         return Rollout(states=np.zeros((2, 39), np.float32), actions=np.zeros((1, 4), np.float32),
                        frames=frames, successes=np.ones(1, bool))
 
-    monkeypatch.setattr(furl_fast.envs, "expert_rollout", fake_expert_rollout)
+    monkeypatch.setattr(furl_fast.envs.metaworld.rollout, "expert_rollout", fake_expert_rollout)
     return calls
 
 
@@ -56,7 +56,7 @@ def test_render_quality_reaches_training_and_eval_envs_and_the_goal_image(
         assert trainer.eval_env.unwrapped.fast_render is fast
         assert len(expert_calls) == 1 and expert_calls[0]["fast_render"] is fast
         assert expert_calls[0]["goal"] == "fixed" and expert_calls[0]["stop_on_success"]
-        assert trainer.furl.goal_emb is not None
+        assert trainer.reward.furl.goal_emb is not None
     finally:
         trainer.close()
 
@@ -78,7 +78,7 @@ def test_no_relay_ablation_builds_no_relay_agent(tmp_path, tiny_model, encoder, 
     try:
         assert with_relay.relay_agent is not None and with_relay.schedule is not None
         assert without.relay_agent is None and without.schedule is None
-        assert without.furl is not None and without.furl.goal_emb is not None  # still FuRL
+        assert without.reward.furl is not None and without.reward.furl.goal_emb is not None  # still FuRL
     finally:
         with_relay.close()
         without.close()
@@ -87,7 +87,7 @@ def test_no_relay_ablation_builds_no_relay_agent(tmp_path, tiny_model, encoder, 
 def test_no_phase_a_ablation_runs_no_expert_rollout(tmp_path, tiny_model, encoder, expert_calls):
     trainer = make_trainer(tmp_path, tiny_model, encoder, furl=FuRLConfig(phase_a=False))
     try:
-        assert expert_calls == [] and trainer.furl.goal_emb is None
+        assert expert_calls == [] and trainer.reward.furl.goal_emb is None
         assert trainer.relay_agent is not None  # relay stays on
     finally:
         trainer.close()

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from furl_fast.vlm import MT10_PROMPTS, furl_crop, load_encoder, task_prompt
+from furl_fast.envs.metaworld import MT10_PROMPTS, furl_crop, task_prompt
 from furl_fast.vlm import encoder as encoder_module
+from furl_fast.vlm import load_encoder
 
 TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
 TINY = {

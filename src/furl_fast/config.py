@@ -6,7 +6,6 @@ settings. Call `Config.validate()` before any training starts.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal, Union
@@ -238,6 +237,21 @@ class VLMConfig:
 
 
 @dataclass(frozen=True)
+class GymnasiumConfig:
+    """Options of the gymnasium suite (--suite gymnasium: --task is any Gymnasium id)."""
+
+    goal_image: str | None = None
+    """An image file (PNG, JPEG, ...) of the task solved: FuRL's goal image for phase A (algo furl);
+    without one, use --furl.no-phase-a."""
+    success_key: str | None = None
+    """A key of the env's info whose truth is success (e.g. is_success); None: the env has no success
+    flag (eval/success stays 0, the sparse reward is 0 and the VLM reward alone trains the agent)."""
+
+
+SUITES = ("metaworld", "gymnasium")
+
+
+@dataclass(frozen=True)
 class Config:
     """One training run."""
 
@@ -250,8 +264,13 @@ class Config:
              "of furl, cosine, goal_baseline, binary, code (python -m furl_fast.train --reward NAME "
              "--help lists its options). Unset: furl for algo=furl, cosine for vlm and relay (unused "
              "by sac).")] = None
+    suite: Literal["metaworld", "gymnasium"] = "metaworld"
+    """The environment suite (furl_fast.envs.SUITES): metaworld (FuRL's Meta-World v3 tasks) or
+    gymnasium (any Gymnasium id as --task, e.g. CartPole-v1 or Humanoid-v5, with --vlm.prompt and
+    the --gym.* options)."""
     task: str = "drawer-open"
-    """Meta-World v3 task name (any of the 50; "drawer-open-v3" works too)."""
+    """The suite's task: a Meta-World v3 task name (any of the 50; "drawer-open-v3" works too), or
+    a Gymnasium id with --suite gymnasium."""
     goal: Literal["fixed", "random"] = "fixed"
     """fixed: hidden goal, same scene every reset; random: goal in the state, resampled each reset."""
     render_quality: Literal["paper", "fast"] = "fast"
@@ -331,6 +350,8 @@ class Config:
     """Reward-alignment and relay hyper-parameters."""
     vlm: VLMConfig = field(default_factory=VLMConfig)
     """Vision-language model."""
+    gym: GymnasiumConfig = field(default_factory=GymnasiumConfig)
+    """The gymnasium suite's options (unused by metaworld)."""
 
     def __post_init__(self) -> None:
         # Config(reward="binary") is the reward with its default options (an unknown name stays, for
@@ -381,30 +402,25 @@ class Config:
         return config is not None and config.needs_encoder
 
     @property
+    def suite_options(self) -> dict[str, Any]:
+        """The chosen suite's own options (Suite.options) as make_env keyword arguments."""
+        return dataclasses.asdict(self.gym) if self.suite == "gymnasium" else {}
+
+    @property
     def uses_relay(self) -> bool:
         return self.algo == "relay" or (self.algo == "furl" and self.furl.relay)
 
-    def validate(self, known_tasks: Collection[str] | None = None) -> None:
+    def validate(self, suite: Any = None) -> None:
         """Raises ValueError listing every problem, each with what to change.
 
-        known_tasks: the task names the environment module accepts (furl_fast.envs provides them);
-        None skips the task check. This is the hook through which unknown tasks are caught before
-        training starts.
+        suite: the environment suite of the run (furl_fast.envs.get_suite(cfg.suite)); it checks the
+        task name and what the suite cannot do (goal="random"). None skips those checks.
         """
-        problems = _problems(self, known_tasks)
+        problems = _problems(self, suite)
         if len(problems) == 1:
             raise ValueError(f"invalid configuration: {problems[0]}")
         if problems:
             raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
-
-
-def describe_unknown_task(task: str, known_tasks: Collection[str]) -> str:
-    """What follows "task X is unknown": the closest known name, then each task once (names are
-    accepted with and without the -v3 suffix)."""
-    names = sorted({t.removesuffix("-v3") for t in known_tasks})
-    close = difflib.get_close_matches(str(task).removesuffix("-v3"), names, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"{hint}; the {len(names)} tasks (each also as NAME-v3): {', '.join(names)}."
 
 
 def _cuda_problems(device: str) -> list[str]:
@@ -430,7 +446,7 @@ def _positive(name: str, value: float) -> list[str]:
     return [] if value > 0 else [f"{name}={value!r} must be > 0."]
 
 
-def _problems(cfg: Config, known_tasks: Collection[str] | None) -> list[str]:
+def _problems(cfg: Config, suite: Any) -> list[str]:
     p: list[str] = []
     p += _one_of("algo", cfg.algo, ALGOS)
     p += _one_of("agent", cfg.agent, AGENTS)
@@ -451,8 +467,17 @@ def _problems(cfg: Config, known_tasks: Collection[str] | None) -> list[str]:
             p.append(f"--furl.no-{flag} is an ablation of FuRL and needs --algo furl (got "
                      f"{cfg.algo!r}).")
     p += _reward_problems(cfg.reward_config)
-    if known_tasks is not None and cfg.task not in known_tasks:
-        p.append(f"task={cfg.task!r} is unknown{describe_unknown_task(cfg.task, known_tasks)}")
+    p += _one_of("suite", cfg.suite, SUITES)
+    if suite is not None:
+        try:
+            suite.canonical_task(cfg.task)
+        except ValueError as exc:
+            p.append(f"task={cfg.task!r}: {exc}")
+        if cfg.goal == "random" and not suite.random_goals:
+            p.append(f"goal='random': the {cfg.suite} suite has no goal randomisation; use --goal "
+                     "fixed.")
+    if cfg.suite != "gymnasium" and cfg.gym != GymnasiumConfig():
+        p.append("--gym.* options are read only with --suite gymnasium.")
     if cfg.seed < 0:
         p.append(f"seed={cfg.seed} must be >= 0.")
     p += _positive("total_steps", cfg.total_steps)

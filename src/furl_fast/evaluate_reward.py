@@ -103,7 +103,7 @@ def collect_frames(task: str, episodes: int, max_steps: int, seed: int
     """Expert and random rollouts of `task` -> frames (M, H, W, 3) uint8, success (M,) bool (the flag
     after the step that produced the frame; reset frames are False), source (M,) 0 expert / 1 random,
     episode (M,) int."""
-    from furl_fast.envs import expert_rollout, random_rollout
+    from furl_fast.envs.metaworld import expert_rollout, random_rollout
 
     parts: dict[str, list[np.ndarray]] = {"frames": [], "success": [], "source": [], "episode": []}
     for i in range(episodes):

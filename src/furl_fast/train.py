@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import tyro
 
-from furl_fast.config import PRESETS, REWARDS, Config, config_to_dict, resolve_device
+from furl_fast.config import PRESETS, REWARDS, SUITES, Config, config_to_dict, resolve_device
 from furl_fast.envs.steps import Transition, env_states, split_obs, vector_step
 from furl_fast.runs import (
     CHECKPOINT_DIR,
@@ -131,23 +131,21 @@ def reward_subcommand(argv: list[str], default_reward: Any) -> list[str]:
 
 def check_config(cfg: Config) -> None:
     """Everything that can be checked before any work starts; raises ValueError saying what to change."""
-    from furl_fast.envs import TASKS
+    from furl_fast.envs import get_suite
 
     try:
-        cfg.validate(known_tasks=set(TASKS) | {f"{t}-v3" for t in TASKS})
+        cfg.validate(get_suite(cfg.suite) if cfg.suite in SUITES else None)
     except ValueError as exc:
         raise ValueError(f"{exc} (python -m furl_fast.train --help lists every flag)") from None
-    if cfg.loads_encoder and cfg.vlm.prompt is None:
-        from furl_fast.vlm import MT10_PROMPTS
-
-        if cfg.task.removesuffix("-v3") not in MT10_PROMPTS:
-            raise ValueError(f"--task {cfg.task} has no built-in prompt (the MT10 tasks have one: "
-                             f"{', '.join(sorted(MT10_PROMPTS))}); describe its goal for the VLM with "
-                             '--vlm.prompt "..." (a short sentence saying what success looks like).')
+    suite = get_suite(cfg.suite)
+    if cfg.loads_encoder and cfg.vlm.prompt is None and suite.prompt(cfg.task) is None:
+        raise ValueError(f"--task {cfg.task} has no built-in prompt in the {cfg.suite} suite; describe "
+                         'its goal for the VLM with --vlm.prompt "..." (a short sentence saying what '
+                         "success looks like).")
     if cfg.resolved_reward == "code":
         from furl_fast.rewards.code import load_program_set
 
-        load_program_set(cfg.task, cfg.reward_config.programs)
+        load_program_set(cfg.task, cfg.reward_config.programs, suite.reference_programs(cfg.task))
 
 
 # ---- the trainer -----------------------------------------------------------------------------
@@ -160,10 +158,12 @@ class Trainer:
         from furl_fast.agents.drq import DrQV2
         from furl_fast.agents.relay import RelaySchedule
         from furl_fast.agents.sac import SAC
-        from furl_fast.envs import make_env, make_vector_env
+        from furl_fast.envs import get_suite
         from furl_fast.replay import ReplayBuffer
 
         self.cfg, self.run_dir = cfg, run_dir
+        self.suite = get_suite(cfg.suite)
+        self.task = self.suite.canonical_task(cfg.task)
         self.timings: dict[str, float] = {}  # seconds per phase, for --profile
         self.device = resolve_device(cfg.device)
         seed_everything(cfg.seed)
@@ -175,9 +175,10 @@ class Trainer:
         if cfg.reward_config is not None:
             from furl_fast.rewards import RewardContext, build_reward
 
-            context = RewardContext(encoder=encoder, task=cfg.task, prompt=cfg.vlm.prompt,
-                                    num_envs=cfg.num_envs, device=self.device, seed=cfg.seed,
-                                    furl=cfg.furl, goal_frame=self.goal_frame)
+            context = RewardContext(encoder=encoder, task=self.task,
+                                    prompt=cfg.vlm.prompt or self.suite.prompt(self.task),
+                                    suite=self.suite, num_envs=cfg.num_envs, device=self.device,
+                                    seed=cfg.seed, furl=cfg.furl, goal_frame=self.goal_frame)
             self.reward = build_reward(cfg.reward_config, context)
 
         import gymnasium as gym
@@ -191,12 +192,14 @@ class Trainer:
                           action_repeat=cfg.drq.action_repeat) if self.pixels else {}
         # Rewards that never read frames (code programs that read only states) spare the render.
         self.vlm_frames = self.reward is not None and self.reward.reads_frames
-        env_kwargs["reward"] = cfg.env_reward
-        env_kwargs["fast_render"] = cfg.render_quality == "fast"
-        self.envs = make_vector_env(cfg.task, cfg.num_envs, seed=cfg.seed, goal=cfg.goal,
-                                    vlm_frames=self.vlm_frames, asynchronous=cfg.num_envs > 1,
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, **env_kwargs)
-        self.eval_env = make_env(cfg.task, seed=cfg.seed, goal=cfg.goal, vlm_frames=False, **env_kwargs)
+        env_kwargs.update(reward=cfg.env_reward, fast_render=cfg.render_quality == "fast",
+                          **cfg.suite_options)
+        self.envs = self.suite.make_vector_env(
+            self.task, cfg.num_envs, seed=cfg.seed, goal=cfg.goal, vlm_frames=self.vlm_frames,
+            asynchronous=cfg.num_envs > 1, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+            **env_kwargs)
+        self.eval_env = self.suite.make_env(self.task, seed=cfg.seed, goal=cfg.goal, vlm_frames=False,
+                                            **env_kwargs)
         space = self.envs.single_observation_space
         obs_shape = (space["obs"] if self.vlm_frames else space).shape
         act_dim = self.envs.single_action_space.shape[0]
@@ -220,7 +223,8 @@ class Trainer:
         self.schedule = RelaySchedule.from_config(cfg.furl, num_envs=cfg.num_envs, seed=cfg.seed) \
             if cfg.uses_relay else None
         # Capacity counts observation slots: each episode also stores its final observation.
-        episode_steps = self.eval_env.unwrapped.max_episode_steps // self.repeat
+        self.max_episode_steps = self.suite.max_episode_steps(self.task, **cfg.suite_options)
+        episode_steps = self.max_episode_steps // self.repeat
         capacity = cfg.resolved_buffer_size + cfg.resolved_buffer_size // episode_steps + 2 * cfg.num_envs
         self.buffer = ReplayBuffer(capacity, stored_shape, act_dim,
                                    frame_stack=cfg.drq.frame_stack if self.pixels else 1,
@@ -247,18 +251,11 @@ class Trainer:
     # -- pieces --------------------------------------------------------------------------------
 
     def goal_frame(self) -> np.ndarray:
-        """FuRL's goal image, (H, W, 3) uint8: the first success frame of the scripted expert (same
-        seed and goal setting as training), through the same 256 x 256 render (render_quality) as
-        every frame."""
-        from furl_fast.envs import expert_rollout
-
-        rollout = expert_rollout(self.cfg.task, self.cfg.seed, goal=self.cfg.goal, stop_on_success=True,
-                                 fast_render=self.cfg.render_quality == "fast")
-        index = rollout.first_success()
-        if index is None:
-            raise ValueError(f"the scripted expert did not solve {self.cfg.task} with seed "
-                               f"{self.cfg.seed}, so FuRL has no goal image; try another seed.")
-        return rollout.frames[index]
+        """FuRL's goal image, (H, W, 3) uint8, from the suite (Meta-World: the scripted expert's first
+        success frame with the seed and goal setting of training, rendered as every frame is)."""
+        return self.suite.goal_frame(self.task, seed=self.cfg.seed, goal=self.cfg.goal,
+                                     fast_render=self.cfg.render_quality == "fast",
+                                     **self.cfg.suite_options)
 
     def reward_inputs(self, states: np.ndarray, frames: np.ndarray | None, env_ids) -> torch.Tensor:
         """What the buffer keeps per observation of envs env_ids (reward.observe), on the training
@@ -516,7 +513,7 @@ class Trainer:
             state, _ = env.reset(seed=seed)
             frames = [env.render()] if k == 0 and cfg.eval_video else None
             total, successes = 0.0, []
-            for _ in range(env.unwrapped.max_episode_steps):
+            for _ in range(self.max_episode_steps):
                 obs = torch.as_tensor(state, device=self.device).unsqueeze(0)
                 action = self.agent.act(obs, deterministic=True).cpu().numpy()[0]
                 state, reward, terminated, truncated, info = env.step(action)
@@ -645,11 +642,14 @@ def format_seconds(seconds: float) -> str:
 
 
 def load_vlm(cfg: Config):
-    """The frozen VLM; fails fast (RuntimeError / FileNotFoundError / ValueError) without weights."""
+    """The frozen VLM, cropping frames as the suite's VLM frames need; fails fast (RuntimeError /
+    FileNotFoundError / ValueError) without weights."""
+    from furl_fast.envs import get_suite
     from furl_fast.vlm import load_encoder
 
     return load_encoder(cfg.vlm.model, cfg.vlm.pretrained, device=resolve_device(cfg.device),
-                        precision=cfg.vlm.precision, bgr=cfg.vlm.bgr, cache_dir=cfg.vlm.cache_dir)
+                        precision=cfg.vlm.precision, bgr=cfg.vlm.bgr, cache_dir=cfg.vlm.cache_dir,
+                        crop=get_suite(cfg.suite).crop)
 
 
 def train(cfg: Config, wandb_project: str | None = None, wandb_entity: str | None = None) -> int:
@@ -657,6 +657,7 @@ def train(cfg: Config, wandb_project: str | None = None, wandb_entity: str | Non
     with a one-line message on stderr and no run directory made; 128 + signal number: stopped by
     SIGINT or SIGTERM, with a checkpoint once training has started, with nothing written before).
     wandb_project: track the run with Weights & Biases in that project (metrics.start_wandb)."""
+    from furl_fast.envs import get_suite
     from furl_fast.vlm.encoder import WeightsUnavailableError
 
     # SIGINT / SIGTERM only set a flag: start-up looks at it between its phases (a KeyboardInterrupt
@@ -679,8 +680,8 @@ def train(cfg: Config, wandb_project: str | None = None, wandb_entity: str | Non
     trainer = None
     try:
         try:
-            cfg, run_dir, state = prepare(cfg, cfg.task.removesuffix("-v3"))
             check_config(cfg)
+            cfg, run_dir, state = prepare(cfg, get_suite(cfg.suite).short_name(cfg.task))
             if wandb_project is not None:
                 from furl_fast.metrics import require_wandb
 

@@ -1,5 +1,8 @@
-"""Meta-World environments for VLM-reward RL: sparse reward, headless VLM frames, vectorised workers,
-scripted-expert and random rollouts; Gymnasium ids furl_fast/<task> (envs.registration).
+"""Environments for VLM-reward RL, as suites behind one interface (envs.suite: the env contract):
+"metaworld" (envs.metaworld: FuRL's Meta-World v3 tasks, experts, prompts, programs, Gymnasium ids
+furl_fast/<task>) and "gymnasium" (any Gymnasium id), built from the small wrappers of envs.wrappers.
+get_suite(name) gives one. TASKS, make_env, make_vector_env and the rollouts exported here are the
+Meta-World suite's (furl_fast.envs.metaworld has them all).
 
 Importing this package selects headless EGL rendering (MUJOCO_GL=egl) unless the user chose a backend:
 MuJoCo reads the variable once, when it is first imported, so it must be set before metaworld/mujoco
@@ -23,29 +26,30 @@ if "MUJOCO_GL" not in os.environ and "mujoco" in sys.modules:
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 # MUJOCO_GL must be set before these import mujoco.
-from furl_fast.envs.meta_world import (
-    MT10_TASKS,
+from furl_fast.envs.metaworld import (
     TASKS,
-    MetaWorldEnv,
+    Rollout,
+    expert_policy,
+    expert_rollout,
     make_env,
-    resolve_task,
+    make_vector_env,
+    random_rollout,
+    register_envs,
 )
-from furl_fast.envs.registration import register_envs
-from furl_fast.envs.rollout import Rollout, expert_policy, expert_rollout, random_rollout
-from furl_fast.envs.vector import make_vector_env
+from furl_fast.envs.registry import SUITES, get_suite
+from furl_fast.envs.suite import Suite
 
 register_envs()  # gymnasium.make("furl_fast/<task>")
 
 __all__ = [
-    "MT10_TASKS",
+    "SUITES",
     "TASKS",
-    "MetaWorldEnv",
     "Rollout",
+    "Suite",
     "expert_policy",
     "expert_rollout",
+    "get_suite",
     "make_env",
     "make_vector_env",
     "random_rollout",
-    "register_envs",
-    "resolve_task",
 ]

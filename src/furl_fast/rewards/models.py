@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from furl_fast import ops
-from furl_fast.vlm import MT10_PROMPTS, Encoder, task_prompt
+from furl_fast.envs.metaworld.prompts import MT10_PROMPTS, task_prompt
+from furl_fast.vlm import Encoder
 
 __all__ = [
     "DEFAULT_BASELINE_PROMPT",
@@ -74,14 +75,16 @@ class RewardContext:
     encoder: Encoder | None
     """The frozen VLM (None when the run loads none: the reward's needs_encoder is False)."""
     task: str
-    """The task name."""
+    """The task name (the suite's canonical one)."""
     prompt: str | None
-    """--vlm.prompt: the task's text goal, or None for the task's built-in prompt."""
+    """The task's text goal (--vlm.prompt, else the suite's built-in prompt; None when neither)."""
     num_envs: int
     """Environments stepped in parallel (stateful rewards keep one episode state each)."""
     device: torch.device
     """The training device: where stored values and rewards of batches live."""
     seed: int
+    suite: Any = None
+    """The task's environment suite (furl_fast.envs.Suite): its reference programs, negative prompts."""
     furl: Any = None
     """The run's FuRLConfig (--furl.*)."""
     goal_frame: Callable[[], np.ndarray] | None = None
@@ -264,7 +267,14 @@ class BinaryReward(RewardModel):
 
     @classmethod
     def from_config(cls, config: Any, context: RewardContext) -> BinaryReward:
-        return cls(context.encoder, context.task, prompt=context.prompt, negatives=config.negatives,
+        negatives = config.negatives
+        if negatives is None:
+            negatives = None if context.suite is None else context.suite.negative_prompts(context.task)
+            if negatives is None:
+                raise ValueError(f"--reward binary: the task {context.task} has no default negative "
+                                 "prompts; give them with --reward.negatives TEXT [TEXT ...] (other "
+                                 "goals in the same scene).")
+        return cls(context.encoder, context.task, prompt=context.prompt, negatives=negatives,
                    temperature=config.temperature, threshold=config.threshold, binary=config.binary)
 
     def __init__(self, encoder: Encoder, task: str, *, prompt: str | None = None,
@@ -372,9 +382,10 @@ class CodeRewardModel(RewardModel):
     def from_config(cls, config: Any, context: RewardContext) -> CodeRewardModel:
         from furl_fast.rewards.code import load_program_set
 
-        return cls(context.encoder, context.task, program_set=load_program_set(context.task,
-                                                                                config.programs),
-                   num_envs=context.num_envs, device=context.device)
+        reference = None if context.suite is None else context.suite.reference_programs(context.task)
+        programs = load_program_set(context.task, config.programs, reference)
+        return cls(context.encoder, context.task, program_set=programs, num_envs=context.num_envs,
+                   device=context.device)
 
     def __init__(self, encoder: Encoder | None, task: str, *, program_set: Any = None,
                  num_envs: int = 1, limits: Any = None, device: torch.device | str = "cpu") -> None:

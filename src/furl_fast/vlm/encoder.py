@@ -21,6 +21,7 @@ import open_clip
 import torch
 
 from furl_fast import ops
+from furl_fast.envs.suite import CropBox
 
 logger = logging.getLogger("furl_fast")
 
@@ -44,12 +45,6 @@ RANDOM_WEIGHTS_WARNING = (
 )
 
 
-def furl_crop(height: int, width: int) -> tuple[int, int, int, int]:
-    """FuRL's crop box (top, left, height, width): rows and columns 32:224 of a 256x256 frame, i.e. the
-    central 3/4 of the frame (the table, without wall and floor), scaled for other frame sizes."""
-    return (height // 8, width // 8, height - 2 * (height // 8), width - 2 * (width // 8))
-
-
 def default_cache_dir() -> Path:
     """$FURL_FAST_CACHE, else ~/.cache/furl_fast."""
     return Path(os.environ.get("FURL_FAST_CACHE") or Path.home() / ".cache" / "furl_fast")
@@ -59,11 +54,12 @@ class Encoder:
     """A frozen open_clip model in eval mode on one device and precision. Build it with load_encoder().
 
     embed_dim: width of the embeddings. logit_scale: CLIP's learned temperature exp(t), a float.
-    image_size: the model's input side. crop: "furl" or "clip" (see load_encoder).
+    image_size: the model's input side. crop: the crop's name, "furl", "clip" or a crop-box function's
+    qualified name (see load_encoder).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, model_name: str, weights_id: str | None,
-                 device: torch.device, dtype: torch.dtype, crop: str, bgr: bool,
+                 device: torch.device, dtype: torch.dtype, crop: str | CropBox, bgr: bool,
                  cache_dir: Path) -> None:
         cfg = open_clip.get_model_preprocess_cfg(model)
         size = cfg.get("size", 224)
@@ -72,14 +68,16 @@ class Encoder:
             raise NotImplementedError(f"load_encoder: non-square model input {size} is not supported.")
         self.model, self.tokenizer = model, tokenizer
         self.model_name, self.weights_id = model_name, weights_id
-        self.device, self.dtype, self.crop, self.bgr = device, dtype, crop, bgr
+        self.device, self.dtype, self.bgr = device, dtype, bgr
+        self.crop, self._crop_box = _resolve_crop(crop)
         self.cache_dir = Path(cache_dir)
         self.image_size = int(size[0])
         self.mean = tuple(float(v) for v in cfg.get("mean", ops.CLIP_MEAN))
         self.std = tuple(float(v) for v in cfg.get("std", ops.CLIP_STD))
-        # FuRL resizes its crop bilinearly; open_clip's transform uses the model's own (bicubic mostly).
+        # FuRL resizes its crop box bilinearly; open_clip's transform uses the model's own (bicubic
+        # mostly).
         model_interp = cfg.get("interpolation", "bicubic")
-        self.interpolation = "bilinear" if crop == "furl" else (
+        self.interpolation = "bilinear" if self._crop_box is not None else (
             model_interp if model_interp in ("bilinear", "bicubic") else "bicubic")
         with torch.inference_mode():
             self.logit_scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 1.0
@@ -101,7 +99,7 @@ class Encoder:
             raise ValueError(f"encode_frames: 'frames' must have shape (N, H, W, 3), got "
                              f"{tuple(frames.shape)}.")
         height, width = frames.shape[1], frames.shape[2]
-        box = furl_crop(height, width) if self.crop == "furl" else ops.centre_square_crop(height, width)
+        box = (self._crop_box or ops.centre_square_crop)(height, width)
         frames = frames.to(self.device, non_blocking=True)
         return ops.preprocess_frames(frames, size=self.image_size, crop=box, bgr=self.bgr,
                                      mean=self.mean, std=self.std, out_dtype=self.dtype,
@@ -170,6 +168,20 @@ class Encoder:
             os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
         except OSError as exc:  # a read-only cache costs a recompute, nothing more
             logger.warning("furl_fast.vlm: could not write text cache %s (%s)", path, exc)
+
+
+def _resolve_crop(crop: str | CropBox) -> tuple[str, CropBox | None]:
+    """(the crop's name, its box function; None for "clip"). "furl" names Meta-World's FuRL crop."""
+    if crop == "clip":
+        return "clip", None
+    if crop == "furl" or callable(crop):
+        from furl_fast.envs.metaworld import furl_crop
+
+        if crop == "furl" or crop is furl_crop:
+            return "furl", furl_crop
+        return f"{crop.__module__}.{crop.__qualname__}", crop
+    raise ValueError(f"load_encoder: 'crop' must be 'clip', 'furl' or a crop-box function "
+                     f"(height, width) -> (top, left, height, width), got {crop!r}.")
 
 
 def _as_uint8_tensor(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -400,7 +412,7 @@ def load_encoder(
     device: str | torch.device = "auto",
     precision: str = "auto",
     *,
-    crop: str = "furl",
+    crop: str | CropBox = "furl",
     bgr: bool | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> Encoder:
@@ -419,16 +431,17 @@ def load_encoder(
       weights, with a loud warning that the rewards mean nothing.
     device: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
     precision: "auto" (fp16 on CUDA as in FuRL's release, fp32 on CPU), "fp32", "fp16" or "bf16".
-    crop: "furl" (default): FuRL's crop of the central 3/4 (32:224 of a 256 frame), bilinear resize to
-      the model input (for LIV this is exactly LIV's own transform of that crop: resize to 224,
-      centre crop 224, CLIP mean/std). "clip": open_clip's own geometry, the centred square, bicubic
-      (or the model's interpolation; bilinear for LIV) resize.
+    crop: what of each frame the model sees; the env suite's `crop` says which fits its frames.
+      A crop-box function (height, width) -> (top, left, height, width): that box, bilinear resize to
+      the model input. "furl" (default): Meta-World's FuRL crop (furl_fast.envs.metaworld.furl_crop:
+      the central 3/4, 32:224 of a 256 frame; for LIV this is exactly LIV's own transform of that
+      crop: resize to 224, centre crop 224, CLIP mean/std). "clip": open_clip's own geometry, the
+      centred square, bicubic (or the model's interpolation; bilinear for LIV) resize.
     bgr: feed channels in BGR order; None, the model's default: True for "liv" (FuRL's release feeds
       LIV the BGR frames of cv2), False for open_clip models.
     cache_dir: where text embeddings are cached (default $FURL_FAST_CACHE or ~/.cache/furl_fast).
     """
-    if crop not in ("furl", "clip"):
-        raise ValueError(f"load_encoder: 'crop' must be 'furl' or 'clip', got {crop!r}.")
+    _resolve_crop(crop)  # a bad crop fails before any weights load
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)

@@ -4,7 +4,8 @@ A VLM writes one checker program `done(frame, state) -> bool` per sub-task of a 
 the programs run in a sandboxed worker process (sandbox.py); a program set is accepted only if it
 completes on all expert rollouts and not on random ones (verifier.py); the accepted set gives a dense,
 per-episode stateful reward (reward.py). Reference sets for a few Meta-World tasks
-(reference_programs.py) make the whole path usable without any VLM service.
+(furl_fast.envs.metaworld.programs, also importable from here) make the whole path usable without any
+VLM service.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from furl_fast.rewards.code.client import (
     parse_program_set,
 )
 from furl_fast.rewards.code.program_set import ProgramSet, load_program_set, progress_from_done
-from furl_fast.rewards.code.reference_programs import REFERENCE_PROGRAM_SETS, reference_program_set
 from furl_fast.rewards.code.reward import CodeReward
 from furl_fast.rewards.code.sandbox import RunResult, Sandbox, SandboxLimits, check_source
 from furl_fast.rewards.code.verifier import (
@@ -29,6 +29,17 @@ from furl_fast.rewards.code.verifier import (
     evaluate_programs,
     verify,
 )
+
+
+def __getattr__(name: str):
+    # The reference sets live with the Meta-World suite and import ProgramSet from this package:
+    # loaded on first use, so that neither module needs the other to have finished importing.
+    if name in ("REFERENCE_PROGRAM_SETS", "reference_program_set"):
+        from furl_fast.envs.metaworld import programs
+
+        return getattr(programs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "REFERENCE_PROGRAM_SETS",

@@ -100,19 +100,16 @@ def progress_from_done(done: np.ndarray) -> np.ndarray:
     return progress
 
 
-def load_program_set(task: str, path: str | None) -> ProgramSet:
+def load_program_set(task: str, path: str | None, reference: ProgramSet | None) -> ProgramSet:
     """A training run's programs: the set in the JSON file `path` (ProgramSet.save's format), or for
-    path None the task's reference set. Raises ValueError naming the flag to change."""
-    from furl_fast.rewards.code.reference_programs import REFERENCE_PROGRAM_SETS, reference_program_set
-
+    path None the task's reference set (its suite's, or None when it has none). Raises ValueError
+    naming the flag to change."""
     if path is None:
-        try:
-            return reference_program_set(task)
-        except KeyError:
-            raise ValueError(f"--reward code: {task} has no reference program set (those with one: "
-                             f"{', '.join(sorted(REFERENCE_PROGRAM_SETS))}); pass --reward.programs "
-                             "FILE with a verified set (furl_fast.rewards.code.generate_program_set)."
-                             ) from None
+        if reference is None:
+            raise ValueError(f"--reward code: {task} has no reference program set; pass "
+                             "--reward.programs FILE with a verified set "
+                             "(furl_fast.rewards.code.generate_program_set).")
+        return reference
     try:
         return ProgramSet.load(path)
     except (OSError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from furl_fast.envs.metaworld.tasks import canonical_task
+
 MT10_PROMPTS: dict[str, str] = {
     "window-open": "push and open a window",
     "window-close": "push and close a window",
@@ -26,7 +28,7 @@ def task_prompt(task: str, prompt: str | None = None) -> str:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"task_prompt: 'prompt' must be a non-empty string, got {prompt!r}.")
         return prompt
-    name = task.removesuffix("-v3")
+    name = canonical_task(task)
     if name not in MT10_PROMPTS:
         raise ValueError(
             f"task_prompt: no built-in prompt for task {task!r} (the table covers the MT10 tasks: "

@@ -29,6 +29,7 @@ episode, see sandbox.py).
 
 from __future__ import annotations
 
+from furl_fast.envs.metaworld.tasks import metaworld_name
 from furl_fast.rewards.code.program_set import ProgramSet
 
 __all__ = ["REFERENCE_PROGRAM_SETS", "reference_program_set"]
@@ -203,8 +204,12 @@ REFERENCE_PROGRAM_SETS: dict[str, ProgramSet] = {
 
 
 def reference_program_set(task: str) -> ProgramSet:
-    """The reference set for a Meta-World task name ('drawer-open-v3' or 'drawer-open')."""
-    key = task if task.endswith("-v3") else f"{task}-v3"
+    """The reference set for a Meta-World task name ('drawer-open-v3' or 'drawer-open'); KeyError
+    listing those with one otherwise (MetaWorldSuite.reference_programs returns None instead)."""
+    try:
+        key = metaworld_name(task)
+    except ValueError:
+        key = None
     if key not in REFERENCE_PROGRAM_SETS:
         raise KeyError(
             f"no reference program set for {task!r}; available: {sorted(REFERENCE_PROGRAM_SETS)}"

@@ -6,12 +6,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import gymnasium as gym
 import numpy as np
 from metaworld.policies import ENV_POLICY_MAP
 
-from furl_fast.envs.meta_world import EPISODE_STEPS, MetaWorldEnv, make_env
+from furl_fast.envs.metaworld.suite import make_env
+from furl_fast.envs.metaworld.tasks import EPISODE_STEPS, metaworld_name
 
 
 @dataclass
@@ -34,7 +36,7 @@ class Rollout:
         return int(hits[0]) + 1 if hits.size else None
 
 
-def _rollout(env: MetaWorldEnv, act: Callable[[np.ndarray], np.ndarray], max_steps: int,
+def _rollout(env: gym.Env, act: Callable[[np.ndarray], np.ndarray], max_steps: int,
              stop_on_success: bool) -> Rollout:
     state, info = env.reset()
     states, actions, frames, successes = [state], [], [info.get("vlm_frame")], []
@@ -50,20 +52,21 @@ def _rollout(env: MetaWorldEnv, act: Callable[[np.ndarray], np.ndarray], max_ste
     return Rollout(
         states=np.stack(states).astype(np.float32),
         actions=np.stack(actions).astype(np.float32).reshape(len(actions), -1),
-        frames=np.stack(frames) if env.vlm_frames else None,
+        frames=None if frames[0] is None else np.stack(frames),
         successes=np.asarray(successes, dtype=bool),
     )
 
 
-def expert_policy(env: MetaWorldEnv) -> Callable[[np.ndarray], np.ndarray]:
-    """Meta-World's scripted policy for env's task as state (39,) float32 -> action (4,) float32 in
-    [-1, 1]. The scripts read the goal xyz from the last 3 state entries, so the env's goal is put
-    there even when the state hides it (fixed goal)."""
-    policy = ENV_POLICY_MAP[env.task + "-v3"]()
+def expert_policy(env: gym.Env) -> Callable[[np.ndarray], np.ndarray]:
+    """Meta-World's scripted policy for env's task (a make_env env, or the raw MetaWorldEnv) as state
+    (39,) float32 -> action (4,) float32 in [-1, 1]. The scripts read the goal xyz from the last 3
+    state entries, so the env's goal is put there even when the state hides it (fixed goal)."""
+    raw = env.unwrapped
+    policy = ENV_POLICY_MAP[metaworld_name(raw.task)]()
 
     def act(state: np.ndarray) -> np.ndarray:
         full = np.asarray(state, dtype=np.float64).copy()
-        full[-3:] = env.goal_position
+        full[-3:] = raw.goal_position
         with warnings.catch_warnings():  # the scripts warn whenever their P-gain saturates
             warnings.simplefilter("ignore")
             return np.clip(policy.get_action(full), -1.0, 1.0).astype(np.float32)
@@ -80,15 +83,17 @@ def expert_rollout(
     render: bool = True,
     fast_render: bool = True,
     stop_on_success: bool = False,
+    **options: Any,
 ) -> Rollout:
-    """One episode of Meta-World's scripted policy for `task` in make_env(task, seed=seed, goal=goal).
+    """One episode of Meta-World's scripted policy for `task` in make_env(task, seed=seed, goal=goal,
+    **options) (options: the suite's, e.g. frame_size).
 
     The policy sees the goal xyz even when the env hides it from the state (see expert_policy);
     Rollout.states hold the env's own states. render=False skips
     rendering (much faster) and leaves frames None. stop_on_success ends the episode at the first
     success.
     """
-    env = make_env(task, seed=seed, goal=goal, vlm_frames=render, fast_render=fast_render)
+    env = make_env(task, seed=seed, goal=goal, vlm_frames=render, fast_render=fast_render, **options)
     act = expert_policy(env)
     try:
         return _rollout(env, act, max_steps, stop_on_success)
@@ -104,11 +109,12 @@ def random_rollout(
     max_steps: int = EPISODE_STEPS,
     render: bool = True,
     fast_render: bool = True,
+    **options: Any,
 ) -> Rollout:
     """One episode of uniform random actions in [-1, 1]^4 (drawn from a generator seeded by seed) in
-    make_env(task, seed=seed, goal=goal). render=False leaves frames None."""
+    make_env(task, seed=seed, goal=goal, **options). render=False leaves frames None."""
     rng = np.random.default_rng(seed)
-    env = make_env(task, seed=seed, goal=goal, vlm_frames=render, fast_render=fast_render)
+    env = make_env(task, seed=seed, goal=goal, vlm_frames=render, fast_render=fast_render, **options)
     try:
         return _rollout(env, lambda _: rng.uniform(-1.0, 1.0, size=4), max_steps, False)
     finally:
