@@ -112,8 +112,10 @@ def test_suite_checks_goal_randomisation_and_its_options():
     _replace(cfg, goal="fixed").validate(gym_suite)
     with pytest.raises(ValueError, match="--gym.\\* options are read only with --suite gymnasium"):
         _replace(Config(), gym=GymnasiumConfig(success_key="is_success")).validate()
-    with pytest.raises(ValueError, match="suite='atari' is unknown"):
-        _replace(Config(), suite="atari").validate()
+    from furl_fast.train import check_config
+
+    with pytest.raises(ValueError, match="suite 'atari' is unknown; the suites: metaworld, gymnasium"):
+        check_config(_replace(Config(), suite="atari"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without a GPU")

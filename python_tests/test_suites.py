@@ -112,7 +112,7 @@ def test_metaworld_vector_env_and_goal_frame_reproduce_the_recorded_ones():
 def test_registry():
     assert set(SUITES) == {"metaworld", "gymnasium"}
     assert all(get_suite(name).name == name for name in SUITES)
-    with pytest.raises(ValueError, match="Unknown environment suite 'dmc'.*metaworld, gymnasium"):
+    with pytest.raises(ValueError, match="suite 'dmc' is unknown.*metaworld, gymnasium"):
         get_suite("dmc")
 
 

@@ -248,9 +248,6 @@ class GymnasiumConfig:
     flag (eval/success stays 0, the sparse reward is 0 and the VLM reward alone trains the agent)."""
 
 
-SUITES = ("metaworld", "gymnasium")
-
-
 @dataclass(frozen=True)
 class Config:
     """One training run."""
@@ -264,7 +261,7 @@ class Config:
              "of furl, cosine, goal_baseline, binary, code (python -m furl_fast.train --reward NAME "
              "--help lists its options). Unset: furl for algo=furl, cosine for vlm and relay (unused "
              "by sac).")] = None
-    suite: Literal["metaworld", "gymnasium"] = "metaworld"
+    suite: str = "metaworld"
     """The environment suite (furl_fast.envs.SUITES): metaworld (FuRL's Meta-World v3 tasks) or
     gymnasium (any Gymnasium id as --task, e.g. CartPole-v1 or Humanoid-v5, with --vlm.prompt and
     the --gym.* options)."""
@@ -467,7 +464,6 @@ def _problems(cfg: Config, suite: Any) -> list[str]:
             p.append(f"--furl.no-{flag} is an ablation of FuRL and needs --algo furl (got "
                      f"{cfg.algo!r}).")
     p += _reward_problems(cfg.reward_config)
-    p += _one_of("suite", cfg.suite, SUITES)
     if suite is not None:
         try:
             suite.canonical_task(cfg.task)

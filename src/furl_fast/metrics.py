@@ -114,6 +114,14 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def task_name(task: str, suite: str = "metaworld") -> str:
+    """A task's name in run directories and result tables: its suite's short name ("reach" for
+    "reach" and "reach-v3")."""
+    from furl_fast.envs import get_suite
+
+    return get_suite(suite).short_name(task)
+
+
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dicts -> one level with dotted keys ("sac.tau")."""
     flat: dict[str, Any] = {}

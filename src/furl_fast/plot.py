@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from furl_fast.metrics import flatten, mean_std, read_config, read_metrics
+from furl_fast.metrics import flatten, mean_std, read_config, read_metrics, task_name
 
 DEFAULT_METRICS = ("eval/success", "charts/episode_return")
 LABEL_KEYS = ("algo", "agent", "task", "goal")
@@ -25,7 +25,7 @@ def flat_config(run_dir: Path) -> dict[str, Any]:
     """config.json flattened to dotted keys ("sac.tau"), task names without "-v3", lists as tuples."""
     flat = {k: tuple(v) if isinstance(v, list) else v for k, v in flatten(read_config(run_dir)).items()}
     if isinstance(flat.get("task"), str):
-        flat["task"] = flat["task"].removesuffix("-v3")
+        flat["task"] = task_name(flat["task"], flat.get("suite", "metaworld"))
     return flat
 
 

@@ -50,7 +50,7 @@ import tyro
 
 from furl_fast._cli import setup_logging, tyro_cli
 from furl_fast.config import AGENTS, ALGOS
-from furl_fast.metrics import CONFIG_FILE, mean_std
+from furl_fast.metrics import CONFIG_FILE, mean_std, task_name
 
 logger = logging.getLogger("furl_fast.sweep")
 
@@ -129,7 +129,7 @@ class Run:
 def grid(cfg: SweepConfig) -> list[Run]:
     """Seed-major order: a sweep stopped half-way has results for every task and algo, not all seeds
     of the first ones."""
-    runs = [Run(task.removesuffix("-v3"), goal, algo, agent, seed, env_reward) for seed in cfg.seeds
+    runs = [Run(task_name(task), goal, algo, agent, seed, env_reward) for seed in cfg.seeds
             for task in cfg.tasks for goal in cfg.goals for agent in cfg.agents for algo in cfg.algos
             for env_reward in cfg.env_rewards]
     return list(dict.fromkeys(runs))  # "reach" and "reach-v3" are one run
@@ -431,7 +431,7 @@ def collect(results: Path) -> tuple[list[dict[str, Any]], dict[Path, dict[str, A
             unfinished.append(run_dir)
             continue
         config = finished[run_dir] = json.loads((run_dir / CONFIG_FILE).read_text())
-        key = (config["task"].removesuffix("-v3"), config["goal"], config["algo"], config["agent"],
+        key = (task_name(config["task"], config.get("suite", "metaworld")), config["goal"], config["algo"], config["agent"],
                method(config))
         groups[key].append((config["seed"], json.loads((run_dir / EVAL_FILE).read_text())))
     rows = []
@@ -489,7 +489,7 @@ def write_report(results: Path) -> tuple[Path, Path, list[Path]]:
     md.write_text("\n".join(text) + "\n")
     by_task: dict[tuple[str, str], list[Path]] = defaultdict(list)
     for run_dir, config in finished.items():
-        by_task[(config["task"].removesuffix("-v3"), config["goal"])].append(run_dir)
+        by_task[(task_name(config["task"], config.get("suite", "metaworld")), config["goal"])].append(run_dir)
     plots = [plot(dirs, results / PLOTS_DIR / f"{task}-{goal}.png") for (task, goal), dirs in
              sorted(by_task.items())]
     return md, csv_path, plots

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import tyro
 
-from furl_fast.config import PRESETS, REWARDS, SUITES, Config, config_to_dict, resolve_device
+from furl_fast.config import PRESETS, REWARDS, Config, config_to_dict, resolve_device
 from furl_fast.envs.steps import Transition, env_states, split_obs, vector_step
 from furl_fast.runs import (
     CHECKPOINT_DIR,
@@ -133,11 +133,11 @@ def check_config(cfg: Config) -> None:
     """Everything that can be checked before any work starts; raises ValueError saying what to change."""
     from furl_fast.envs import get_suite
 
+    suite = get_suite(cfg.suite)
     try:
-        cfg.validate(get_suite(cfg.suite) if cfg.suite in SUITES else None)
+        cfg.validate(suite)
     except ValueError as exc:
         raise ValueError(f"{exc} (python -m furl_fast.train --help lists every flag)") from None
-    suite = get_suite(cfg.suite)
     if cfg.loads_encoder and cfg.vlm.prompt is None and suite.prompt(cfg.task) is None:
         raise ValueError(f"--task {cfg.task} has no built-in prompt in the {cfg.suite} suite; describe "
                          'its goal for the VLM with --vlm.prompt "..." (a short sentence saying what '

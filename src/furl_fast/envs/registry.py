@@ -15,5 +15,5 @@ SUITES: dict[str, Suite] = {
 def get_suite(name: str) -> Suite:
     """The suite registered as `name`; ValueError listing the known ones otherwise."""
     if name not in SUITES:
-        raise ValueError(f"Unknown environment suite {name!r}; the suites: {', '.join(SUITES)}.")
+        raise ValueError(f"suite {name!r} is unknown; the suites: {', '.join(SUITES)} (--suite).")
     return SUITES[name]
