@@ -8,8 +8,16 @@
   eager torch chain), a numpy replay buffer (SB3-style arrays, uniform indices, torch.as_tensor per
   batch).
 Both: same machine, same run, same encoder, same SAC / relay / heads updates (the relay agent trains
-too, as it does early in every FuRL run), same render. Warm-up steps (random actions, no updates) run
-first and are not timed; evaluation and checkpoints are left out of both.
+too, as it does early in every FuRL run: furl_fast as one SACEnsemble update, the release loop as two
+SAC updates), same render. Warm-up steps (random actions, no updates) run first and are not timed;
+evaluation and checkpoints are left out of both. Each prints its seconds per phase (act, env, encode,
+buffer, update, heads; furl_fast's encode runs in a thread beside the learner, encode_wait is what
+the learner waited for it; on CUDA the phases are host time, no sync).
+
+test_compute_bound: the FLOPs of one learning step's work (both agents' SAC updates forward and
+backward, the VLM reward of the batch, the head update, one frame's encoding) and the time the same
+matmul-family calls (mm / addmm / bmm / baddbmm / convolution, recorded from the real code and
+replayed alone at the same shapes and strides, one thread) take here: the compute bound of a step.
 
 Environment knobs: FURL_BENCH_MODEL (default ViT-S-32 on CPU, RN50 on CUDA; random weights: speed does
 not depend on them), FURL_BENCH_DEVICE (auto), FURL_BENCH_STEPS (timed steps, 400),
@@ -22,16 +30,24 @@ MUJOCO_GL=egl python -m pytest benchmarks/bench_train.py --benchmark-only -o pyt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
 from pathlib import Path
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import FlopCounterMode
 
 from furl_fast.config import Config, resolve_device
+
+aten = torch.ops.aten
 
 DEVICE = resolve_device(os.environ.get("FURL_BENCH_DEVICE", "auto"))
 MODEL = os.environ.get("FURL_BENCH_MODEL", "RN50" if DEVICE.type == "cuda" else "ViT-S-32")
@@ -84,8 +100,19 @@ class NumpyReplay:
                 for k in ("obs", "action", "reward", "discount", "next_obs", "next_emb")}
 
 
-def run_release_loop(cfg: Config, encoder) -> float:
-    """The release's loop structure; returns the seconds of the TIMED_STEPS learning steps."""
+class Phases(dict):
+    """Seconds per phase: `with phases("env"): ...` adds the block's wall time to phases["env"]."""
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self[name] = self.get(name, 0.0) + time.perf_counter() - t0
+
+
+def run_release_loop(cfg: Config, encoder) -> tuple[float, dict[str, float]]:
+    """The release's loop structure; returns the seconds of the TIMED_STEPS learning steps and their
+    seconds per phase."""
     from furl_fast.agents.relay import RelaySchedule
     from furl_fast.agents.sac import SAC
     from furl_fast.envs import make_env
@@ -107,18 +134,24 @@ def run_release_loop(cfg: Config, encoder) -> float:
     furl.set_goal(encode(info["vlm_frame"]))  # any frame: speed does not depend on it
     schedule.begin_episode()
     ep_embs, ep_success = [], []
+    phases = Phases()
     for step in range(cfg.total_steps):
         if step == cfg.warmup_steps:
             start = time.perf_counter()
+            phases.clear()
         if step < cfg.warmup_steps:
             action = env.action_space.sample()
         else:
-            x = torch.as_tensor(obs, device=DEVICE)[None]
-            relay_action = relay.act(x).cpu().numpy() if schedule.relay_mask().any() else None
-            action = schedule.choose_actions(agent.act(x).cpu().numpy(), relay_action)[0]
-        next_obs, reward, terminated, truncated, info = env.step(action)
-        emb = encode(info["vlm_frame"])
-        buffer.add(obs, action, reward, next_obs, terminated, emb.cpu().numpy())
+            with phases("act"):
+                x = torch.as_tensor(obs, device=DEVICE)[None]
+                relay_action = relay.act(x).cpu().numpy() if schedule.relay_mask().any() else None
+                action = schedule.choose_actions(agent.act(x).cpu().numpy(), relay_action)[0]
+        with phases("env"):
+            next_obs, reward, terminated, truncated, info = env.step(action)
+        with phases("encode"):
+            emb = encode(info["vlm_frame"])
+        with phases("buffer"):
+            buffer.add(obs, action, reward, next_obs, terminated, emb.cpu().numpy())
         ep_embs.append(emb)
         ep_success.append(info["success"])
         schedule.step()
@@ -130,25 +163,29 @@ def run_release_loop(cfg: Config, encoder) -> float:
             ep_embs, ep_success = [], []
             schedule.begin_episode()
         if step >= cfg.warmup_steps:
-            batch = buffer.sample(cfg.batch_size)
-            vlm = furl.reward(batch["next_emb"])  # the eager chain
-            agent.update(dict(batch, reward=batch["reward"] + cfg.rho * vlm))
-            if schedule.enabled:
-                relay.update(batch)
-            furl.update(batch["next_emb"])
+            with phases("buffer"):
+                batch = buffer.sample(cfg.batch_size)
+            with phases("update"):
+                vlm = furl.reward(batch["next_emb"])  # the eager chain
+                agent.update(dict(batch, reward=batch["reward"] + cfg.resolved_rho * vlm))
+                if schedule.enabled:
+                    relay.update(batch)
+            with phases("heads"):
+                furl.update(batch["next_emb"])
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     env.close()
-    return elapsed
+    return elapsed, dict(phases)
 
 
-def run_trainer(cfg: Config, encoder, run_dir: Path) -> float:
-    """The project's Trainer; returns the seconds of the TIMED_STEPS learning steps."""
+def run_trainer(cfg: Config, encoder, run_dir: Path) -> tuple[float, dict[str, float]]:
+    """The project's Trainer; returns the seconds of the TIMED_STEPS learning steps and their seconds
+    per phase (Trainer.timings)."""
     from furl_fast.train import Trainer
 
     trainer = Trainer(cfg, run_dir, encoder)
-    trainer.evaluate = lambda: {}  # left out of both loops
+    trainer.evaluate = lambda writer=None: {}  # left out of both loops
     trainer.save_checkpoint = lambda: None
     try:
         trainer.cfg = dataclasses.replace(cfg, total_steps=cfg.warmup_steps)
@@ -157,13 +194,150 @@ def run_trainer(cfg: Config, encoder, run_dir: Path) -> float:
             for _ in range(3):
                 trainer.update(log=False)
         trainer.cfg = cfg
+        trainer.timings.clear()
         start = time.perf_counter()
         trainer.run([])
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, dict(trainer.timings)
     finally:
         trainer.close()
+
+
+# The calls whose time is the compute bound: every matmul, and the convolution of the ViT's patch
+# embedding (one GEMM). Elementwise work, the fused reward op and the render are left out.
+MATMUL_OPS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """What a replay needs of a recorded call's tensor (a pytree leaf, unlike a tuple)."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+    def random(self) -> torch.Tensor:
+        size = 1 + sum((n - 1) * st for n, st in zip(self.shape, self.stride))  # stride 0: expanded
+        return torch.randn(size, dtype=self.dtype, device=DEVICE).as_strided(self.shape, self.stride)
+
+
+class MatmulRecorder(TorchDispatchMode):
+    """Records the MATMUL_OPS calls (backward included) of the code run under it, as (op, args,
+    kwargs) with every tensor replaced by its TensorSpec. Composite ops (linear, matmul, conv2d, ...:
+    inference mode hands them over whole) are decomposed so that their matmuls are seen, and
+    attention runs as plain matmuls (no fused MultiheadAttention or SDPA kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[Any, tuple, dict]] = []
+
+    def __enter__(self):
+        self._fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        self._sdpa = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
+        self._sdpa.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self._sdpa.__exit__(*exc)
+        torch.backends.mha.set_fastpath_enabled(self._fastpath)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket in MATMUL_OPS:
+            def spec(x):
+                return TensorSpec(tuple(x.shape), x.stride(), x.dtype) if isinstance(x, torch.Tensor) else x
+            self.calls.append((func, tree_map(spec, args), tree_map(spec, kwargs)))
+            return func(*args, **kwargs)
+        with self:  # the decomposition's ops come back here
+            out = func.decompose(*args, **kwargs)
+        return func(*args, **kwargs) if out is NotImplemented else out
+
+
+def replay_seconds(calls: list[tuple[Any, tuple, dict]], rounds: int = 5) -> tuple[float, int]:
+    """(seconds, FLOPs) of the recorded calls run alone on random tensors of the same shapes and
+    strides; the fastest of `rounds` passes (the machine is shared: the best pass is the bound)."""
+    def tensor(x):
+        return x.random() if isinstance(x, TensorSpec) else x
+
+    replays = [(func, tree_map(tensor, args), tree_map(tensor, kwargs)) for func, args, kwargs in calls]
+    with FlopCounterMode(display=False) as counter:
+        for func, args, kwargs in replays:
+            func(*args, **kwargs)
+    best = float("inf")
+    for _ in range(rounds):
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for func, args, kwargs in replays:
+            func(*args, **kwargs)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best, counter.get_total_flops()
+
+
+def test_compute_bound(benchmark, encoder):
+    """One learning step's FLOPs and their matmul time alone: both SAC updates (one SACEnsemble
+    update), the VLM reward of the batch (its eager chain: the fused op does the same FLOPs), one
+    head update (phase A, as early in a run) and one frame's share of encoding NUM_ENVS frames."""
+    from furl_fast.agents.ensemble import SACEnsemble
+    from furl_fast.agents.sac import SAC
+    from furl_fast.rewards.furl import FuRLReward
+
+    cfg = config(NUM_ENVS, Path("unused"))
+    torch.manual_seed(0)
+    obs_dim, act_dim, b = 39, 4, cfg.batch_size
+    ensemble = SACEnsemble([SAC(obs_dim, act_dim, cfg.sac, DEVICE),
+                            SAC(obs_dim, act_dim, cfg.sac, DEVICE, metric_prefix="relay_")])
+    batch = {"obs": torch.randn(b, obs_dim), "action": torch.rand(b, act_dim) * 2 - 1,
+             "discount": torch.full((b,), 0.99), "next_obs": torch.randn(b, obs_dim)}
+    batch = {k: v.to(DEVICE) for k, v in batch.items()}
+    rewards = -torch.rand(2, b, device=DEVICE)
+    d = encoder.embed_dim
+    furl = FuRLReward(d, torch.randn(d), cfg.furl, DEVICE, goal_emb=torch.randn(d))
+    emb = torch.randn(b, d, device=DEVICE)
+    frames = np.random.default_rng(0).integers(0, 256, (NUM_ENVS, 256, 256, 3), dtype=np.uint8)
+    work = {  # name -> (what one env step does, times per env step)
+        "sac + relay updates": (lambda: ensemble.update(batch, rewards), 1.0),
+        "vlm reward": (lambda: furl.reward(emb), 1.0),
+        "heads update": (lambda: furl.update(emb), 1.0),
+        "encoder": (lambda: encoder.encode_frames(frames), 1.0 / NUM_ENVS),
+    }
+    threads = torch.get_num_threads()
+    rows = {}
+
+    def measure():
+        torch.set_num_threads(1)
+        try:
+            for name, (fn, per_step) in work.items():
+                fn()  # warm-up (allocations, lazy init)
+                recorder = MatmulRecorder()
+                with recorder:
+                    fn()
+                seconds, flops = replay_seconds(recorder.calls)
+                rows[name] = {"gflop": per_step * flops / 1e9, "ms": per_step * seconds * 1e3,
+                              "gflops_per_s": flops / seconds / 1e9}
+        finally:
+            torch.set_num_threads(threads)
+
+    benchmark.group = f"compute bound of a furl step, {MODEL} on {DEVICE.type}"
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    learner = [rows[k] for k in ("sac + relay updates", "vlm reward", "heads update")]
+    total = {"gflop": sum(r["gflop"] for r in rows.values()), "ms": sum(r["ms"] for r in rows.values())}
+    learner_ms = sum(r["ms"] for r in learner)
+    benchmark.extra_info.update(impl="compute_bound", rows=rows, total=total, learner_ms=learner_ms,
+                                bound_steps_per_second=1e3 / total["ms"],
+                                learner_bound_steps_per_second=1e3 / learner_ms,
+                                load_average=os.getloadavg())
+    print(f"\ncompute bound per env step ({MODEL}, {DEVICE}, 1 thread, matmuls alone):")
+    for name, r in rows.items():
+        print(f"  {name:20s} {r['gflop']:6.3f} GFLOP {r['ms']:7.2f} ms ({r['gflops_per_s']:.0f} GFLOP/s)")
+    print(f"  {'total':20s} {total['gflop']:6.3f} GFLOP {total['ms']:7.2f} ms -> "
+          f"{1e3 / total['ms']:.1f} steps/s on one core; the learner alone {learner_ms:.2f} ms -> "
+          f"{1e3 / learner_ms:.1f} steps/s")
 
 
 @pytest.mark.parametrize("impl", ["furl_fast", "release_loop"])
@@ -173,11 +347,14 @@ def test_train_throughput(benchmark, encoder, tmp_path, impl):
     if impl == "furl_fast":
         cfg = dataclasses.replace(cfg, sac=dataclasses.replace(cfg.sac, compile=COMPILE))
     seconds: list[float] = []
+    phases: dict[str, float] = {}
 
     def once():
         fn = run_trainer if impl == "furl_fast" else run_release_loop
         args = (cfg, encoder, tmp_path / f"run{len(seconds)}") if impl == "furl_fast" else (cfg, encoder)
-        seconds.append(fn(*args))
+        elapsed, times = fn(*args)
+        seconds.append(elapsed)
+        phases.update(times)
 
     benchmark.group = f"furl state-SAC training, {MODEL} on {DEVICE.type}"
     benchmark.pedantic(once, rounds=1, iterations=1)
@@ -186,6 +363,10 @@ def test_train_throughput(benchmark, encoder, tmp_path, impl):
                                 sac_compile=cfg.sac.compile,
                                 steps=TIMED_STEPS, learning_seconds=seconds[0],
                                 env_steps_per_second=TIMED_STEPS / seconds[0],
-                                torch_threads=torch.get_num_threads())
+                                torch_threads=torch.get_num_threads(),
+                                ms_per_step={k: 1e3 * v / TIMED_STEPS for k, v in phases.items()},
+                                load_average=os.getloadavg())
     print(f"\n{impl}: {TIMED_STEPS / seconds[0]:.1f} env steps/s while learning "
-          f"(num_envs={num_envs}, {MODEL}, {DEVICE})")
+          f"(num_envs={num_envs}, {MODEL}, {DEVICE}); ms per env step: "
+          + ", ".join(f"{k} {1e3 * v / TIMED_STEPS:.1f}" for k, v in
+                      sorted(phases.items(), key=lambda kv: -kv[1])))
