@@ -3,6 +3,9 @@
 - furl_fast: the Trainer as `python -m furl_fast.train` runs it: NUM_ENVS worker processes, their
   frames encoded in one batch per vector step while the learner updates (overlap_encode), one update
   per environment step, the C++ replay buffer, the fused reward op.
+- furl_fast_serial: the same Trainer with one environment in-process and no encode thread
+  (--num-envs 1 --no-overlap-encode): all work on one thread, what a CPU saturated by other jobs
+  favours.
 - release_loop: FuRL's release loop structure rebuilt from the same parts: one environment, each frame
   encoded at batch 1 right after its step, then one eager update (the heads' reward through the
   eager torch chain), a numpy replay buffer (SB3-style arrays, uniform indices, torch.as_tensor per
@@ -14,10 +17,10 @@ evaluation and checkpoints are left out of both. Each prints its seconds per pha
 buffer, update, heads; furl_fast's encode runs in a thread beside the learner, encode_wait is what
 the learner waited for it; on CUDA the phases are host time, no sync).
 
-test_compute_bound: the FLOPs of one learning step's work (both agents' SAC updates forward and
-backward, the VLM reward of the batch, the head update, one frame's encoding) and the time the same
-matmul-family calls (mm / addmm / bmm / baddbmm / convolution, recorded from the real code and
-replayed alone at the same shapes and strides, one thread) take here: the compute bound of a step.
+test_compute_bound: the GEMM FLOPs of one learning step's work (both agents' SAC updates forward and
+backward, the VLM reward of the batch, the head update, one frame's encoding), recorded from the real
+code, and the time torch.matmul takes for them at the same shapes here (one thread): the compute
+bound of a step.
 
 Environment knobs: FURL_BENCH_MODEL (default ViT-S-32 on CPU, RN50 on CUDA; random weights: speed does
 not depend on them), FURL_BENCH_DEVICE (auto), FURL_BENCH_STEPS (timed steps, 400),
@@ -36,14 +39,10 @@ import os
 import time
 from pathlib import Path
 
-from typing import Any
-
 import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
-from torch.utils.flop_counter import FlopCounterMode
 
 from furl_fast.config import Config, resolve_device
 
@@ -205,32 +204,32 @@ def run_trainer(cfg: Config, encoder, run_dir: Path) -> tuple[float, dict[str, f
 
 
 # The calls whose time is the compute bound: every matmul, and the convolution of the ViT's patch
-# embedding (one GEMM). Elementwise work, the fused reward op and the render are left out.
-MATMUL_OPS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution}
+# embedding (one GEMM after im2col). Elementwise work, the fused reward op and the render are left out.
+GEMM_OPS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution}
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """What a replay needs of a recorded call's tensor (a pytree leaf, unlike a tuple)."""
+def gemm_shape(op, args: tuple, out: torch.Tensor) -> tuple[int, int, int, int]:
+    """(batch, M, K, N) of the GEMM a GEMM_OPS call computes."""
+    if op is aten.convolution:  # im2col: one row per output pixel, one column per output channel
+        weight = args[1]
+        return 1, out.numel() // out.shape[1], weight[0].numel(), weight.shape[0]
+    a, b = (args[0], args[1]) if op in (aten.mm, aten.bmm) else (args[1], args[2])
+    if a.dim() == 2:
+        return 1, a.shape[0], a.shape[1], b.shape[1]
+    if b.stride(0) == 0:  # one weight for every batch entry (a linear layer on 3-d input): one GEMM
+        return 1, a.shape[0] * a.shape[1], a.shape[2], b.shape[2]
+    return a.shape[0], a.shape[1], a.shape[2], b.shape[2]
 
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: torch.dtype
 
-    def random(self) -> torch.Tensor:
-        size = 1 + sum((n - 1) * st for n, st in zip(self.shape, self.stride))  # stride 0: expanded
-        return torch.randn(size, dtype=self.dtype, device=DEVICE).as_strided(self.shape, self.stride)
-
-
-class MatmulRecorder(TorchDispatchMode):
-    """Records the MATMUL_OPS calls (backward included) of the code run under it, as (op, args,
-    kwargs) with every tensor replaced by its TensorSpec. Composite ops (linear, matmul, conv2d, ...:
-    inference mode hands them over whole) are decomposed so that their matmuls are seen, and
-    attention runs as plain matmuls (no fused MultiheadAttention or SDPA kernel)."""
+class GemmRecorder(TorchDispatchMode):
+    """Records the GEMM shape (gemm_shape) of every GEMM_OPS call of the code run under it, backward
+    included. Composite ops (linear, matmul, conv2d: inference mode hands them over whole) are
+    decomposed so that their GEMMs are seen, and attention runs as plain matmuls (no fused
+    MultiheadAttention or SDPA kernel)."""
 
     def __init__(self):
         super().__init__()
-        self.calls: list[tuple[Any, tuple, dict]] = []
+        self.gemms: list[tuple[int, int, int, int]] = []
 
     def __enter__(self):
         self._fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -246,43 +245,40 @@ class MatmulRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.overloadpacket in MATMUL_OPS:
-            def spec(x):
-                return TensorSpec(tuple(x.shape), x.stride(), x.dtype) if isinstance(x, torch.Tensor) else x
-            self.calls.append((func, tree_map(spec, args), tree_map(spec, kwargs)))
-            return func(*args, **kwargs)
+        if func.overloadpacket in GEMM_OPS:
+            out = func(*args, **kwargs)
+            self.gemms.append(gemm_shape(func.overloadpacket, args, out))
+            return out
         with self:  # the decomposition's ops come back here
             out = func.decompose(*args, **kwargs)
         return func(*args, **kwargs) if out is NotImplemented else out
 
 
-def replay_seconds(calls: list[tuple[Any, tuple, dict]], rounds: int = 5) -> tuple[float, int]:
-    """(seconds, FLOPs) of the recorded calls run alone on random tensors of the same shapes and
-    strides; the fastest of `rounds` passes (the machine is shared: the best pass is the bound)."""
-    def tensor(x):
-        return x.random() if isinstance(x, TensorSpec) else x
-
-    replays = [(func, tree_map(tensor, args), tree_map(tensor, kwargs)) for func, args, kwargs in calls]
-    with FlopCounterMode(display=False) as counter:
-        for func, args, kwargs in replays:
-            func(*args, **kwargs)
+def gemm_seconds(shape: tuple[int, int, int, int], rounds: int = 5) -> float:
+    """Seconds of torch.matmul at (batch, M, K, N) on contiguous float32 operands: the fastest
+    round's mean (the machine is shared: the best round is the bound)."""
+    b, m, k, n = shape
+    x, w = torch.randn(b, m, k, device=DEVICE).squeeze(0), torch.randn(b, k, n, device=DEVICE).squeeze(0)
+    reps = max(1, int(2e7 / (2 * b * m * k * n)))  # about 0.2 ms a round at 100 GFLOP/s
+    torch.matmul(x, w)
     best = float("inf")
     for _ in range(rounds):
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for func, args, kwargs in replays:
-            func(*args, **kwargs)
+        for _ in range(reps):
+            torch.matmul(x, w)
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best, counter.get_total_flops()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
 
 
 def test_compute_bound(benchmark, encoder):
-    """One learning step's FLOPs and their matmul time alone: both SAC updates (one SACEnsemble
-    update), the VLM reward of the batch (its eager chain: the fused op does the same FLOPs), one
-    head update (phase A, as early in a run) and one frame's share of encoding NUM_ENVS frames."""
+    """One learning step's GEMM FLOPs and the time torch.matmul takes for them at the same shapes (one
+    thread): both SAC updates (one SACEnsemble update, forward and backward), the VLM reward of the
+    batch (its eager chain: the fused op does the same FLOPs), one head update (phase A, as early in
+    a run) and one frame's share of encoding NUM_ENVS frames."""
     from furl_fast.agents.ensemble import SACEnsemble
     from furl_fast.agents.sac import SAC
     from furl_fast.rewards.furl import FuRLReward
@@ -300,7 +296,7 @@ def test_compute_bound(benchmark, encoder):
     furl = FuRLReward(d, torch.randn(d), cfg.furl, DEVICE, goal_emb=torch.randn(d))
     emb = torch.randn(b, d, device=DEVICE)
     frames = np.random.default_rng(0).integers(0, 256, (NUM_ENVS, 256, 256, 3), dtype=np.uint8)
-    work = {  # name -> (what one env step does, times per env step)
+    work = {  # name -> (the work, times per env step)
         "sac + relay updates": (lambda: ensemble.update(batch, rewards), 1.0),
         "vlm reward": (lambda: furl.reward(emb), 1.0),
         "heads update": (lambda: furl.update(emb), 1.0),
@@ -313,46 +309,50 @@ def test_compute_bound(benchmark, encoder):
         torch.set_num_threads(1)
         try:
             for name, (fn, per_step) in work.items():
-                fn()  # warm-up (allocations, lazy init)
-                recorder = MatmulRecorder()
+                recorder = GemmRecorder()
                 with recorder:
                     fn()
-                seconds, flops = replay_seconds(recorder.calls)
+                flops = sum(2 * bb * m * k * n for bb, m, k, n in recorder.gemms)
+                times = {shape: gemm_seconds(shape) for shape in set(recorder.gemms)}
+                seconds = sum(times[shape] for shape in recorder.gemms)
                 rows[name] = {"gflop": per_step * flops / 1e9, "ms": per_step * seconds * 1e3,
-                              "gflops_per_s": flops / seconds / 1e9}
+                              "gflops_per_s": flops / seconds / 1e9, "gemms": len(recorder.gemms)}
         finally:
             torch.set_num_threads(threads)
 
     benchmark.group = f"compute bound of a furl step, {MODEL} on {DEVICE.type}"
     benchmark.pedantic(measure, rounds=1, iterations=1)
-    learner = [rows[k] for k in ("sac + relay updates", "vlm reward", "heads update")]
+    learner_ms = sum(rows[k]["ms"] for k in ("sac + relay updates", "vlm reward", "heads update"))
     total = {"gflop": sum(r["gflop"] for r in rows.values()), "ms": sum(r["ms"] for r in rows.values())}
-    learner_ms = sum(r["ms"] for r in learner)
     benchmark.extra_info.update(impl="compute_bound", rows=rows, total=total, learner_ms=learner_ms,
                                 bound_steps_per_second=1e3 / total["ms"],
                                 learner_bound_steps_per_second=1e3 / learner_ms,
                                 load_average=os.getloadavg())
-    print(f"\ncompute bound per env step ({MODEL}, {DEVICE}, 1 thread, matmuls alone):")
+    print(f"\ncompute bound per env step ({MODEL}, {DEVICE}, 1 thread, torch.matmul at the GEMM shapes):")
     for name, r in rows.items():
-        print(f"  {name:20s} {r['gflop']:6.3f} GFLOP {r['ms']:7.2f} ms ({r['gflops_per_s']:.0f} GFLOP/s)")
+        print(f"  {name:20s} {r['gflop']:6.3f} GFLOP {r['ms']:7.2f} ms ({r['gflops_per_s']:.0f} GFLOP/s, "
+              f"{r['gemms']} GEMMs)")
     print(f"  {'total':20s} {total['gflop']:6.3f} GFLOP {total['ms']:7.2f} ms -> "
           f"{1e3 / total['ms']:.1f} steps/s on one core; the learner alone {learner_ms:.2f} ms -> "
           f"{1e3 / learner_ms:.1f} steps/s")
 
 
-@pytest.mark.parametrize("impl", ["furl_fast", "release_loop"])
+@pytest.mark.parametrize("impl", ["furl_fast", "furl_fast_serial", "release_loop"])
 def test_train_throughput(benchmark, encoder, tmp_path, impl):
     num_envs = NUM_ENVS if impl == "furl_fast" else 1
     cfg = config(num_envs, tmp_path / "run")
-    if impl == "furl_fast":
-        cfg = dataclasses.replace(cfg, sac=dataclasses.replace(cfg.sac, compile=COMPILE))
+    trainer = impl.startswith("furl_fast")
+    if trainer:
+        cfg = dataclasses.replace(cfg, sac=dataclasses.replace(cfg.sac, compile=COMPILE),
+                                  overlap_encode=impl == "furl_fast")
     seconds: list[float] = []
     phases: dict[str, float] = {}
 
     def once():
-        fn = run_trainer if impl == "furl_fast" else run_release_loop
-        args = (cfg, encoder, tmp_path / f"run{len(seconds)}") if impl == "furl_fast" else (cfg, encoder)
-        elapsed, times = fn(*args)
+        if trainer:
+            elapsed, times = run_trainer(cfg, encoder, tmp_path / f"run{len(seconds)}")
+        else:
+            elapsed, times = run_release_loop(cfg, encoder)
         seconds.append(elapsed)
         phases.update(times)
 
@@ -360,7 +360,7 @@ def test_train_throughput(benchmark, encoder, tmp_path, impl):
     benchmark.pedantic(once, rounds=1, iterations=1)
     # Steps/s of the timed learning phase only (the pedantic time also holds set-up and warm-up).
     benchmark.extra_info.update(impl=impl, num_envs=num_envs, model=MODEL, device=str(DEVICE),
-                                sac_compile=cfg.sac.compile,
+                                sac_compile=cfg.sac.compile, overlap_encode=trainer and cfg.overlap_encode,
                                 steps=TIMED_STEPS, learning_seconds=seconds[0],
                                 env_steps_per_second=TIMED_STEPS / seconds[0],
                                 torch_threads=torch.get_num_threads(),
