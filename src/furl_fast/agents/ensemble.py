@@ -81,8 +81,9 @@ class SACEnsemble:
         self._losses = self._eager_losses
         self._graphed = self.config.compile and self.device.type == "cuda"
         if self.config.compile:
-            # fullgraph: the whole loss computation is one graph, so on CUDA the forward and the
-            # backward of every member replay as one CUDA graph each.
+            # fullgraph: the whole loss computation of every member is one graph (an error, not a
+            # silent split, otherwise), so on CUDA its forward and its backward replay as one CUDA
+            # graph each.
             self._losses = torch.compile(self._eager_losses, fullgraph=True,
                                          mode="reduce-overhead" if self._graphed else "default")
 
