@@ -1,6 +1,8 @@
 """SAC update throughput (FuRL's sizes: 39-d state, 4-d action, 256-256 nets, batch 256): furl_fast's
 SAC.update, eager and compiled (`SACConfig.compile`: torch.compile, on CUDA as CUDA graphs), vs a
-straightforward PyTorch SAC update measured in the same run; plus the FuRL head update.
+straightforward PyTorch SAC update measured in the same run; FuRL's per-step pair of updates (the
+FuRL agent and the relay agent) as one SACEnsemble.update vs two SAC.update and two textbook updates;
+plus the FuRL head update.
 
 Run: python -m pytest benchmarks/bench_sac.py --benchmark-only -o python_files='bench_*.py' \
          --benchmark-json=sac.json && python benchmarks/report.py sac.json --unit updates --baseline naive_torch
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from furl_fast.agents.ensemble import SACEnsemble
 from furl_fast.agents.sac import SAC
 from furl_fast.config import FuRLConfig, SACConfig
 from furl_fast.rewards.furl import FuRLReward
@@ -113,6 +116,45 @@ def test_sac_update_cuda(benchmark, impl):
 
     benchmark.group = f"sac update cuda B={BATCH}"
     benchmark.extra_info.update(updates=1, impl=impl)
+    benchmark.pedantic(run, rounds=200, warmup_rounds=20)
+
+
+def _make_pair(impl: str, device: str):
+    """FuRL's two updates per environment step (FuRL agent, relay agent: same batch, own rewards) as
+    one callable (batch, rewards (2, B))."""
+    torch.manual_seed(0)
+    if impl == "two_naive":
+        naive = [NaiveSAC(device), NaiveSAC(device)]
+        return lambda batch, rewards: [a.update(dict(batch, reward=r)) for a, r in zip(naive, rewards)]
+    cfg = SACConfig(compile=impl.endswith("_compiled"))
+    agents = [SAC(OBS, ACT, cfg, device=device), SAC(OBS, ACT, cfg, device=device, metric_prefix="relay_")]
+    if impl.startswith("ensemble"):
+        return SACEnsemble(agents).update
+    return lambda batch, rewards: [a.update(dict(batch, reward=r)) for a, r in zip(agents, rewards)]
+
+
+@pytest.mark.parametrize("impl", ["ensemble", "two_sac", "two_naive"])
+def test_sac_pair_update_cpu(benchmark, impl):
+    update, batch = _make_pair(impl, "cpu"), _batch("cpu")
+    rewards = torch.stack([batch["reward"], batch["reward"] - 1.0])
+    benchmark.group = f"sac + relay updates cpu B={BATCH}"
+    benchmark.extra_info.update(updates=2, impl=impl)
+    benchmark.pedantic(update, args=(batch, rewards), rounds=100, warmup_rounds=10)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["ensemble", "ensemble_compiled", "two_sac", "two_sac_compiled",
+                                  "two_naive"])
+def test_sac_pair_update_cuda(benchmark, impl):
+    update, batch = _make_pair(impl, "cuda"), _batch("cuda")
+    rewards = torch.stack([batch["reward"], batch["reward"] - 1.0])
+
+    def run():
+        update(batch, rewards)
+        torch.cuda.synchronize()
+
+    benchmark.group = f"sac + relay updates cuda B={BATCH}"
+    benchmark.extra_info.update(updates=2, impl=impl)
     benchmark.pedantic(run, rounds=200, warmup_rounds=20)
 
 

@@ -167,6 +167,11 @@ def test_update_returns_tensors_without_log_and_floats_with_log():
     assert all(k.startswith(("losses/", "charts/")) for k in logged)
 
 
+def test_adam_is_fused_on_the_cpu_too():
+    # One vectorised pass per parameter instead of one pass per step of Adam's maths (foreach).
+    assert SAC(3, 2, SACConfig(hidden_dims=(8,))).optimizer.defaults["fused"]
+
+
 def test_act_shapes_bounds_and_deterministic_mean():
     agent = SAC(5, 3, SACConfig(hidden_dims=(16,)))
     obs = torch.randn(7, 5)

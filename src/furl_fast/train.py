@@ -156,6 +156,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, encoder=None):
         from furl_fast.agents.drq import DrQV2
+        from furl_fast.agents.ensemble import SACEnsemble
         from furl_fast.agents.relay import RelaySchedule
         from furl_fast.agents.sac import SAC
         from furl_fast.envs import get_suite
@@ -220,6 +221,13 @@ class Trainer:
 
         self.agent = make_agent()
         self.relay_agent = make_agent("relay_") if cfg.uses_relay else None
+        # State SAC with relay: while relay lasts, both agents train as one stacked ensemble, one
+        # update for both (member 0 the FuRL agent, member 1 the relay agent); update() trains them
+        # apart again once relay has ended.
+        self.ensemble = SACEnsemble([self.agent, self.relay_agent]) \
+            if self.relay_agent is not None and not self.pixels else None
+        if self.ensemble is not None:
+            self.agent, self.relay_agent = self.ensemble.members()
         self.schedule = RelaySchedule.from_config(cfg.furl, num_envs=cfg.num_envs, seed=cfg.seed) \
             if cfg.uses_relay else None
         # Capacity counts observation slots: each episode also stores its final observation.
@@ -309,6 +317,11 @@ class Trainer:
 
     def update(self, log: bool) -> dict[str, Any]:
         cfg = self.cfg
+        if self.ensemble is not None and not self.schedule.enabled:
+            # Relay has ended for good: only the FuRL agent trains from here on, alone; the relay
+            # agent keeps the state it had (a smaller update than the ensemble with a frozen member).
+            self.agent, self.relay_agent = self.ensemble.to_agents()
+            self.ensemble = None
         with self.timed("buffer"):
             batch = self.buffer.sample(cfg.batch_size)
             batch = batch._replace(**{k: v.to(self.device, non_blocking=True) for k, v in
@@ -322,10 +335,15 @@ class Trainer:
                 reward = batch.reward + cfg.resolved_rho * vlm
                 if log:  # the reward of one frame, R(o_{t+1}), whatever the n of the n-step sum
                     metrics["charts/vlm_reward"] = per_step[:, 0].mean()
-            metrics.update(self.agent.update(batch._replace(reward=reward), log=log))
-            if self.relay_agent is not None and self.schedule.enabled:
-                metrics.update(self.relay_agent.update(batch, log=log))  # sparse reward only
-            if self.reward is not None:
+            if self.ensemble is not None:  # the relay member learns from the sparse reward only
+                rewards = torch.stack([reward.reshape(-1), batch.reward.reshape(-1)])
+                metrics.update(self.ensemble.update(batch, rewards, log=log))
+            else:
+                metrics.update(self.agent.update(batch._replace(reward=reward), log=log))
+                if self.relay_agent is not None and self.schedule.enabled:
+                    metrics.update(self.relay_agent.update(batch, log=log))  # sparse reward only
+        if self.reward is not None:
+            with self.timed("heads"):  # what the reward trains (FuRL's heads)
                 metrics.update(self.reward.update(batch, log=log))
         return metrics
 
@@ -542,12 +560,17 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Atomic (furl_fast.runs.write_checkpoint): a crash at any point leaves a consistent pair of
         state.pt and the replay file it names."""
+        from furl_fast.agents.ensemble import split_state_dict
+
+        # The ensemble's members are saved as the separate SAC agents they stand for.
+        agents = split_state_dict(self.ensemble.state_dict()) if self.ensemble is not None else \
+            [self.agent.state_dict(), None if self.relay_agent is None else self.relay_agent.state_dict()]
         state = {
             "step": self.step, "episodes": self.episodes,
             "relay_positives": self.relay_positives, "last_eval_step": self.last_eval_step,
             "recent_success": list(self.recent_success),
-            "agent": self.agent.state_dict(),
-            "relay_agent": None if self.relay_agent is None else self.relay_agent.state_dict(),
+            "agent": agents[0],
+            "relay_agent": agents[1],
             "schedule": None if self.schedule is None else self.schedule.state_dict(),
             "reward": None if self.reward is None else self.reward.state_dict(),
             "rng": rng_state(),
@@ -557,6 +580,8 @@ class Trainer:
 
     def load_checkpoint(self, state: dict[str, Any]) -> None:
         """Restores read_checkpoint()'s state; raises ValueError when it does not fit this run."""
+        from furl_fast.agents.ensemble import stack_state_dicts
+
         if state["replay"] is None:
             print(f"furl_fast.train: the checkpoint holds no replay buffer (it was saved with "
                   f"--no-checkpoint-replay): training continues from step {state['step']} with an "
@@ -571,9 +596,17 @@ class Trainer:
         self.step, self.episodes = state["step"], state["episodes"]
         self.relay_positives, self.last_eval_step = state["relay_positives"], state["last_eval_step"]
         self.recent_success.extend(state["recent_success"])
-        self.agent.load_state_dict(state["agent"])
-        if self.relay_agent is not None:
-            self.relay_agent.load_state_dict(state["relay_agent"])
+        if self.ensemble is not None and not state["schedule"]["enabled"]:
+            # Relay had ended: the agents train apart (and their Adam step counts differ).
+            self.agent, self.relay_agent = self.ensemble.to_agents()
+            self.ensemble = None
+        if self.ensemble is not None:
+            self.ensemble.load_state_dict(stack_state_dicts([state["agent"], state["relay_agent"]]))
+        else:
+            self.agent.load_state_dict(state["agent"])
+            if self.relay_agent is not None:
+                self.relay_agent.load_state_dict(state["relay_agent"])
+        if self.schedule is not None:
             self.schedule.load_state_dict(state["schedule"])
         if self.reward is not None:
             self.reward.load_state_dict(state["reward"])

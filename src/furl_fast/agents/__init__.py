@@ -1,1 +1,2 @@
-"""RL agents: SAC (state) and relay RL scheduling."""
+"""RL agents: SAC (state), an ensemble of SAC agents trained by one update (the FuRL and relay
+agents), DrQ-v2 (pixels) and relay RL scheduling."""

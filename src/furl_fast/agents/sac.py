@@ -23,7 +23,7 @@ from torch import nn
 
 from furl_fast.config import SACConfig
 
-__all__ = ["SAC", "Actor", "TwinCritic", "squashed_gaussian_log_prob"]
+__all__ = ["SAC", "Actor", "TwinCritic", "batch_fields", "metric_names", "squashed_gaussian_log_prob"]
 
 _LOG_2PI = math.log(2 * math.pi)
 _LOG_2 = math.log(2.0)
@@ -36,6 +36,33 @@ def _mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> nn.Sequential:
         in_dim = h
     layers.append(nn.Linear(in_dim, out_dim))
     return nn.Sequential(*layers)
+
+
+def batch_fields(batch: Mapping[str, torch.Tensor] | Any, *names: str) -> tuple[torch.Tensor, ...]:
+    """The named fields of a batch given as a mapping or as an object with attributes (e.g.
+    furl_fast.replay.Batch)."""
+    get = batch.__getitem__ if isinstance(batch, Mapping) else partial(getattr, batch)
+    return tuple(get(name) for name in names)
+
+
+def metric_names(prefix: str) -> list[str]:
+    """The names of an update's six stats (critic, actor and alpha losses, alpha, entropy, mean Q),
+    e.g. prefix "relay_" -> "losses/relay_critic", ..."""
+    return [f"losses/{prefix}critic", f"losses/{prefix}actor", f"losses/{prefix}alpha",
+            f"charts/{prefix}alpha", f"charts/{prefix}entropy", f"charts/{prefix}q"]
+
+
+def observation_batch(obs: torch.Tensor | np.ndarray, obs_dim: int, device: torch.device,
+                      caller: str) -> tuple[torch.Tensor, bool]:
+    """obs (B, obs_dim) or (obs_dim,) -> ((B, obs_dim) float32 on device, whether it was one
+    observation); a wrong shape is a ValueError naming caller."""
+    obs = torch.as_tensor(obs, device=device).float()
+    single = obs.dim() == 1
+    if single:
+        obs = obs.unsqueeze(0)
+    if obs.dim() != 2 or obs.shape[1] != obs_dim:
+        raise ValueError(f"{caller}: obs must have shape (B, {obs_dim}), got {tuple(obs.shape)}.")
+    return obs, single
 
 
 def squashed_gaussian_log_prob(
@@ -110,10 +137,10 @@ class TwinCritic(nn.Module):
 
 
 def _adam(groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Adam:
-    # Fused Adam on CUDA is one kernel for every parameter; foreach batches the CPU math.
-    if device.type == "cuda":
-        return torch.optim.Adam(groups, fused=True)
-    return torch.optim.Adam(groups, foreach=True)
+    """Adam over groups whose parameters live on device, fused: on CUDA one kernel for every
+    parameter, on a CPU one vectorised pass per parameter (2.8x faster than foreach on SAC's
+    parameters, which makes a pass over memory for each step of the maths)."""
+    return torch.optim.Adam(groups, fused=True)
 
 
 class SAC:
@@ -172,12 +199,7 @@ class SAC:
     def act(self, obs: torch.Tensor | np.ndarray, deterministic: bool = False) -> torch.Tensor:
         """obs: (B, obs_dim) or (obs_dim,) float -> actions (B, act_dim) or (act_dim,) float32 in [-1, 1] on the agent's device;
         deterministic=True gives tanh(mean) (evaluation)."""
-        obs = torch.as_tensor(obs, device=self.device).float()
-        single = obs.dim() == 1
-        if single:
-            obs = obs.unsqueeze(0)
-        if obs.dim() != 2 or obs.shape[1] != self.obs_dim:
-            raise ValueError(f"SAC.act: obs must have shape (B, {self.obs_dim}), got {tuple(obs.shape)}.")
+        obs, single = observation_batch(obs, self.obs_dim, self.device, "SAC.act")
         if deterministic:
             action = torch.tanh(self.actor(obs)[0])
         else:
@@ -194,9 +216,9 @@ class SAC:
         Returns losses/* and charts/* metrics: 0-dim tensors (no host sync) unless log=True, then
         Python floats (one sync for all of them).
         """
-        get = batch.__getitem__ if isinstance(batch, Mapping) else partial(getattr, batch)
-        obs, action, next_obs = get("obs"), get("action"), get("next_obs")
-        reward, discount = get("reward").reshape(-1), get("discount").reshape(-1)
+        obs, action, reward, discount, next_obs = batch_fields(batch, "obs", "action", "reward",
+                                                               "discount", "next_obs")
+        reward, discount = reward.reshape(-1), discount.reshape(-1)
         if self._graphed:
             torch.compiler.cudagraph_mark_step_begin()  # the last update's outputs are consumed
         loss, stats = self._losses(obs, action, reward, discount, next_obs)
@@ -207,9 +229,7 @@ class SAC:
         with torch.no_grad():
             torch._foreach_lerp_(self._target_params, self._critic_params, self.config.tau)
 
-        p = self.metric_prefix
-        names = [f"losses/{p}critic", f"losses/{p}actor", f"losses/{p}alpha", f"charts/{p}alpha",
-                 f"charts/{p}entropy", f"charts/{p}q"]
+        names = metric_names(self.metric_prefix)
         if log:
             return dict(zip(names, stats.tolist()))
         if self._graphed:
