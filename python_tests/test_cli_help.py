@@ -47,7 +47,7 @@ def test_train_help(monkeypatch, capsys):
     assert "--preset {laptop,paper}" in text and "(default: laptop)" in text
     flat = " ".join(text.split())
     assert "--reward NAME [--reward.OPTION VALUE ...], NAME one of furl, cosine, goal_baseline, " \
-        "binary, code" in flat and "{None,furl" not in text
+        "binary, code" in flat and "reward:none" not in text and "{None,furl" not in text
     assert "(default: drawer-open)" in text
     assert "spec" not in text and "/work/" not in text
     assert needless_breaks(text) == []
@@ -64,7 +64,7 @@ def test_preset_and_flags_parse():
     cfg = train.parse_config(["--preset", "paper", "--total-steps", "7", "--sac.tau", "0.5"])
     assert (cfg.total_steps, cfg.warmup_steps, cfg.sac.tau, cfg.task) == (7, 10_000, 0.5, "drawer-open")
     assert train.parse_config(["--reward", "binary", "--algo", "vlm"]).reward.name == "binary"
-    assert train.parse_config([]).reward is None
+    assert train.parse_config([]).reward.name == "auto"
 
 
 def test_reward_options_parse_anywhere_on_the_line():
@@ -76,7 +76,7 @@ def test_reward_options_parse_anywhere_on_the_line():
     assert (cfg.algo, cfg.seed) == ("vlm", 4)
     cfg = train.parse_config(["--algo", "relay", "--reward=goal_baseline", "--reward.alpha", "1"])
     assert cfg.reward == GoalBaselineRewardConfig(alpha=1.0)
-    with pytest.raises(ValueError, match="--reward nope is unknown; use one of furl, cosine"):
+    with pytest.raises(ValueError, match="--reward nope is unknown; use one of auto, furl, cosine"):
         train.parse_config(["--reward", "nope"])
     with pytest.raises(ValueError, match="--reward.threshold needs --reward NAME"):
         train.parse_config(["--reward.threshold", "0.3"])

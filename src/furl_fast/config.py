@@ -137,7 +137,7 @@ class FuRLConfig:
     """Relay RL: std of the Gaussian noise added to the relay agent's actions (then clipped)."""
 
 
-# ---- rewards: one config per reward (furl_fast.rewards.REWARDS has the model of each name) ----------
+# ---- rewards: one config per reward (furl_fast.rewards.REWARD_MODELS has the model of each) ----
 
 
 class _Reward:
@@ -205,11 +205,20 @@ class CodeRewardConfig(_Reward):
     reference set (drawer-open, button-press-topdown, reach, ...)."""
 
 
+@dataclass(frozen=True)
+class AutoRewardConfig(_Reward):
+    """auto (the default): the algo's own reward, furl for algo=furl and cosine for vlm and relay."""
+
+    name: ClassVar[str] = "auto"
+
+
 REWARD_CONFIGS: tuple[type, ...] = (FuRLRewardConfig, CosineRewardConfig, GoalBaselineRewardConfig,
                                     BinaryRewardConfig, CodeRewardConfig)
-"""Every reward's config class; a new reward adds its class here (and its model to rewards.REWARDS)."""
+"""Every reward's config class; a new reward adds its class here (and its model to
+furl_fast.rewards.REWARD_MODELS)."""
 REWARDS = tuple(c.name for c in REWARD_CONFIGS)
-RewardConfig = Union[tuple(Annotated[c, tyro.conf.subcommand(c.name)] for c in REWARD_CONFIGS)]  # noqa: UP007
+RewardConfig = Union[tuple(Annotated[c, tyro.conf.subcommand(c.name)]  # noqa: UP007
+                           for c in (AutoRewardConfig, *REWARD_CONFIGS))]
 
 
 @dataclass(frozen=True)
@@ -256,11 +265,11 @@ class Config:
     """sac: sparse reward only; vlm: + raw VLM reward; relay: raw VLM + relay RL; furl: aligned + relay."""
     agent: Literal["sac", "drq"] = "sac"
     """sac: state-based SAC (sac.* flags); drq: DrQ-v2 on 84x84 pixels (drq.* flags)."""
-    reward: Annotated[RewardConfig | None, tyro.conf.arg(
+    reward: Annotated[RewardConfig, tyro.conf.arg(
         help="The VLM reward and its own options: --reward NAME [--reward.OPTION VALUE ...], NAME one "
              "of furl, cosine, goal_baseline, binary, code (python -m furl_fast.train --reward NAME "
-             "--help lists its options). Unset: furl for algo=furl, cosine for vlm and relay (unused "
-             "by sac).")] = None
+             "--help lists its options), or auto: furl for algo=furl, cosine for vlm and relay "
+             "(unused by sac).")] = AutoRewardConfig()
     suite: str = "metaworld"
     """The environment suite (furl_fast.envs.SUITES): metaworld (FuRL's Meta-World v3 tasks) or
     gymnasium (any Gymnasium id as --task, e.g. CartPole-v1 or Humanoid-v5, with --vlm.prompt and
@@ -353,7 +362,7 @@ class Config:
     def __post_init__(self) -> None:
         # Config(reward="binary") is the reward with its default options (an unknown name stays, for
         # validate() to report).
-        by_name = {c.name: c for c in REWARD_CONFIGS}
+        by_name = {c.name: c for c in (AutoRewardConfig, *REWARD_CONFIGS)}
         if isinstance(self.reward, str) and self.reward in by_name:
             object.__setattr__(self, "reward", by_name[self.reward]())
 
@@ -368,7 +377,7 @@ class Config:
         """The config of the reward this run uses: reward, or the algo's default (None for sac)."""
         if self.algo == "sac":
             return None
-        if self.reward is not None:
+        if not isinstance(self.reward, AutoRewardConfig):
             return self.reward
         return FuRLRewardConfig() if self.algo == "furl" else CosineRewardConfig()
 
@@ -447,13 +456,13 @@ def _problems(cfg: Config, suite: Any) -> list[str]:
     p: list[str] = []
     p += _one_of("algo", cfg.algo, ALGOS)
     p += _one_of("agent", cfg.agent, AGENTS)
-    if cfg.reward is not None and not isinstance(cfg.reward, REWARD_CONFIGS):
-        p.append(f"reward={cfg.reward!r} is unknown; use one of {', '.join(REWARDS)}.")
+    if not isinstance(cfg.reward, (AutoRewardConfig, *REWARD_CONFIGS)):
+        p.append(f"reward={cfg.reward!r} is unknown; use one of auto, {', '.join(REWARDS)}.")
     p += _one_of("goal", cfg.goal, GOALS)
     p += _one_of("env_reward", cfg.env_reward, ENV_REWARDS)
     p += _one_of("render_quality", cfg.render_quality, RENDER_QUALITIES)
     name = getattr(cfg.reward, "name", None)
-    if cfg.algo == "furl" and name not in (None, "furl"):
+    if cfg.algo == "furl" and name not in ("auto", "furl"):
         p.append(f"algo=furl trains the aligned heads, so reward must be 'furl' (got {name!r}); "
                  "for a raw VLM reward use --algo vlm or --algo relay.")
     if cfg.algo in ("vlm", "relay") and name == "furl":
@@ -609,10 +618,9 @@ def resolve_device(name: str):
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """Plain JSON-able dict of cfg; the reward is {"name": ..., its options ...} (or None)."""
+    """Plain JSON-able dict of cfg; the reward is {"name": ..., its options ...}."""
     out = dataclasses.asdict(cfg)
-    if cfg.reward is not None:
-        out["reward"] = {"name": cfg.reward.name, **dataclasses.asdict(cfg.reward)}
+    out["reward"] = {"name": cfg.reward.name, **dataclasses.asdict(cfg.reward)}
     return out
 
 
@@ -635,11 +643,11 @@ def config_from_dict(cls: type, data: dict[str, Any]):
 
 
 def _reward_from_dict(value: Any) -> Any:
-    if value is None:
-        return None
+    if value is None:  # config.json of a run started with the algo's reward
+        return AutoRewardConfig()
     if isinstance(value, str):  # a bare name: the reward with its default options
         value = {"name": value}
-    by_name = {c.name: c for c in REWARD_CONFIGS}
+    by_name = {c.name: c for c in (AutoRewardConfig, *REWARD_CONFIGS)}
     options = dict(value)
     name = options.pop("name", None)
     if name not in by_name:

@@ -414,8 +414,9 @@ def method(config: dict[str, Any]) -> str:
     for Meta-World's shaped env reward (sac+dense is the oracle)."""
     name = config["algo"]
     reward = config.get("reward")
-    if reward and config["algo"] != "sac":
-        name += f"+{reward['name'] if isinstance(reward, dict) else reward}"
+    reward = reward["name"] if isinstance(reward, dict) else reward
+    if reward not in (None, "auto") and config["algo"] != "sac":
+        name += f"+{reward}"
     if config.get("env_reward", "sparse") == "dense":
         name += "+dense"
     return name

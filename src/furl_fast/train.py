@@ -117,13 +117,13 @@ def reward_subcommand(argv: list[str], default_reward: Any) -> list[str]:
             rest.append(arg)
             i += 1
     if name is None and options:
-        if default_reward is None:
+        if default_reward.name == "auto":
             raise ValueError(f"{options[0]} needs --reward NAME before it (one of {', '.join(REWARDS)}).")
         name = default_reward.name
     if name is None:
         return rest
-    if name not in REWARDS:
-        raise ValueError(f"--reward {name} is unknown; use one of {', '.join(REWARDS)}.")
+    if name not in ("auto", *REWARDS):
+        raise ValueError(f"--reward {name} is unknown; use one of auto, {', '.join(REWARDS)}.")
     helps = [a for a in rest if a in ("-h", "--help")]
     rest = [a for a in rest if a not in helps]
     return [*rest, "reward:" + name.replace("_", "-"), *options, *helps]
