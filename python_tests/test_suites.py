@@ -119,7 +119,7 @@ def test_registry():
 def test_metaworld_suite_answers():
     assert len(METAWORLD.task_names()) == 50
     assert METAWORLD.canonical_task("drawer-open-v3") == "drawer-open" == METAWORLD.short_name("drawer-open")
-    with pytest.raises(ValueError, match="Unknown Meta-World task 'drawer-opn' \\(did you mean 'drawer-open'"):
+    with pytest.raises(ValueError, match="task='drawer-opn' is unknown \\(did you mean 'drawer-open'"):
         METAWORLD.canonical_task("drawer-opn")
     assert METAWORLD.prompt("reach-v3") == "reach a goal position"
     assert METAWORLD.prompt("box-close") is None  # outside MT10: the user gives the prompt
@@ -201,9 +201,10 @@ def test_gymnasium_suite_answers():
 
 
 def test_gymnasium_suite_errors(closing, tmp_path):
-    with pytest.raises(ValueError, match="Unknown Gymnasium id 'Cartpole-v1'.*Did you mean: `CartPole`"):
+    with pytest.raises(ValueError,
+                       match="task='Cartpole-v1' is unknown to Gymnasium .*Did you mean: `CartPole`"):
         GYM.canonical_task("Cartpole-v1")
-    with pytest.raises(ValueError, match="Unknown Gymnasium id 'NoSuchEnv-v0'"):
+    with pytest.raises(ValueError, match="task='NoSuchEnv-v0' is unknown to Gymnasium"):
         GYM.make_env("NoSuchEnv-v0", seed=0)
     with pytest.raises(ValueError, match="cannot import 'no_such_module'"):
         GYM.canonical_task("no_such_module:Thing-v0")
@@ -218,7 +219,7 @@ def test_gymnasium_suite_errors(closing, tmp_path):
     env = closing(GYM.make_env("CartPole-v1", seed=0, success_key="is_success", vlm_frames=False))
     env.reset()  # a reset info may lack the key: nothing has happened yet
     with pytest.raises(ValueError, match="success_key 'is_success' is not in the info of its steps"):
-        env.step(0)
+        env.step(np.array([1.0, -1.0], np.float32))
     gym.register("furl_fast_test/Endless-v0", entry_point=ToyEnv)  # no max_episode_steps
     try:
         with pytest.raises(ValueError, match="registers no episode length"):
@@ -258,12 +259,18 @@ def test_gymnasium_contract_success_rewards_truncation(closing):
 
 def test_cartpole_state_and_pixels(closing):
     env = closing(GYM.make_env("CartPole-v1", seed=0))
+    # Discrete(2) is learned as two scores, Box(-1, 1, (2,)); the argmax is the action.
+    assert env.action_space == gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
     obs, info = env.reset()
     assert obs.shape == (4,) and np.array_equal(info["state"], obs) and info["success"] is False
     assert info["vlm_frame"].shape == (400, 600, 3) and info["vlm_frame"].dtype == np.uint8
+    twin = closing(gym.make("CartPole-v1"))
+    np.testing.assert_array_equal(obs, twin.reset(seed=0)[0])
     rewards, ended = [], False
     for _ in range(200):
-        obs, reward, terminated, truncated, info = env.step(1)  # always push right: the pole falls
+        # Always push right (action 1): the pole falls.
+        obs, reward, terminated, truncated, info = env.step(np.array([-0.3, 0.2], np.float32))
+        np.testing.assert_array_equal(obs, twin.step(1)[0])
         rewards.append(reward)
         assert np.array_equal(info["state"], obs) and info["success"] is False
         if terminated or truncated:
@@ -275,13 +282,15 @@ def test_cartpole_state_and_pixels(closing):
 
     dense = closing(GYM.make_env("CartPole-v1", seed=0, reward="dense", vlm_frames=False))
     dense.reset()
-    assert dense.step(0)[1] == 1.0  # CartPole's own reward
+    assert dense.step(np.array([0.5, 0.1], np.float32))[1] == 1.0  # CartPole's own reward
+    with pytest.raises(ValueError, match=r"the action must have shape \(2,\), got \(\)"):
+        dense.step(0)
 
     pixels = closing(GYM.make_env("CartPole-v1", seed=0, obs="pixels", vlm_frames=True))
     obs, info = pixels.reset()
     assert pixels.action_repeat == 2 and obs.shape == (9, 84, 84) and obs.dtype == np.uint8
     assert info["state"].shape == (4,)
-    obs, *_, info = pixels.step(0)
+    obs, *_, info = pixels.step(np.array([1.0, 0.0], np.float32))
     # The 84x84 view is the whole 600x400 VLM frame of the same render, resized (1 LSB: rounding).
     expected = reference_preprocess(torch.from_numpy(info["vlm_frame"])[None], size=84,
                                     mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)[0]
@@ -293,7 +302,9 @@ def test_humanoid_state_and_pixels(closing):
     env = closing(GYM.make_env("Humanoid-v5", seed=0, reward="dense"))
     twin = closing(gym.make("Humanoid-v5"))  # the plain env, same seed and actions
     obs, info = env.reset()
-    np.testing.assert_array_equal(obs, twin.reset(seed=0)[0])
+    # float64 MuJoCo observations come as float32, the agents' dtype.
+    assert obs.dtype == np.float32 and env.observation_space.dtype == np.float32
+    np.testing.assert_array_equal(obs, twin.reset(seed=0)[0].astype(np.float32))
     assert obs.shape == (348,) and np.array_equal(info["state"], obs)
     assert info["vlm_frame"].shape == (256, 256, 3) and info["vlm_frame"].dtype == np.uint8
     actions = np.random.default_rng(0).uniform(-0.4, 0.4, (2, 17)).astype(np.float32)
@@ -321,7 +332,7 @@ def test_goal_image_file(tmp_path):
         frame = GYM.goal_frame("CartPole-v1", seed=0, goal_image=tmp_path / name)
         assert frame.dtype == np.uint8
         np.testing.assert_array_equal(frame, want)
-    with pytest.raises(ValueError, match="set its goal_image option to an image file"):
+    with pytest.raises(ValueError, match=r"set its goal_image option \(--gym.goal-image FILE\)"):
         GYM.goal_frame("CartPole-v1", seed=0)
     with pytest.raises(ValueError, match="cannot read an image there"):
         GYM.goal_frame("CartPole-v1", seed=0, goal_image=str(tmp_path / "missing.png"))
@@ -351,7 +362,7 @@ def test_gymnasium_vector_envs():
         obs, info = envs.reset(seed=0)
         assert obs["obs"].shape == (2, 4) and obs["frame"].shape == (2, 400, 600, 3)
         assert obs["frame"].dtype == np.uint8 and not np.array_equal(obs["obs"][0], obs["obs"][1])
-        obs, reward, _, _, info = envs.step(np.array([0, 1]))
+        obs, reward, _, _, info = envs.step(np.array([[1.0, 0.0], [0.0, 1.0]], np.float32))
         assert reward.tolist() == [0.0, 0.0] and info["success"].dtype == bool
         np.testing.assert_array_equal(info["state"], obs["obs"])
     finally:

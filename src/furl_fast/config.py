@@ -476,8 +476,8 @@ def _problems(cfg: Config, suite: Any) -> list[str]:
     if suite is not None:
         try:
             suite.canonical_task(cfg.task)
-        except ValueError as exc:
-            p.append(f"task={cfg.task!r}: {exc}")
+        except ValueError as exc:  # the suite's message names the task and the known ones
+            p.append(str(exc))
         if cfg.goal == "random" and not suite.random_goals:
             p.append(f"goal='random': the {cfg.suite} suite has no goal randomisation; use --goal "
                      "fixed.")

@@ -154,14 +154,17 @@ def score_reward(name: str, encoder, task: str, emb: torch.Tensor, labels: np.nd
                  cfg: EvalConfig) -> dict[str, object]:
     """Metrics of one reward model on one task's embeddings."""
     from furl_fast.config import REWARD_CONFIGS
+    from furl_fast.envs import get_suite
     from furl_fast.rewards import RewardContext, build_reward
 
     config = {c.name: c for c in REWARD_CONFIGS}[name]()
     fields = {f.name for f in dataclasses.fields(config)}
     config = dataclasses.replace(config, **{k: v for k, v in (("alpha", cfg.alpha),
                                                                ("threshold", cfg.threshold)) if k in fields})
-    model = build_reward(config, RewardContext(encoder=encoder, task=task, prompt=None, num_envs=1,
-                                               device=encoder.device, seed=cfg.seed))
+    suite = get_suite("metaworld")
+    model = build_reward(config, RewardContext(encoder=encoder, task=task, prompt=suite.prompt(task),
+                                               num_envs=1, device=encoder.device, seed=cfg.seed,
+                                               suite=suite))
     scores = model.score(emb).cpu().numpy()
     if model.decision_threshold is not None:
         threshold, kind = model.decision_threshold, "reward"

@@ -50,7 +50,7 @@ def _spec(task: str) -> gym.envs.registration.EnvSpec:
     try:
         return gym.spec(env_id)
     except (gym.error.Error, TypeError) as exc:
-        raise ValueError(f"Unknown Gymnasium id {task!r}: {exc}") from None
+        raise ValueError(f"task={task!r} is unknown to Gymnasium ({exc}).") from None
 
 
 def _is_mujoco(spec: gym.envs.registration.EnvSpec) -> bool:

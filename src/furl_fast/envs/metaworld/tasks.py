@@ -27,8 +27,8 @@ def canonical_task(task: str) -> str:
     task and listing all 50 otherwise."""
     name = task.removesuffix(_SUFFIX) if isinstance(task, str) else task
     if name not in TASKS:
-        raise ValueError(f"Unknown Meta-World task {task!r}{did_you_mean(name, TASKS)}; the "
-                         f"{len(TASKS)} tasks (each also as NAME{_SUFFIX}): {', '.join(TASKS)}.")
+        raise ValueError(f"task={task!r} is unknown{did_you_mean(name, TASKS)}; the {len(TASKS)} "
+                         f"Meta-World tasks (each also as NAME{_SUFFIX}): {', '.join(TASKS)}.")
     return name
 
 
