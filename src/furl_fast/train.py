@@ -1,7 +1,10 @@
-"""`python -m furl_fast.train`: FuRL and its baselines (sac, vlm, relay) on sparse-reward Meta-World.
+"""`python -m furl_fast.train`: FuRL and its baselines (sac, vlm, relay) on sparse-reward
+Meta-World, or on any Gymnasium env.
 
     python -m furl_fast.train --algo furl --task drawer-open --seed 0
     python -m furl_fast.train --preset paper --algo sac --task reach
+    python -m furl_fast.train --algo vlm --reward binary --reward.threshold 0.3 --task reach
+    python -m furl_fast.train --suite gymnasium --task CartPole-v1 --algo vlm --vlm.prompt "a pole"
     python -m furl_fast.train --resume runs/furl-drawer-open-s0-20261121-101500
 
 Every field of furl_fast.config.Config is a flag; --preset picks the defaults the other flags
