@@ -269,11 +269,15 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path, case):
 def test_cli_zero_shot_rewards(tmp_path, tiny_model, reward):
     """--reward picks the zero-shot reward model the critic learns from (vlm algo)."""
     run_dir = tmp_path / "run"
-    args = train_args(run_dir, "vlm", tiny_model) + ["--reward", reward, "--total-steps", "700",
-                                                      "--warmup-steps", "500", "--eval-every", "700"]
+    options = {"binary": ["--reward.threshold", "0.9"], "goal_baseline": ["--reward.alpha", "1.0"]}
+    args = train_args(run_dir, "vlm", tiny_model) + ["--reward", reward, *options.get(reward, []),
+                                                      "--total-steps", "700", "--warmup-steps", "500",
+                                                      "--eval-every", "700"]
     result = run_cli(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((run_dir / "config.json").read_text())["reward"]["name"] == reward
+    saved = json.loads((run_dir / "config.json").read_text())["reward"]
+    assert saved["name"] == reward
+    assert saved.get("threshold", 0.9) == 0.9 and saved.get("alpha", 1.0) == 1.0
     assert not (run_dir / "videos").exists()  # --no-eval-video
     values = [float(line.split(",")[2]) for line in (run_dir / "metrics.csv").read_text().splitlines()
               if ",charts/vlm_reward," in line]
