@@ -154,6 +154,10 @@ class CosineRewardConfig(_Reward):
     name: ClassVar[str] = "cosine"
 
 
+DEFAULT_BASELINE_PROMPT = "a robot arm and a table"
+"""VLM-RM's baseline describes the scene without the goal; this one fits every Meta-World task."""
+
+
 @dataclass(frozen=True)
 class GoalBaselineRewardConfig(_Reward):
     """goal_baseline: VLM-RM's goal-baseline projection 1 - 0.5 |(x - g) P|^2 (Rocamonde et al.)."""
@@ -164,7 +168,7 @@ class GoalBaselineRewardConfig(_Reward):
     goal - baseline direction (the paper sweeps it)."""
     goal_prompts: tuple[str, ...] | None = None
     """Texts describing the goal (their mean embedding is g); None: the task prompt."""
-    baseline_prompts: tuple[str, ...] = ("a robot arm and a table",)
+    baseline_prompts: tuple[str, ...] = (DEFAULT_BASELINE_PROMPT,)
     """Texts describing the scene without the goal (their mean embedding is b); the default fits
     every Meta-World task."""
 

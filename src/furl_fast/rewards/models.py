@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from furl_fast import ops
+from furl_fast.config import DEFAULT_BASELINE_PROMPT
 from furl_fast.envs.metaworld.prompts import MT10_PROMPTS, task_prompt
 from furl_fast.vlm import Encoder
 
@@ -52,8 +53,6 @@ __all__ = [
     "make_reward_model",
 ]
 
-DEFAULT_BASELINE_PROMPT = "a robot arm and a table"
-"""VLM-RM's baseline describes the scene without the goal; this one fits every Meta-World task."""
 
 
 def _normalised(x: torch.Tensor) -> torch.Tensor:
