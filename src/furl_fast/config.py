@@ -221,6 +221,8 @@ REWARD_CONFIGS: tuple[type, ...] = (FuRLRewardConfig, CosineRewardConfig, GoalBa
 """Every reward's config class; a new reward adds its class here (and its model to
 furl_fast.rewards.REWARD_MODELS)."""
 REWARDS = tuple(c.name for c in REWARD_CONFIGS)
+REWARD_CONFIG_CLASSES: dict[str, type] = {c.name: c for c in (AutoRewardConfig, *REWARD_CONFIGS)}
+"""Reward name (auto included) -> its config class."""
 RewardConfig = Union[tuple(Annotated[c, tyro.conf.subcommand(c.name)]  # noqa: UP007
                            for c in (AutoRewardConfig, *REWARD_CONFIGS))]
 
@@ -366,9 +368,8 @@ class Config:
     def __post_init__(self) -> None:
         # Config(reward="binary") is the reward with its default options (an unknown name stays, for
         # validate() to report).
-        by_name = {c.name: c for c in (AutoRewardConfig, *REWARD_CONFIGS)}
-        if isinstance(self.reward, str) and self.reward in by_name:
-            object.__setattr__(self, "reward", by_name[self.reward]())
+        if isinstance(self.reward, str) and self.reward in REWARD_CONFIG_CLASSES:
+            object.__setattr__(self, "reward", REWARD_CONFIG_CLASSES[self.reward]())
 
     @property
     def resolved_reward(self) -> str | None:
@@ -651,12 +652,11 @@ def _reward_from_dict(value: Any) -> Any:
         return AutoRewardConfig()
     if isinstance(value, str):  # a bare name: the reward with its default options
         value = {"name": value}
-    by_name = {c.name: c for c in (AutoRewardConfig, *REWARD_CONFIGS)}
     options = dict(value)
     name = options.pop("name", None)
-    if name not in by_name:
+    if name not in REWARD_CONFIG_CLASSES:
         raise ValueError(f"reward {name!r} is unknown; use one of {', '.join(REWARDS)}.")
-    return config_from_dict(by_name[name], options)
+    return config_from_dict(REWARD_CONFIG_CLASSES[name], options)
 
 
 def changed_fields(a: Config, b: Config) -> list[str]:

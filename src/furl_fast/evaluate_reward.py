@@ -153,11 +153,11 @@ def load_or_embed(cfg: EvalConfig, encoder, frames_key: str, frames: np.ndarray)
 def score_reward(name: str, encoder, task: str, emb: torch.Tensor, labels: np.ndarray,
                  cfg: EvalConfig) -> dict[str, object]:
     """Metrics of one reward model on one task's embeddings."""
-    from furl_fast.config import REWARD_CONFIGS
+    from furl_fast.config import REWARD_CONFIG_CLASSES
     from furl_fast.envs import get_suite
     from furl_fast.rewards import RewardContext, build_reward
 
-    config = {c.name: c for c in REWARD_CONFIGS}[name]()
+    config = REWARD_CONFIG_CLASSES[name]()
     fields = {f.name for f in dataclasses.fields(config)}
     config = dataclasses.replace(config, **{k: v for k, v in (("alpha", cfg.alpha),
                                                                ("threshold", cfg.threshold)) if k in fields})

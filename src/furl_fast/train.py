@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import tyro
 
-from furl_fast.config import PRESETS, REWARDS, Config, config_to_dict, resolve_device
+from furl_fast.config import PRESETS, REWARD_CONFIG_CLASSES, REWARDS, Config, config_to_dict, resolve_device
 from furl_fast.envs.steps import Transition, env_states, split_obs, vector_step
 from furl_fast.runs import (
     CHECKPOINT_DIR,
@@ -125,7 +125,7 @@ def reward_subcommand(argv: list[str], default_reward: Any) -> list[str]:
         name = default_reward.name
     if name is None:
         return rest
-    if name not in ("auto", *REWARDS):
+    if name not in REWARD_CONFIG_CLASSES:
         raise ValueError(f"--reward {name} is unknown; use one of auto, {', '.join(REWARDS)}.")
     helps = [a for a in rest if a in ("-h", "--help")]
     rest = [a for a in rest if a not in helps]
@@ -306,8 +306,9 @@ class Trainer:
         return np.random.uniform(self.act_low, self.act_high, (n, len(self.act_low))).astype(np.float32)
 
     def stored(self, obs: np.ndarray) -> np.ndarray:
-        """What the buffer keeps of one observation: the newest frame of a pixel stack, or the state."""
-        return obs[-self.frame_channels:] if self.pixels else obs
+        """What the buffer keeps of observations (one, or a batch): the newest frame of each pixel
+        stack (C, H, W are the last three axes), or the state."""
+        return obs[..., -self.frame_channels:, :, :] if self.pixels else obs
 
     def policy_actions(self, states: np.ndarray) -> np.ndarray:
         obs = torch.as_tensor(states, device=self.device)  # float states, or uint8 pixel stacks
@@ -480,8 +481,7 @@ class Trainer:
 
     def add_to_buffer(self, tr: Transition, actions: np.ndarray, embs: torch.Tensor | None) -> None:
         with self.timed("buffer"):
-            next_obs = tr.next_obs[:, -self.frame_channels:] if self.pixels else tr.next_obs
-            self.buffer.add_batch(next_obs, actions, tr.reward, tr.terminated, tr.truncated,
+            self.buffer.add_batch(self.stored(tr.next_obs), actions, tr.reward, tr.terminated, tr.truncated,
                                   success=tr.success, embedding=embs)
         for e in range(self.cfg.num_envs):
             self.ep_return[e] += float(tr.reward[e])

@@ -458,8 +458,8 @@ def make_reward_model(name: str, encoder: Encoder | None, task: str, **kwargs: A
     if name not in REWARD_MODELS:
         raise ValueError(f"make_reward_model: unknown reward {name!r}; choose one of "
                          f"{', '.join(REWARD_MODELS)}.")
-    from furl_fast.config import REWARD_CONFIGS
+    from furl_fast.config import REWARD_CONFIG_CLASSES
 
-    if encoder is None and {c.name: c for c in REWARD_CONFIGS}[name].needs_encoder:
+    if encoder is None and REWARD_CONFIG_CLASSES[name].needs_encoder:
         raise ValueError(f"make_reward_model: the {name!r} reward needs a VLM encoder.")
     return REWARD_MODELS[name](encoder, task, **kwargs)
