@@ -14,12 +14,15 @@ Thresholds follow each task's own success test in metaworld (evaluate_state):
 - button-press: success when the button is within 0.02 (in y) of the pressed position, reached
   after the button has gone in by ~0.074;
 - window-open: success when the window is within 0.05 (in x) of a target 0.2 along +x; the handle
-  has then moved ~0.195 along +x.
-drawer-open, button-press-topdown and window-open start with two approach stages: the gripper has
-closed a tenth, then half, of its initial distance to the object. Measured over 16 random-action
-episodes of 500 steps: the first stage completes in 9, 16 and 15 of them (drawer-open,
-button-press-topdown, window-open), the second in 3, 0 and 4, while the contact stage (within
-0.02-0.06) practically never happens by chance. Without the approach stages a random explorer sees a
+  has then moved ~0.195 along +x;
+- handle-press: success when the handle is within 0.02 (in z) of the pressed position, 0.096 below
+  its rest height, i.e. the handle has gone down by >= 0.076.
+drawer-open, button-press-topdown, window-open and handle-press start with two approach stages: the
+gripper has closed a tenth, then half, of its initial distance to the object (button-press with one,
+across the button's face). Measured over 16 random-action episodes of 500 steps: the first stage
+completes in 9, 16 and 15 of them (drawer-open, button-press-topdown, window-open), the second in 3,
+0 and 4, while the contact stage (within 0.02-0.06) practically never happens by chance; over 8
+episodes, 8 and 4 (button-press, handle-press) for the first stage, 1 and 0 for the second. Without the approach stages a random explorer sees a
 code reward of exactly 0 and the reward teaches nothing.
 (drawer-close has no set on purpose: random actions close the drawer in about half of the rollouts,
 so no correct program set can pass the 10% random-rollout test.)
@@ -146,10 +149,24 @@ def done(frame, state):
 _BUTTON_PRESS = ProgramSet(
     task="button-press-v3",
     subtasks=(
+        "move the gripper sideways or vertically towards the button",
         "line the gripper up in front of the button",
         "push the button in",
     ),
     programs=(
+        """
+import numpy as np
+
+start = None
+
+def done(frame, state):
+    # Across the button's face (x and z) only: the gripper lines up before it moves in along y.
+    global start
+    d = float(np.linalg.norm(state[[0, 2]] - state[[4, 6]]))
+    if start is None:
+        start = d
+    return d <= 0.9 * start
+""",
         """
 import numpy as np
 
@@ -198,8 +215,31 @@ def done(frame, state):
     ),
 )
 
+_HANDLE_PRESS = ProgramSet(
+    task="handle-press-v3",
+    subtasks=(
+        "move the gripper towards the handle",
+        "move the gripper halfway to the handle",
+        "press the handle down",
+    ),
+    programs=(
+        _approach(0.9),
+        _approach(0.5),
+        """
+start_z = None
+
+def done(frame, state):
+    global start_z
+    if start_z is None:
+        start_z = float(state[6])   # the handle's height at rest
+    return bool(start_z - float(state[6]) >= 0.075)
+""",
+    ),
+)
+
 REFERENCE_PROGRAM_SETS: dict[str, ProgramSet] = {
-    ps.task: ps for ps in (_DRAWER_OPEN, _BUTTON_PRESS_TOPDOWN, _REACH, _BUTTON_PRESS, _WINDOW_OPEN)
+    ps.task: ps for ps in (_DRAWER_OPEN, _BUTTON_PRESS_TOPDOWN, _REACH, _BUTTON_PRESS, _WINDOW_OPEN,
+                           _HANDLE_PRESS)
 }
 
 
