@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-TASKS = ("reach", "drawer-open", "window-open")
+TASKS = ("reach", "button-press", "handle-press", "drawer-open")  # four: two runs at a time, none waits alone
 STUDY_FILE = "study.json"  # the commit the runs were started at, and when the study started and ended
 METHODS = {
     # name: (sweep flags, flags after `--`)
@@ -114,7 +114,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/results/learning"))
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps", type=int, default=30_000)
+    parser.add_argument("--steps", type=int, default=40_000)
     parser.add_argument("--eval-every", type=int, default=2_500)
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--report-only", action="store_true", help="only rewrite OUT/README.md")
