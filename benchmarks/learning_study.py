@@ -9,9 +9,9 @@ Three methods on the same tasks, seeds and step budget, state-based SAC, fixed g
 
 The runs go through furl_fast.sweep (Ray, one CPU per run, `--torch-threads 1`), so the same command
 run again skips finished runs and resumes the others from their checkpoints. At the end OUT/README.md
-holds the table (success at the last evaluation and "ever succeeded", per task and method), each run's
-wall time and steps/s, the machine, the date, the commit and the command; OUT/plots/ the learning
-curves and OUT/results.md the sweep's own table.
+holds the table (success at the last evaluation, at its last step and at any step, per task and
+method), each run's wall time and steps/s, the machine, the date, the commit and the command;
+OUT/plots/ the learning curves and OUT/results.md the sweep's own table.
 """
 
 from __future__ import annotations
@@ -68,15 +68,16 @@ def write_readme(args: argparse.Namespace, commands: list[list[str]]) -> Path:
         f"({platform.platform()}). Started {study['started']} at commit {study['commit']}; "
         + (f"finished {study['finished']}, {study['minutes']:.0f} min in all (resumed invocations "
            "included)." if "finished" in study else "not finished yet."), "",
-        "Command:", "", "```bash", f"python benchmarks/learning_study.py --out {out} --steps {args.steps} "
+        "Command:", "", "```bash", (f"python benchmarks/learning_study.py --out {out} --steps {args.steps} "
         f"--eval-every {args.eval_every} --seeds {' '.join(map(str, args.seeds))} "
-        f"--tasks {' '.join(args.tasks)}", "```", "",
+        f"--tasks {' '.join(args.tasks)}"), "```", "",
         "which runs:", "", "```bash",
         *(" ".join(["python", *c[1:]]).replace(str(args.out), str(out)) for c in commands), "```", "",
-        f"Eval: the deterministic policy every {args.eval_every} steps, 1 episode (fixed goal); success "
-        "is success at the last step of the episode (the paper's measure), \"ever\" whether it "
-        "succeeded at any step.", "",
-        "| task | method | success (last eval) | ever succeeded | seeds | steps |",
+        (f"Eval: the deterministic policy every {args.eval_every} steps, 1 episode (fixed goal), "
+         "at the run's last evaluation. Two measures of success: at the episode's last step (FuRL's "
+         "measure: the task is still done when the episode ends) and at any step (Meta-World's own "
+         "definition: an episode succeeds if any of its steps does)."), "",
+        "| task | method | success at the last step | success at any step | seeds | steps |",
         "|---|---|---:|---:|---|---:|",
     ]
     for r in rows:
