@@ -20,10 +20,12 @@ Thresholds follow each task's own success test in metaworld (evaluate_state):
 drawer-open, button-press-topdown, window-open and handle-press start with two approach stages: the
 gripper has closed a tenth, then half, of its initial distance to the object (button-press with one,
 across the button's face). Measured over 16 random-action episodes of 500 steps: the first stage
-completes in 9, 16 and 15 of them (drawer-open, button-press-topdown, window-open), the second in 3,
-0 and 4, while the contact stage (within 0.02-0.06) practically never happens by chance; over 8
-episodes, 8 and 4 (button-press, handle-press) for the first stage, 1 and 0 for the second. Without the approach stages a random explorer sees a
-code reward of exactly 0 and the reward teaches nothing.
+completes in 9, 16, 15, 11 and 9 of them (drawer-open, button-press-topdown, window-open,
+button-press, handle-press), the second in 3, 0, 4, 3 and 2, while the contact stage (within
+0.02-0.06) practically never happens by chance. Without the approach stages a random explorer sees a
+code reward of exactly 0 and the reward teaches nothing. handle-press is the exception among them:
+random actions press the handle all the way in 2 of those 16 episodes (Meta-World reports success
+there too), at the edge of the verifier's 10% rule on full-length episodes.
 (drawer-close has no set on purpose: random actions close the drawer in about half of the rollouts,
 so no correct program set can pass the 10% random-rollout test.)
 Programs remember the first state of the episode in a global (programs are re-instantiated per
