@@ -57,6 +57,23 @@ def done(frame, state):
     return d <= {fraction} * start
 """
 
+
+def _moved(axis: str, sign: int, distance: float) -> str:
+    """A program that completes once the first object (state[4:7]) has moved `distance` along +axis
+    (sign 1) or -axis (sign -1) from where it was at the start of the episode: a drawer pulled, a
+    button or handle pressed, a window slid."""
+    index = 4 + "xyz".index(axis)
+    moved = f"float(state[{index}]) - start" if sign > 0 else f"start - float(state[{index}])"
+    return f"""
+start = None
+
+def done(frame, state):
+    global start
+    if start is None:
+        start = float(state[{index}])
+    return bool({moved} >= {distance})
+"""
+
 _DRAWER_OPEN = ProgramSet(
     task="drawer-open-v3",
     subtasks=(
@@ -75,15 +92,7 @@ def done(frame, state):
     hand, handle = state[0:3], state[4:7]
     return bool(np.linalg.norm(hand - handle) < 0.04)
 """,
-        """
-start_y = None
-
-def done(frame, state):
-    global start_y
-    if start_y is None:
-        start_y = float(state[5])   # the handle's y when the episode began (drawer closed)
-    return bool(start_y - float(state[5]) >= 0.17)
-""",
+        _moved("y", -1, 0.17),
     ),
 )
 
@@ -105,15 +114,7 @@ def done(frame, state):
     hand, button = state[0:3], state[4:7]
     return bool(np.linalg.norm(hand[:2] - button[:2]) < 0.02 and hand[2] > button[2])
 """,
-        """
-start_z = None
-
-def done(frame, state):
-    global start_z
-    if start_z is None:
-        start_z = float(state[6])   # the button's height at rest
-    return bool(start_z - float(state[6]) >= 0.07)
-""",
+        _moved("z", -1, 0.07),
     ),
 )
 
@@ -176,15 +177,7 @@ def done(frame, state):
     hand, button = state[0:3], state[4:7]
     return bool(abs(hand[0] - button[0]) < 0.02 and abs(hand[2] - button[2]) < 0.02)
 """,
-        """
-start_y = None
-
-def done(frame, state):
-    global start_y
-    if start_y is None:
-        start_y = float(state[5])   # the button's y at rest
-    return bool(float(state[5]) - start_y >= 0.07)
-""",
+        _moved("y", 1, 0.07),
     ),
 )
 
@@ -205,15 +198,7 @@ import numpy as np
 def done(frame, state):
     return bool(np.linalg.norm(state[0:3] - state[4:7]) < 0.06)
 """,
-        """
-start_x = None
-
-def done(frame, state):
-    global start_x
-    if start_x is None:
-        start_x = float(state[4])   # the handle's x with the window closed
-    return bool(float(state[4]) - start_x >= 0.19)
-""",
+        _moved("x", 1, 0.19),
     ),
 )
 
@@ -227,15 +212,7 @@ _HANDLE_PRESS = ProgramSet(
     programs=(
         _approach(0.9),
         _approach(0.5),
-        """
-start_z = None
-
-def done(frame, state):
-    global start_z
-    if start_z is None:
-        start_z = float(state[6])   # the handle's height at rest
-    return bool(start_z - float(state[6]) >= 0.075)
-""",
+        _moved("z", -1, 0.075),
     ),
 )
 
