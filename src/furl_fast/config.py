@@ -43,6 +43,11 @@ class SACConfig:
     """Initial entropy temperature alpha."""
     target_entropy: float | None = None
     """Target policy entropy; None means -act_dim / 2 (the FuRL setting)."""
+    critic_layer_norm: bool = False
+    """LayerNorm (no learned scale or shift) on every hidden layer of the critics, before the ReLU.
+    It bounds how far Q-values can extrapolate past the data (Ball et al., RLPD, 2023), which keeps
+    SAC on Meta-World's dense reward (up to 10 per step) from the value run-away that loses a solved
+    task a few thousand steps later. FuRL's critics have none (the default)."""
     std_min: float = 1e-3
     """Added to softplus(.) for the policy's standard deviation, so it never collapses to 0."""
     compile: bool = False

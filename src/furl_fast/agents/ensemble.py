@@ -128,6 +128,8 @@ class SACEnsemble:
                 w, bias = w.detach(), bias.detach()
             h = torch.baddbmm(bias.flatten(0, 1), h, w.flatten(0, 1))
             if i < len(weights) - 1:
+                if self.config.critic_layer_norm:
+                    h = F.layer_norm(h, h.shape[-1:])
                 h = torch.relu_(h)
         return h.view(k, num_q, b)
 

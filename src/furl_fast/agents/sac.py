@@ -104,10 +104,12 @@ class TwinCritic(nn.Module):
     """num_q independent Q-networks (obs, act) -> hidden -> 1, evaluated as one batched matmul per
     layer (weights stacked on a leading axis) instead of num_q separate small matmuls.
 
-    Initialised like nn.Linear (uniform +-1/sqrt(fan_in) for weights and biases).
+    Initialised like nn.Linear (uniform +-1/sqrt(fan_in) for weights and biases). layer_norm=True
+    normalises every hidden layer (LayerNorm without learned scale and shift) before its ReLU.
     """
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], num_q: int = 2):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], num_q: int = 2,
+                 layer_norm: bool = False):
         super().__init__()
         dims = [obs_dim + act_dim, *hidden, 1]
         self.weights = nn.ParameterList()
@@ -117,6 +119,7 @@ class TwinCritic(nn.Module):
             self.weights.append(nn.Parameter(torch.empty(num_q, d_in, d_out).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.empty(num_q, 1, d_out).uniform_(-bound, bound)))
         self.num_q = num_q
+        self.layer_norm = layer_norm
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor, detach: bool = False) -> torch.Tensor:
         """obs (B, obs_dim), act (B, act_dim) -> Q-values (num_q, B).
@@ -132,7 +135,7 @@ class TwinCritic(nn.Module):
                 w, b = w.detach(), b.detach()
             h = torch.baddbmm(b, h, w)
             if i < last:
-                h = torch.relu(h)
+                h = torch.relu(F.layer_norm(h, h.shape[-1:]) if self.layer_norm else h)
         return h.squeeze(-1)
 
 
@@ -162,7 +165,7 @@ class SAC:
         self.update_every_steps = 1  # FuRL: one update per environment step
         hidden = tuple(config.hidden_dims)
         self.actor = Actor(obs_dim, act_dim, hidden, config.std_min).to(self.device)
-        self.critic = TwinCritic(obs_dim, act_dim, hidden).to(self.device)
+        self.critic = TwinCritic(obs_dim, act_dim, hidden, layer_norm=config.critic_layer_norm).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = nn.Parameter(
             torch.tensor(math.log(config.init_alpha), dtype=torch.float32, device=self.device)
