@@ -2,7 +2,8 @@
 
     python benchmarks/learning_study.py --out docs/results/learning
 
-Three methods on the same tasks, seeds and step budget, state-based SAC, fixed goal:
+Three methods on the same tasks, seeds and step budget, state-based SAC (FuRL's settings, with
+LayerNorm in the critics: SAC_FLAGS), fixed goal:
 - sac+dense: Meta-World's own shaped reward (the oracle upper bound; no VLM, no weights needed);
 - sac: the sparse reward success - 1 alone (FuRL's setting without any VLM);
 - vlm+code: the sparse reward plus the code reward of the task's reference checker programs.
@@ -27,7 +28,10 @@ import time
 from pathlib import Path
 
 TASKS = ("reach", "button-press", "handle-press", "drawer-open")  # four: two runs at a time, none waits alone
-STUDY_FILE = "study.json"  # the commit the runs were started at, and when the study started and ended
+STUDY_FILE = "study.json"  # the commit, when the study started and ended, and each run's wall time
+# Every method's SAC: FuRL's settings plus LayerNorm in the critics, without which the oracle loses
+# a solved task again within a few thousand steps (docs/results/learning/diagnosis.md).
+SAC_FLAGS = ["--sac.critic-layer-norm"]
 METHODS = {
     # name: (sweep flags, flags after `--`)
     "sac+dense": (["--algos", "sac", "--env-rewards", "dense"], []),
@@ -38,19 +42,24 @@ METHODS = {
 
 def sweep_commands(args: argparse.Namespace) -> list[list[str]]:
     train = ["--total-steps", str(args.steps), "--eval-every", str(args.eval_every), "--no-eval-video",
-             "--checkpoint-every", str(args.eval_every * 2), "--log-every", "1000"]
+             "--checkpoint-every", str(args.eval_every * 2), "--log-every", "1000", *SAC_FLAGS]
     common = ["--tasks", *args.tasks, "--seeds", *map(str, args.seeds), "--results-dir", str(args.out),
               "--num-cpus", str(args.num_cpus), "--cpus-per-run", "1", "--summary-every", "120"]
     return [[sys.executable, "-m", "furl_fast.sweep", *common, *flags, "--", *train, *extra]
             for flags, extra in METHODS.values()]
 
 
-def run_stats(run_dir: Path) -> tuple[float, float]:
-    """(wall seconds from config.json to the final eval.json, mean env steps/s over the run's logs)."""
-    wall = (run_dir / "eval.json").stat().st_mtime - (run_dir / "config.json").stat().st_mtime
+def wall_seconds(run_dir: Path) -> float:
+    """Seconds from a run's config.json to its final eval.json, from the files' mtimes: true only in
+    the checkout the run wrote (git keeps no mtimes), so the study stores them in STUDY_FILE."""
+    return (run_dir / "eval.json").stat().st_mtime - (run_dir / "config.json").stat().st_mtime
+
+
+def steps_per_second(run_dir: Path) -> float:
+    """The env steps/s of the run's last log line."""
     with open(run_dir / "metrics.csv") as f:
         sps = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "perf/steps_per_second"]
-    return wall, sps[-1] if sps else float("nan")
+    return sps[-1] if sps else float("nan")
 
 
 def write_readme(args: argparse.Namespace, commands: list[list[str]]) -> Path:
@@ -88,9 +97,10 @@ def write_readme(args: argparse.Namespace, commands: list[list[str]]) -> Path:
         if not is_finished(run_dir):
             lines.append(f"| {run_dir.relative_to(args.out)} | – | unfinished | – |")
             continue
-        wall, sps = run_stats(run_dir)
-        lines.append(f"| {run_dir.relative_to(args.out)} | {method(finished[run_dir])} | "
-                     f"{wall / 60:.1f} min | {sps:.0f} |")
+        name = str(run_dir.relative_to(args.out))
+        wall = study.get("wall_seconds", {}).get(name)
+        wall = f"{wall / 60:.1f} min" if wall is not None else "–"
+        lines.append(f"| {name} | {method(finished[run_dir])} | {wall} | {steps_per_second(run_dir):.0f} |")
     plots = sorted((args.out / "plots").glob("*.png"))
     lines += ["", "Learning curves:", "", *(f"![{p.stem}](plots/{p.name})" for p in plots)]
     path = args.out / "README.md"
@@ -139,7 +149,10 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "furl_fast.sweep", "--results-dir", str(args.out),
                         "--report-only"], check=True, stdout=subprocess.DEVNULL)
         study = json.loads(study_file.read_text())
-        study.update(finished=now(), minutes=(time.time() - study["start_time"]) / 60)
+        from furl_fast.sweep import find_run_dirs, is_finished
+        study.update(finished=now(), minutes=(time.time() - study["start_time"]) / 60,
+                     wall_seconds={str(d.relative_to(args.out)): wall_seconds(d)
+                                   for d in find_run_dirs(args.out) if is_finished(d)})
         study_file.write_text(json.dumps(study))
     print(write_readme(args, commands).read_text())
     return 0

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -18,10 +19,10 @@ OBS, ACT, BATCH = 7, 3, 13
 CONFIG = SACConfig(hidden_dims=(16, 24), tau=0.1)
 
 
-def _agents(seed: int = 0) -> list[SAC]:
+def _agents(seed: int = 0, config: SACConfig = CONFIG) -> list[SAC]:
     """The FuRL agent and a relay agent with its own temperature and target entropy."""
     torch.manual_seed(seed)
-    furl, relay = SAC(OBS, ACT, CONFIG), SAC(OBS, ACT, CONFIG, metric_prefix="relay_")
+    furl, relay = SAC(OBS, ACT, config), SAC(OBS, ACT, config, metric_prefix="relay_")
     with torch.no_grad():
         relay.log_alpha.fill_(-0.7)
     relay.target_entropy = -0.4
@@ -66,8 +67,9 @@ def _assert_states_close(got: dict, expected: dict, **tol) -> None:
             torch.testing.assert_close(got_opt[index][key], value, **tol, msg=f"Adam {index}.{key}")
 
 
-def test_fused_update_equals_separate_sac_updates(gen, monkeypatch):
-    agents = _agents()
+@pytest.mark.parametrize("critic_layer_norm", [False, True])
+def test_fused_update_equals_separate_sac_updates(gen, monkeypatch, critic_layer_norm):
+    agents = _agents(config=dataclasses.replace(CONFIG, critic_layer_norm=critic_layer_norm))
     ensemble = SACEnsemble(agents)
     for _ in range(5):
         batch = _batch(gen)

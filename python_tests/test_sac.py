@@ -155,6 +155,30 @@ def test_critic_gradient_comes_from_critic_loss_only_and_targets_are_polyak_aver
     assert agent.log_alpha.grad is not None and agent.log_alpha.grad.abs() > 0
 
 
+def test_layer_norm_critic_normalises_each_hidden_layer_before_its_relu():
+    # Hidden width 3 (LayerNorm over 2 units is only ever +-1), so the hand version is a real check.
+    torch.manual_seed(0)
+    agent = SAC(2, 1, SACConfig(hidden_dims=(3, 3), critic_layer_norm=True))
+    obs, act = torch.randn(5, 2), torch.rand(5, 1) * 2 - 1
+    (w1, w2, w3), (b1, b2, b3) = agent.critic.weights, agent.critic.biases
+
+    def normalised(h: torch.Tensor) -> torch.Tensor:
+        mean, var = h.mean(-1, keepdim=True), h.var(-1, unbiased=False, keepdim=True)
+        return (h - mean) / torch.sqrt(var + 1e-5)
+
+    h = torch.cat([obs, act], -1).expand(2, 5, 3)
+    h = torch.relu(normalised(h @ w1 + b1))
+    h = torch.relu(normalised(h @ w2 + b2))
+    torch.testing.assert_close(agent.critic(obs, act), (h @ w3 + b3).squeeze(-1))
+    # Scale-free hidden layers: scaling the first layer leaves Q unchanged (it would not without).
+    with torch.no_grad():
+        before = agent.critic(obs, act)
+        w1.mul_(7.0), b1.mul_(7.0)
+        torch.testing.assert_close(agent.critic(obs, act), before, rtol=1e-4, atol=1e-5)
+    plain = SAC(2, 1, SACConfig(hidden_dims=(3, 3)))
+    assert plain.critic.state_dict().keys() == agent.critic.state_dict().keys()  # no new parameters
+
+
 def test_update_returns_tensors_without_log_and_floats_with_log():
     agent = SAC(3, 2, SACConfig(hidden_dims=(8,)))
     batch = {"obs": torch.randn(4, 3), "action": torch.zeros(4, 2), "reward": torch.zeros(4),
