@@ -100,7 +100,8 @@ def write_readme(args: argparse.Namespace, commands: list[list[str]]) -> Path:
         name = str(run_dir.relative_to(args.out))
         wall = study.get("wall_seconds", {}).get(name)
         wall = f"{wall / 60:.1f} min" if wall is not None else "–"
-        lines.append(f"| {name} | {method(finished[run_dir])} | {wall} | {steps_per_second(run_dir):.0f} |")
+        lines.append(f"| {name} | {method(finished[run_dir])} | {wall} | "
+                     f"{steps_per_second(run_dir):.0f} |")
     plots = sorted((args.out / "plots").glob("*.png"))
     lines += ["", "Learning curves:", "", *(f"![{p.stem}](plots/{p.name})" for p in plots)]
     path = args.out / "README.md"

@@ -165,7 +165,8 @@ class SAC:
         self.update_every_steps = 1  # FuRL: one update per environment step
         hidden = tuple(config.hidden_dims)
         self.actor = Actor(obs_dim, act_dim, hidden, config.std_min).to(self.device)
-        self.critic = TwinCritic(obs_dim, act_dim, hidden, layer_norm=config.critic_layer_norm).to(self.device)
+        self.critic = TwinCritic(obs_dim, act_dim, hidden,
+                                 layer_norm=config.critic_layer_norm).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = nn.Parameter(
             torch.tensor(math.log(config.init_alpha), dtype=torch.float32, device=self.device)
