@@ -45,9 +45,10 @@ class SACConfig:
     """Target policy entropy; None means -act_dim / 2 (the FuRL setting)."""
     critic_layer_norm: bool = False
     """LayerNorm (no learned scale or shift) on every hidden layer of the critics, before the ReLU.
-    It bounds how far Q-values can extrapolate past the data (Ball et al., RLPD, 2023), which keeps
-    SAC on Meta-World's dense reward (up to 10 per step) from the value run-away that loses a solved
-    task a few thousand steps later. FuRL's critics have none (the default)."""
+    It bounds how far Q-values can extrapolate past the data (Ball et al., RLPD, 2023): on
+    Meta-World's dense reward (up to 10 per step) it keeps a solved task solved for longer, where
+    plain critics' estimates run away and the task is lost by the next evaluation
+    (docs/results/learning/diagnosis.md). FuRL's critics have none (the default)."""
     std_min: float = 1e-3
     """Added to softplus(.) for the policy's standard deviation, so it never collapses to 0."""
     compile: bool = False
