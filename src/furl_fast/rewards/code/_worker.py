@@ -18,6 +18,9 @@ import json
 import struct
 
 HEADER = struct.Struct("<IQ")
+# A run reply's per-item results as one character each: True, False, failed, not run (after a
+# failure). A flat string keeps the reply small and its JSON one level deep.
+CODE_CHARS = {1: "1", 0: "0", -1: "e", -2: "-"}
 
 
 def _words(text: str) -> frozenset[str]:
@@ -36,11 +39,13 @@ FORBIDDEN_NAMES = _words(
     "eval exec compile open getattr setattr delattr globals locals vars input breakpoint help "
     "exit quit memoryview type super object classmethod staticmethod"
 )
-# Attribute names that reach files, processes or raw memory through numpy / OpenCV.
+# Attribute names that reach files, processes, raw memory or the real builtins (numpy re-exports
+# the builtins module) through numpy / OpenCV.
 FORBIDDEN_ATTRIBUTES = _words(
     "ctypes ctypeslib f2py testing distutils lib load loads save savez savez_compressed savetxt "
-    "tofile memmap fromfile loadtxt genfromtxt DataSource dump dumps imwrite VideoWriter "
-    "VideoCapture FileStorage gi_frame gi_code f_globals f_locals f_back cr_frame tb_frame"
+    "tofile memmap fromfile fromregex loadtxt genfromtxt DataSource dump dumps imwrite VideoWriter "
+    "VideoCapture FileStorage gi_frame gi_code f_globals f_locals f_back cr_frame tb_frame "
+    "builtins getattr setattr delattr globals locals vars eval exec compile open"
 )
 
 
@@ -189,9 +194,10 @@ class ProgramTimeout(BaseException):
 
 def _worker_main() -> None:
     import os
-    import resource
+    import select
     import signal
     import sys
+    import time
 
     # Private copies of the protocol pipes; fds 0-2 then point at /dev/null so that a program's
     # print() or stray writes can never corrupt the protocol stream.
@@ -199,12 +205,13 @@ def _worker_main() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
-    reader = os.fdopen(in_fd, "rb", buffering=0)
 
     config = json.loads(sys.argv[1])
     time_limit = float(config["time_limit_s"])
     grace = float(config["grace_s"])
+    episode_budget = float(config["episode_time_s"])
     static_check = bool(config.get("static_check", True))
+    isolation = config["isolation"]  # "required", "best-effort" or "none"
     sys.path.extend(p for p in config.get("paths", []) if p not in sys.path)
 
     import numpy as np
@@ -218,8 +225,36 @@ def _worker_main() -> None:
         allowed.append(name)
     for name in allowed:
         __import__(name)
+    if "cv2" in allowed:
+        sys.modules["cv2"].setNumThreads(0)  # no thread pool: the worker may not start threads
     import builtins
     import math
+
+    import _isolation
+
+    namespaces = _isolation.unshare_namespaces() if isolation != "none" else []
+    # A supervisor process stays outside the program's reach: it kills the worker when the caller
+    # goes away (its end of the request pipe hangs up, even after a kill -9) and then exits; the
+    # worker dies with its supervisor (parent-death signal). In a new PID namespace the worker is its
+    # namespace's first process, so nothing it could start outlives it either.
+    child = os.fork()
+    if child:
+        os.close(out_fd)
+        os.close(devnull)
+        watch = select.poll()
+        watch.register(in_fd, 0)  # POLLHUP and POLLERR are always reported
+        while True:
+            pid, status = os.waitpid(child, os.WNOHANG)
+            if pid:
+                code = os.waitstatus_to_exitcode(status)
+                os._exit(code if code >= 0 else 128 - code)
+            if watch.poll(250):
+                os.kill(child, signal.SIGKILL)
+                os.waitpid(child, 0)
+                os._exit(0)
+    # Had the supervisor died before this line, the worker still ends: the caller has closed or
+    # lost its end of the request pipe, so the worker reads EOF before it runs anything.
+    _isolation.kill_with_parent()
 
     def send(obj: dict) -> None:
         data = b"".join(bytes(p) for p in encode(obj))
@@ -227,6 +262,8 @@ def _worker_main() -> None:
         while view:
             n = os.write(out_fd, view)
             view = view[n:]
+
+    reader = os.fdopen(in_fd, "rb", buffering=0)
 
     def read_exact(n: int) -> bytearray:
         buf = bytearray(n)
@@ -246,12 +283,29 @@ def _worker_main() -> None:
             if "codes" in current:
                 codes = list(current["codes"])
                 codes[current["index"]] = -1
-                report.update(codes=codes, error_index=current["index"])
+                report.update(codes="".join(CODE_CHARS[c] for c in codes),
+                              error_index=current["index"])
             send(report)
         finally:
             os._exit(70)
 
-    # --- OS-level limits (soft = hard, so a program cannot raise them again) -------------------
+    # --- time limit: SIGALRM per call (installed before the syscall filter forbids sigaction) ----
+    alarm = {"stage": 0, "what": ""}
+
+    def on_alarm(signum, frame):
+        alarm["stage"] += 1
+        if alarm["stage"] == 1:
+            # Stage 1: interrupt the program. Stage 2 (it swallowed the interrupt with a bare
+            # `except:` and kept running): end the worker; the parent restarts it.
+            signal.setitimer(signal.ITIMER_REAL, grace)
+            raise ProgramTimeout(f"exceeded the time limit of {time_limit:g} s {alarm['what']}")
+        fatal(
+            f"exceeded the time limit of {time_limit:g} s {alarm['what']} and ignored the interrupt"
+        )
+
+    signal.signal(signal.SIGALRM, on_alarm)
+
+    # --- OS-level limits and isolation (see _isolation.py) ---------------------------------------
     # RLIMIT_AS counts the whole address space, so the limit is the start-up size plus the budget.
     # (Linux: /proc gives the size; elsewhere RLIMIT_AS is not enforced anyway.)
     try:
@@ -259,14 +313,40 @@ def _worker_main() -> None:
             baseline = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         baseline = None
-    if baseline is not None:
-        limit = baseline + int(config["memory_limit_mb"]) * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    # No file may grow: with SIGXFSZ ignored a write to a regular file fails with EFBIG instead of
-    # killing the process. Pipes and /dev/null are unaffected.
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _isolation.set_limits(
+        None if baseline is None else baseline + int(config["memory_limit_mb"]) * 2**20
+    )
+    _isolation.close_fds_except({in_fd, out_fd, devnull, 2})
+    report = {"namespaces": namespaces, "landlock": 0, "seccomp": False}
+    missing = []
+    if isolation != "none":
+        import sysconfig
+
+        paths = sysconfig.get_paths()
+        readable = {paths["stdlib"], paths["platstdlib"]}
+        for name in allowed:
+            module = sys.modules[name.split(".")[0]]
+            folder = os.path.dirname(module.__file__)
+            readable.add(folder)
+            if os.path.isdir(folder + ".libs"):  # wheels keep their shared libraries beside
+                readable.add(folder + ".libs")
+        skip = set(config.get("skip", ()))
+        try:
+            if "landlock" in skip:
+                raise _isolation.IsolationError("Landlock was left out")
+            report["landlock"] = _isolation.restrict_filesystem(sorted(readable))
+        except _isolation.IsolationError as e:
+            missing.append(str(e))
+        try:
+            if "seccomp" in skip:
+                raise _isolation.IsolationError("seccomp was left out")
+            _isolation.install_syscall_filter()
+            report["seccomp"] = True
+        except _isolation.IsolationError as e:
+            missing.append(str(e))
+        if missing and isolation == "required":
+            send({"op": "unavailable", "error": "; ".join(missing)})
+            os._exit(71)
 
     # --- audit hook: the interpreter-level barrier (cannot be removed once added) -------------
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -354,22 +434,6 @@ def _worker_main() -> None:
     safe["__import__"] = guarded_import
     safe["print"] = lambda *a, **k: None  # programs may print while debugging; output is dropped
 
-    # --- time limit: SIGALRM per call ------------------------------------------------------------
-    alarm = {"stage": 0, "what": ""}
-
-    def on_alarm(signum, frame):
-        alarm["stage"] += 1
-        if alarm["stage"] == 1:
-            # Stage 1: interrupt the program. Stage 2 (it swallowed the interrupt with a bare
-            # `except:` and kept running): end the worker; the parent restarts it.
-            signal.setitimer(signal.ITIMER_REAL, grace)
-            raise ProgramTimeout(f"exceeded the time limit of {time_limit:g} s {alarm['what']}")
-        fatal(
-            f"exceeded the time limit of {time_limit:g} s {alarm['what']} and ignored the interrupt"
-        )
-
-    signal.signal(signal.SIGALRM, on_alarm)
-
     def guarded_call(what: str, fn, *args):
         alarm["stage"], alarm["what"] = 0, what
         signal.setitimer(signal.ITIMER_REAL, time_limit)
@@ -384,13 +448,14 @@ def _worker_main() -> None:
     sys.setrecursionlimit(2000)
     sys.addaudithook(audit)
     os.dup2(devnull, 2)  # stderr stayed open until here so that set-up failures are visible
-    send({"op": "ready", "modules": allowed, "pid": os.getpid()})
+    send({"op": "ready", "modules": allowed, "isolation": report, "missing": missing})
 
     # The worker's own numpy entry points, bound before any program runs (programs share the numpy
     # module with the worker).
-    frombuffer, bool_types = np.frombuffer, (bool, np.bool_)
+    frombuffer, bool_types, clock = np.frombuffer, (bool, np.bool_), time.monotonic
     code = None
     slots: dict[int, dict] = {}
+    spent: dict[int, float] = {}  # seconds a slot's episode has spent in the program so far
 
     def instantiate() -> dict:
         namespace = {"__builtins__": safe, "__name__": "checker"}
@@ -441,9 +506,18 @@ def _worker_main() -> None:
                 current["index"] = i
                 slot = int(slot_ids[i])
                 try:
+                    start = clock()
                     if resets[i] or slot not in slots:
+                        spent[slot] = 0.0
                         slots[slot] = instantiate()
                     out = guarded_call(f"on item {i}", slots[slot]["done"], frames[i], states[i])
+                    spent[slot] += clock() - start
+                    if spent[slot] > episode_budget:
+                        # Each call within its limit, yet too slow in sum: it would slow training.
+                        raise ProgramTimeout(
+                            f"spent {spent[slot]:.2f} s on one episode's first items, over the "
+                            f"per-episode budget of {episode_budget:g} s"
+                        )
                     if not isinstance(out, bool_types):
                         raise TypeError(f"done() returned {type(out).__name__}, expected bool")
                     codes[i] = int(bool(out))
@@ -453,7 +527,8 @@ def _worker_main() -> None:
                     slots.pop(slot, None)  # its state is unknown now; the next item starts fresh
                     break
             current.clear()
-            send({"op": "result", "codes": codes, "error": error, "error_index": error_index})
+            send({"op": "result", "codes": "".join(CODE_CHARS[c] for c in codes),
+                  "error": error, "error_index": error_index})
         else:
             fatal(f"unknown op {op!r}")
 

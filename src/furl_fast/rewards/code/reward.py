@@ -9,6 +9,7 @@ record it, e.g. the drawer's initial position), so that online rewards equal wha
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,17 +18,23 @@ import numpy as np
 from furl_fast.rewards.code.program_set import ProgramSet
 from furl_fast.rewards.code.sandbox import Sandbox, SandboxLimits
 
-__all__ = ["CodeReward"]
+__all__ = ["MAX_SUBTASKS", "CodeReward"]
 
 log = logging.getLogger(__name__)
+
+MAX_SUBTASKS = 10
+"""Most sub-tasks a set may have: each runs in a worker process of its own (~30 MB)."""
+COST_WARNING_SHARE = 0.2
 
 
 class CodeReward:
     """Stateful dense reward for `num_envs` parallel episodes; one sandbox worker per sub-task.
 
-    A program that fails at run time (exception, time limit, wrong type, dead worker) is disabled
-    for the rest of the reward's life: its sub-task never completes again (a broken checker cannot
-    be trusted), a warning is logged and `disabled[k]` holds the reason. The trainer never crashes.
+    A program that fails at run time (exception, time limit or budget, wrong type, dead worker) is
+    disabled for the rest of the reward's life: its sub-task never completes again (a broken checker
+    cannot be trusted), a warning is logged and `disabled[k]` holds the reason. The trainer never
+    crashes. A warning is also logged (once) when scoring takes more than COST_WARNING_SHARE of the
+    wall time since the reward was made.
     """
 
     def __init__(
@@ -38,6 +45,11 @@ class CodeReward:
     ):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if len(program_set) > MAX_SUBTASKS:
+            raise ValueError(
+                f"a program set may have at most {MAX_SUBTASKS} sub-tasks (one worker process "
+                f"each), this one has {len(program_set)}"
+            )
         self.program_set = program_set
         self.num_envs = num_envs
         self._boxes = [
@@ -51,6 +63,10 @@ class CodeReward:
         """(num_envs,) int64: sub-tasks completed so far in each environment's episode."""
         self._fresh = np.ones(num_envs, dtype=bool)
         self._pool = ThreadPoolExecutor(max_workers=len(self._boxes))
+        self.seconds_spent = 0.0
+        """Wall time spent scoring (all batch() calls)."""
+        self._created = time.monotonic()
+        self._cost_warned = False
 
     @property
     def num_subtasks(self) -> int:
@@ -114,7 +130,9 @@ class CodeReward:
                 return np.zeros(len(slots), dtype=bool)
             return r.done
 
+        start = time.monotonic()
         done = np.stack(list(self._pool.map(run, range(self.num_subtasks))), axis=1)
+        self._account(time.monotonic() - start)
         self._fresh[slots] = False
         # Advance each environment's pointer through consecutive completed sub-tasks (several may
         # complete on one step), exactly as progress_from_done does offline.
@@ -125,6 +143,17 @@ class CodeReward:
         if task_rewards is not None:
             reward += np.asarray(task_rewards, dtype=np.float32).reshape(len(slots))
         return reward
+
+    def _account(self, seconds: float) -> None:
+        self.seconds_spent += seconds
+        elapsed = time.monotonic() - self._created
+        share = self.seconds_spent / elapsed
+        if not self._cost_warned and elapsed > 60 and share > COST_WARNING_SHARE:
+            self._cost_warned = True
+            log.warning(
+                "code reward: scoring took %.0f%% of the wall time so far (%.0f s of %.0f s); its "
+                "programs slow training down", 100 * share, self.seconds_spent, elapsed,
+            )
 
     def close(self) -> None:
         """End the worker processes."""

@@ -1,17 +1,31 @@
 """Run untrusted checker programs `done(frame, state) -> bool` in a separate worker process.
 
-Barriers, from the outside in (the worker side is in _worker.py):
+Barriers, from the outside in (the worker side is in _worker.py and _isolation.py):
 - a separate process: whatever a program does, the caller only ever sees a RunResult. The parent
-  reads nothing but length-checked JSON from the worker (no pickle), and every read and write has a
-  deadline; a worker that hangs, crashes or talks nonsense is killed and restarted on the next call;
-- OS limits in the worker: RLIMIT_AS (memory), RLIMIT_FSIZE = 0 (no file can grow), no core dumps,
-  a per-call SIGALRM time limit (a program that swallows the interrupt gets the worker ended);
-- a Python audit hook in the worker: no sockets, no subprocesses, no ctypes, no opening files for
-  writing, no os.* calls (remove, rename, kill, ...), no importing network/process modules;
-- a module whitelist (numpy, math, cv2 if installed) enforced by a static AST check before the
-  program is sent AND by a restricted `__import__` in the program's restricted builtins.
-The Python-level barriers are defence in depth, not a proof: the process boundary, the limits and the
-parent's deadlines are what guarantee that the caller never crashes or hangs.
+  reads nothing but size-bounded, flat JSON from the worker (no pickle), and every read and write has
+  a deadline; a worker that hangs, crashes or talks nonsense is killed and restarted on the next
+  call. Error text that comes back is reduced to printable ASCII of bounded length, with the values
+  of secret-looking environment variables (API keys, tokens, passwords) blanked out;
+- a supervisor process between the caller and the worker kills the worker when the caller goes away,
+  even after `kill -9`; closing a Sandbox kills both;
+- OS-level isolation of the worker (Linux; see _isolation.py): new user, network and PID namespaces
+  where the kernel allows them, Landlock (a read-only view of numpy and the standard library only,
+  so no /proc of other processes, no secrets, no writes), a seccomp-bpf allow-list of system calls
+  (no sockets, processes, threads, signals to others, file writes, renames or shared mappings),
+  no_new_privs, and resource limits (memory, file size 0, no core dumps, open files);
+- a per-call SIGALRM time limit (a program that swallows the interrupt gets the worker ended) and a
+  per-episode time budget: a program that stays just under the per-call limit on every item is
+  stopped once one episode's items cost more than `SandboxLimits.episode_time_s` in sum;
+- a Python audit hook in the worker, restricted builtins and a module whitelist (numpy, math, cv2
+  if installed) enforced by a static AST check before the program is sent AND by a restricted
+  `__import__`. These are the first line, not a proof: programs that get past them still meet the
+  OS-level layers.
+
+`SandboxLimits.isolation` decides what happens where the OS-level layers cannot be set up (another
+OS, a kernel without Landlock, no libseccomp): "required" (the default, for programs from a VLM or a
+file of unknown origin) refuses with SandboxUnavailable, naming what is missing; "best-effort"
+(programs the user trusts) runs them behind the Python-level barriers alone, with a warning; "none"
+skips the OS-level layers altogether (a benchmark baseline).
 
 Protocol: one worker per program. A call evaluates a whole batch of items (frames are sent once per
 batch, not once per item). Each item names an episode *slot* and a *reset* flag: a program keeps its
@@ -32,25 +46,60 @@ import select
 import subprocess
 import sys
 import time
+import re
+import shutil
+import signal
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from furl_fast.rewards.code._worker import HEADER, check_source, reads_frame
+from furl_fast.rewards.code._worker import CODE_CHARS, HEADER, check_source, reads_frame
 
-__all__ = ["RunResult", "Sandbox", "SandboxLimits", "check_source"]
+__all__ = [
+    "ISOLATION_MODES",
+    "RunResult",
+    "Sandbox",
+    "SandboxLimits",
+    "SandboxUnavailable",
+    "check_source",
+    "sanitize_error",
+]
 
 log = logging.getLogger(__name__)
 
 _WORKER = Path(__file__).with_name("_worker.py")
-_MAX_REPLY_BYTES = 64 * 2**20  # a reply is JSON with one small int per item; more is hostile
 _F_SETPIPE_SZ = 1031  # Linux fcntl: bigger pipe buffers mean fewer wake-ups per batch
+ISOLATION_MODES = ("required", "best-effort", "none")
+# A reply is a flat JSON object: one character per item plus an error text of bounded length.
+_REPLY_OVERHEAD_BYTES = 8192
+_MAX_ERROR_CHARS = 300
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASS|CREDENTIAL|AUTH|COOKIE|SESSION", re.IGNORECASE)
+_CODE_VALUES = {c: v for v, c in CODE_CHARS.items()}
+# Layers to leave out of the worker's set-up, as if the kernel lacked them (tests of fail-closed).
+_SKIP_LAYERS: tuple[str, ...] = ()
+_warned_best_effort: set[str] = set()
+
+
+class SandboxUnavailable(RuntimeError):
+    """The OS-level isolation that untrusted programs require cannot be set up on this machine."""
+
+
+def sanitize_error(text: str) -> str:
+    """Error text from a worker, safe to log or to send to a VLM: the values of secret-looking
+    environment variables blanked out, printable ASCII on one line, at most 300 characters."""
+    text = str(text)
+    for name, value in os.environ.items():
+        if len(value) >= 8 and _SECRET_NAME.search(name):
+            text = text.replace(value, "[redacted]")
+    text = " ".join("".join(c if " " <= c <= "~" else " " for c in text).split())
+    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """Resource limits for one worker."""
+    """Resource limits and isolation of one worker."""
 
     time_limit_s: float = 1.0
     """Wall-clock limit for one call of done() (and for running the program's top level)."""
@@ -60,6 +109,16 @@ class SandboxLimits:
     """Address space a worker may add to its start-up size (RLIMIT_AS): program data + one batch."""
     max_batch_mb: int = 128
     """Largest batch sent in one message; bigger calls are split (slots keep their state)."""
+    episode_time_s: float = 10.0
+    """Time one episode's items may spend in the program in sum (per slot, from its reset); a
+    program over it fails like one over its per-call limit. 10 s is 20 ms per step of a 500-step
+    episode, far above what a checker needs (microseconds on the state, about a millisecond on a
+    frame) and far below what would slow training down."""
+    isolation: str = "required"
+    """What the worker needs of the OS-level isolation: "required" (programs from a VLM or a file
+    of unknown origin; refuse with SandboxUnavailable where it cannot be set up), "best-effort"
+    (programs the user trusts: without it they run behind the Python-level barriers alone, with a
+    warning) or "none" (leave it out; a baseline for benchmarks)."""
     startup_timeout_s: float = 60.0
     """Time the worker may take to start (import numpy, apply the limits)."""
     slack_s: float = 10.0
@@ -67,8 +126,15 @@ class SandboxLimits:
     where the per-call interrupt cannot reach it); covers transfers on a busy machine."""
 
     def __post_init__(self) -> None:
-        if not (self.time_limit_s > 0 and self.grace_s > 0 and self.slack_s > 0):
-            raise ValueError("time_limit_s, grace_s and slack_s must be positive")
+        if self.isolation not in ISOLATION_MODES:
+            raise ValueError(
+                f"isolation must be one of {', '.join(ISOLATION_MODES)}, got {self.isolation!r}"
+            )
+        if not (
+            self.time_limit_s > 0 and self.grace_s > 0 and self.slack_s > 0
+            and self.episode_time_s > 0
+        ):
+            raise ValueError("time_limit_s, grace_s, episode_time_s and slack_s must be positive")
         if self.max_batch_mb < 1 or self.memory_limit_mb < 2 * self.max_batch_mb:
             raise ValueError(
                 f"memory_limit_mb ({self.memory_limit_mb}) must be at least twice max_batch_mb "
@@ -82,7 +148,8 @@ class RunResult:
 
     done: (N,) bool, the program's answer per item (False where it failed or was not run).
     error: None if every item ran, else the reason of the first failure (program exception, time
-        limit, wrong return type, forbidden operation, rejected source, crashed worker).
+        limit or budget, wrong return type, forbidden operation, rejected source, crashed worker),
+        passed through sanitize_error.
     error_index: index of the failing item, or None (None also when the source was rejected).
     """
 
@@ -101,7 +168,8 @@ class WorkerFailure(Exception):
 
 class Sandbox:
     """One untrusted checker program in its own worker process (started lazily, restarted on
-    failure). Not thread-safe: use one Sandbox per thread.
+    failure). Not thread-safe: use one Sandbox per thread. run() raises SandboxUnavailable where
+    limits.isolation is "required" and the OS-level isolation cannot be set up.
 
     >>> with Sandbox("def done(frame, state):\\n    return bool(state[0] > 0)") as box:
     ...     box.run_episode(frames, states).done   # frames (N,H,W,3) uint8, states (N,D) float
@@ -115,8 +183,8 @@ class Sandbox:
         *,
         static_check: bool = True,
     ):
-        """static_check=False skips the AST check on both sides; only for testing that the
-        run-time barriers (restricted import, audit hook, limits) hold on their own."""
+        """static_check=False skips the AST check on both sides; only for testing that the run-time
+        barriers hold on their own."""
         self.source = source
         self.limits = limits or SandboxLimits()
         self.name = name
@@ -127,6 +195,10 @@ class Sandbox:
         # would dominate the cost of state-only programs (~50 KB per 128x128 frame vs ~300 B).
         self.reads_frame = reads_frame(source) if static_check else True
         self._proc: subprocess.Popen | None = None
+        self._workdir: str | None = None
+        self.isolation_report: dict | None = None
+        """What the last worker set up: {"namespaces": [...], "landlock": ABI (0: none),
+        "seccomp": bool}; None before the first start."""
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -149,7 +221,7 @@ class Sandbox:
         n = len(states)
         done = np.zeros(n, dtype=bool)
         if self.rejection is not None:
-            return RunResult(done, f"rejected: {self.rejection}")
+            return RunResult(done, sanitize_error(f"rejected: {self.rejection}"))
         if n == 0:
             return RunResult(done)
         if not self.reads_frame:
@@ -162,11 +234,12 @@ class Sandbox:
                 self._ensure_started()
                 if self.rejection is not None:  # the worker's compile() found what ast did not
                     self._kill()
-                    return RunResult(done, f"rejected: {self.rejection}")
+                    return RunResult(done, sanitize_error(f"rejected: {self.rejection}"))
                 reply = self._request(
                     {"op": "run"},
                     [frames[start:stop], states[start:stop], slots[start:stop], resets[start:stop]],
-                    deadline=self._run_deadline(stop - start, per_item),
+                    deadline=self._run_deadline(slots[start:stop], resets[start:stop], per_item),
+                    max_reply_bytes=_REPLY_OVERHEAD_BYTES + (stop - start),
                 )
                 if reply.get("op") == "fatal":
                     # The worker ended itself (a program ignored its time limit); its report
@@ -177,10 +250,10 @@ class Sandbox:
                     codes, error, index = _parse_result(reply, stop - start)
             except WorkerFailure as e:
                 self._kill()
-                return RunResult(done, f"worker failed: {e}", None)
+                return RunResult(done, sanitize_error(f"worker failed: {e}"), None)
             done[start:stop] = codes == 1
             if error is not None:
-                return RunResult(done, error, start + index)
+                return RunResult(done, sanitize_error(error), start + index)
         return RunResult(done)
 
     def run_episode(self, frames: np.ndarray, states: np.ndarray, slot: int = 0) -> RunResult:
@@ -212,26 +285,31 @@ class Sandbox:
         config = {
             "time_limit_s": self.limits.time_limit_s,
             "grace_s": self.limits.grace_s,
+            "episode_time_s": self.limits.episode_time_s,
             "memory_limit_mb": self.limits.memory_limit_mb,
             "static_check": self.static_check,
+            "isolation": self.limits.isolation,
+            "skip": list(_SKIP_LAYERS),
             # The worker runs isolated (-I: no PYTHONPATH, no user site), so hand it the folder
-            # that holds the caller's numpy: same numpy, wherever it was installed.
-            "paths": [str(Path(np.__file__).resolve().parent.parent)],
+            # that holds the caller's numpy (same numpy, wherever it was installed; the seccomp
+            # bindings live there too) and this folder (for _isolation.py).
+            "paths": [str(Path(np.__file__).resolve().parent.parent), str(_WORKER.parent)],
         }
-        # A minimal environment: no proxies, no PYTHONPATH; one BLAS thread (threads reserve
-        # address space, and the caller's cores belong to the caller).
+        # A minimal environment: no proxies, no PYTHONPATH, no secrets; one BLAS thread (threads
+        # reserve address space, and the caller's cores belong to the caller).
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = "1"
+        self._workdir = tempfile.mkdtemp(prefix="furl-sandbox-")  # empty, removed on close
         self._proc = subprocess.Popen(
             [sys.executable, "-I", str(_WORKER), json.dumps(config)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
-            cwd="/",
+            cwd=self._workdir,
             close_fds=True,
-            start_new_session=True,  # a Ctrl-C in the caller's terminal is the caller's business
+            start_new_session=True,  # its own process group, killed as one on close
         )
         for f in (self._proc.stdin, self._proc.stdout):
             try:
@@ -241,10 +319,26 @@ class Sandbox:
             os.set_blocking(f.fileno(), False)
         deadline = time.monotonic() + self.limits.startup_timeout_s
         try:
-            hello = self._read_message(deadline)
-            if hello.get("op") != "ready":
+            hello = self._read_message(deadline, _REPLY_OVERHEAD_BYTES)
+            if hello.get("op") == "unavailable":
+                self._kill()
+                raise SandboxUnavailable(
+                    "cannot isolate untrusted programs on this machine: "
+                    f"{sanitize_error(hello.get('error'))}"
+                )
+            if hello.get("op") != "ready" or not isinstance(hello.get("isolation"), dict):
                 raise WorkerFailure(f"unexpected start-up message {str(hello)[:200]}")
-            reply = self._request({"op": "load", "source": self.source}, [], deadline)
+            self.isolation_report = hello["isolation"]
+            missing = hello.get("missing")
+            if missing and self.limits.isolation == "best-effort":
+                text = sanitize_error("; ".join(map(str, missing)))
+                if text not in _warned_best_effort:
+                    _warned_best_effort.add(text)
+                    log.warning("sandbox: running trusted programs without full OS isolation: %s",
+                                text)
+            reply = self._request(
+                {"op": "load", "source": self.source}, [], deadline, _REPLY_OVERHEAD_BYTES
+            )
             if reply.get("op") == "fatal":
                 raise WorkerFailure(str(reply.get("error"))[:1000])
         except WorkerFailure as e:
@@ -257,26 +351,35 @@ class Sandbox:
         if reply.get("error") is not None:
             self.rejection = str(reply["error"])[:1000]
 
-    def _run_deadline(self, n_items: int, per_item_bytes: int) -> float:
+    def _run_deadline(self, slots: np.ndarray, resets: np.ndarray, per_item_bytes: int) -> float:
         # Every call may use its time limit plus the grace period (after which the worker ends
-        # itself); the constant and the bandwidth term cover the transfer and a busy machine.
+        # itself), and each episode in the batch its time budget (plus one call past it); the
+        # constant and the bandwidth term cover the transfer and a busy machine.
+        n = len(slots)
         per_call = self.limits.time_limit_s + self.limits.grace_s
-        transfer = n_items * per_item_bytes / 20e6
-        return time.monotonic() + self.limits.slack_s + transfer + n_items * per_call
+        episodes = len(np.unique(slots)) + int(resets.sum())
+        compute = min(n * per_call, episodes * (self.limits.episode_time_s + per_call))
+        transfer = n * per_item_bytes / 20e6
+        return time.monotonic() + self.limits.slack_s + transfer + compute
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.kill()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - a zombie we cannot reap
-            log.warning("sandbox worker %d did not exit after SIGKILL", proc.pid)
-        for f in (proc.stdin, proc.stdout, proc.stderr):
-            with contextlib.suppress(OSError):
-                f.close()
+        workdir, self._workdir = self._workdir, None
+        if proc is not None:
+            if proc.poll() is None:
+                # The supervisor and the worker share a process group of their own.
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # pragma: no cover - a zombie we cannot reap
+                log.warning("sandbox worker %d did not exit after SIGKILL", proc.pid)
+            for f in (proc.stdin, proc.stdout, proc.stderr):
+                with contextlib.suppress(OSError):
+                    f.close()
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     def _stderr_tail(self) -> str:
         proc = self._proc
@@ -285,19 +388,21 @@ class Sandbox:
         try:
             if proc.poll() is None:
                 return ""
-            return proc.stderr.read()[-2000:].decode(errors="replace").strip()
+            return sanitize_error(proc.stderr.read()[-2000:].decode(errors="replace"))
         except (OSError, ValueError):
             return ""
 
     # -- wire -----------------------------------------------------------------------------------
 
-    def _request(self, header: dict, arrays: list[np.ndarray], deadline: float) -> dict:
+    def _request(
+        self, header: dict, arrays: list[np.ndarray], deadline: float, max_reply_bytes: int
+    ) -> dict:
         from furl_fast.rewards.code._worker import encode
 
         arrays = [np.ascontiguousarray(a) for a in arrays]
         for part in encode(header, arrays):
             self._write_all(part, deadline)
-        return self._read_message(deadline)
+        return self._read_message(deadline, max_reply_bytes)
 
     def _write_all(self, data, deadline: float) -> None:
         assert self._proc is not None and self._proc.stdin is not None
@@ -337,13 +442,18 @@ class Sandbox:
             got += len(chunk)
         return b"".join(parts)
 
-    def _read_message(self, deadline: float) -> dict:
+    def _read_message(self, deadline: float, max_bytes: int) -> dict:
+        """One reply: at most max_bytes of JSON nested at most 3 deep, both checked before it is
+        parsed, so that a forged reply can neither exhaust memory nor make the parser recurse."""
         json_len, payload_len = HEADER.unpack(self._read_exact(HEADER.size, deadline))
-        if payload_len != 0 or json_len > _MAX_REPLY_BYTES:
-            raise WorkerFailure("malformed reply from the worker")
+        if payload_len != 0 or json_len > max_bytes:
+            raise WorkerFailure(f"malformed reply from the worker ({json_len} bytes)")
+        data = self._read_exact(json_len, deadline)
+        if _nesting_depth(data) > 3:
+            raise WorkerFailure("malformed reply from the worker (nested too deeply)")
         try:
-            msg = json.loads(self._read_exact(json_len, deadline))
-        except (ValueError, UnicodeDecodeError):
+            msg = json.loads(data)
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise WorkerFailure("malformed reply from the worker") from None
         if not isinstance(msg, dict):
             raise WorkerFailure("malformed reply from the worker")
@@ -359,6 +469,8 @@ class Sandbox:
             return "still running"
         if code < 0:
             return f"killed by signal {-code}"
+        if code > 128:  # the supervisor reports the worker's death by signal N as 128 + N
+            return f"killed by signal {code - 128}"
         return f"exit status {code}"
 
 
@@ -370,14 +482,37 @@ def _wait(fd: int, event: int, timeout_s: float) -> bool:
     return bool(poller.poll(max(1, int(timeout_s * 1000))))
 
 
+def _nesting_depth(data: bytes) -> int:
+    """Deepest nesting of JSON arrays/objects in data (brackets inside strings do not count)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
 def _parse_result(reply: dict, n: int) -> tuple[np.ndarray, str | None, int | None]:
     """Validate a worker's run reply: codes (n,) in {-2, -1, 0, 1}, error text, error index."""
     codes = reply.get("codes")
-    if reply.get("op") != "result" or not isinstance(codes, list) or len(codes) != n:
+    if reply.get("op") != "result" or not isinstance(codes, str) or len(codes) != n:
         raise WorkerFailure("malformed run reply from the worker")
-    if not all(type(c) is int and -2 <= c <= 1 for c in codes):
-        raise WorkerFailure("malformed run reply from the worker")
-    codes_arr = np.asarray(codes, dtype=np.int8)
+    try:
+        codes_arr = np.fromiter((_CODE_VALUES[c] for c in codes), dtype=np.int8, count=n)
+    except KeyError:
+        raise WorkerFailure("malformed run reply from the worker") from None
     error, index = reply.get("error"), reply.get("error_index")
     if error is None:
         if (codes_arr < 0).any():
