@@ -3,8 +3,11 @@
 Rows, for a state-only and a frame-reading program (128x128 frames): `in_process` (the program
 called directly, no sandbox: the floor), `batched` (Sandbox.run on 2000 items in one call: arrays
 sent once per batch, as the verifier uses it), `per_item` (one Sandbox call per item: the baseline a
-one-message-per-frame design would give); and the dense reward stepping 8 vector envs
-(CodeReward.batch, 2 sub-tasks = 2 workers, one call per env step).
+one-message-per-frame design would give); the dense reward stepping 8 vector envs
+(CodeReward.batch, 2 sub-tasks = 2 workers, one call per env step); and the cost of the OS-level
+isolation: one 500-step episode scored step by step as the trainer does (CodeReward.batch, one
+env), and a worker's start, each with isolation "required" (namespaces, Landlock, seccomp) against
+"none" (the Python-level barriers alone), in the same run.
 
 Run: PYTHONPATH=src python -m pytest benchmarks/bench_code_reward.py --benchmark-only \
      -p no:cacheprovider -o python_files='bench_*.py'
@@ -94,3 +97,38 @@ def test_dense_reward_8_envs(benchmark, data) -> None:
 
         benchmark.pedantic(run, rounds=3, iterations=1)
     _report(benchmark, envs * steps)
+
+
+ISOLATIONS = ("none", "required")
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_episode_scoring(benchmark, data, isolation: str) -> None:
+    frames, states = data
+    steps = 500  # one Meta-World episode
+    limits = SandboxLimits(memory_limit_mb=512, isolation=isolation)
+    with CodeReward(reference_program_set("drawer-open-v3"), num_envs=1, limits=limits) as reward:
+        reward.batch(frames[:1], states[:1])
+
+        def run() -> None:
+            reward.reset()
+            for t in range(steps):
+                reward.batch(frames[t : t + 1], states[t : t + 1])
+
+        benchmark.pedantic(run, rounds=5, iterations=1)
+    benchmark.extra_info["impl"] = isolation
+    benchmark.extra_info["episodes"] = 1
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_worker_start(benchmark, data, isolation: str) -> None:
+    frames, states = data
+    limits = SandboxLimits(memory_limit_mb=512, isolation=isolation)
+
+    def run() -> None:
+        with Sandbox(PROGRAMS["state"], limits) as box:
+            assert box.run_episode(frames[:1], states[:1]).ok
+
+    benchmark.pedantic(run, rounds=5, iterations=1)
+    benchmark.extra_info["impl"] = isolation
+    benchmark.extra_info["starts"] = 1

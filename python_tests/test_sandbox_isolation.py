@@ -385,3 +385,33 @@ def test_isolation_is_in_place_where_the_kernel_offers_it() -> None:
         assert box.run_episode(np.zeros((1, 4, 4, 3), np.uint8), np.zeros((1, 3))).ok
         report = box.isolation_report
     assert report["landlock"] >= 1 and report["seccomp"] is True
+
+
+def _train_without_landlock(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m furl_fast.train ARGS` in a process whose sandbox leaves Landlock out, as on a
+    kernel without it."""
+    code = ("import sys\nfrom furl_fast.rewards.code import sandbox\n"
+            "sandbox._SKIP_LAYERS = ('landlock',)\nfrom furl_fast.train import main\n"
+            "main(sys.argv[1:])\n")
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_program_file_is_refused_where_isolation_is_missing_unless_trusted(tmp_path) -> None:
+    programs = ProgramSet("reach", ("moved",), (
+        "import numpy as np\ndef done(frame, state):\n    return bool(state[0] > 10)\n",))
+    programs.save(tmp_path / "programs.json")
+    args = ["--algo", "vlm", "--reward", "code", "--reward.programs", str(tmp_path / "programs.json"),
+            "--task", "reach", "--total-steps", "200", "--warmup-steps", "100", "--batch-size", "16",
+            "--eval-every", "200", "--eval-episodes", "1", "--no-eval-video", "--device", "cpu",
+            "--sac.hidden-dims", "16", "16", "--run-dir", str(tmp_path / "run")]
+    refused = _train_without_landlock(args, tmp_path)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Landlock" in lines[0] and "--reward.trust-programs" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+    trusted = _train_without_landlock([*args, "--reward.trust-programs"], tmp_path)
+    assert trusted.returncode == 0, trusted.stderr[-3000:]
+    assert "--reward.trust-programs" in trusted.stderr
+    assert '"trust_programs": true' in (tmp_path / "run" / "config.json").read_text()

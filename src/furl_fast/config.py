@@ -213,6 +213,17 @@ class CodeRewardConfig(_Reward):
     """A program-set JSON file (ProgramSet.save's format, e.g. a set that
     furl_fast.rewards.code.generate_program_set verified); None takes the task's hand-written
     reference set (drawer-open, button-press-topdown, reach, ...)."""
+    trust_programs: bool = False
+    """Run the --reward.programs file even where the sandbox's OS-level isolation (Landlock,
+    seccomp, namespaces: Linux only) cannot be set up, behind the Python-level barriers alone. Only
+    for a file whose programs you have read or written yourself: a program from a VLM or a stranger
+    may then read your files and secrets. Without it such a run stops at start-up, saying what is
+    missing. The built-in reference programs are trusted the same way."""
+
+    @property
+    def isolation(self) -> str:
+        """The sandbox's isolation for these programs (furl_fast.rewards.code.SandboxLimits)."""
+        return "best-effort" if self.programs is None or self.trust_programs else "required"
 
 
 @dataclass(frozen=True)

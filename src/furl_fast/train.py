@@ -146,9 +146,20 @@ def check_config(cfg: Config) -> None:
                          'its goal for the VLM with --vlm.prompt "..." (a short sentence saying what '
                          "success looks like).")
     if cfg.resolved_reward == "code":
+        from furl_fast.rewards.code import SandboxLimits, SandboxUnavailable, check_isolation
         from furl_fast.rewards.code import load_program_set
 
-        load_program_set(cfg.task, cfg.reward_config.programs, suite.reference_programs(cfg.task))
+        code = cfg.reward_config
+        load_program_set(cfg.task, code.programs, suite.reference_programs(cfg.task))
+        if code.programs is not None and code.trust_programs:
+            logger.warning("--reward.trust-programs: the programs in %s are trusted; where the "
+                           "sandbox's OS-level isolation cannot be set up they run without it",
+                           code.programs)
+        try:
+            check_isolation(SandboxLimits(isolation=code.isolation))
+        except SandboxUnavailable as exc:
+            raise ValueError(f"--reward.programs {code.programs}: {exc}; only for a file you trust, "
+                             "--reward.trust-programs runs it without that isolation.") from None
 
 
 # ---- the trainer -----------------------------------------------------------------------------

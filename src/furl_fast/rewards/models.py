@@ -379,12 +379,12 @@ class CodeRewardModel(RewardModel):
 
     @classmethod
     def from_config(cls, config: Any, context: RewardContext) -> CodeRewardModel:
-        from furl_fast.rewards.code import load_program_set
+        from furl_fast.rewards.code import SandboxLimits, load_program_set
 
         reference = None if context.suite is None else context.suite.reference_programs(context.task)
         programs = load_program_set(context.task, config.programs, reference)
         return cls(context.encoder, context.task, program_set=programs, num_envs=context.num_envs,
-                   device=context.device)
+                   limits=SandboxLimits(isolation=config.isolation), device=context.device)
 
     def __init__(self, encoder: Encoder | None, task: str, *, program_set: Any = None,
                  num_envs: int = 1, limits: Any = None, device: torch.device | str = "cpu") -> None:

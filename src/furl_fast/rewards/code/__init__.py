@@ -21,7 +21,15 @@ from furl_fast.rewards.code.client import (
 )
 from furl_fast.rewards.code.program_set import ProgramSet, load_program_set, progress_from_done
 from furl_fast.rewards.code.reward import CodeReward
-from furl_fast.rewards.code.sandbox import RunResult, Sandbox, SandboxLimits, check_source
+from furl_fast.rewards.code.sandbox import (
+    RunResult,
+    Sandbox,
+    SandboxLimits,
+    SandboxUnavailable,
+    check_isolation,
+    check_source,
+    sanitize_error,
+)
 from furl_fast.rewards.code.verifier import (
     ProgramReport,
     VerificationReport,
@@ -51,10 +59,12 @@ __all__ = [
     "RunResult",
     "Sandbox",
     "SandboxLimits",
+    "SandboxUnavailable",
     "VLMClient",
     "VLMConfig",
     "VerificationReport",
     "VerifierConfig",
+    "check_isolation",
     "check_source",
     "encode_png",
     "evaluate_programs",
@@ -63,5 +73,6 @@ __all__ = [
     "parse_program_set",
     "progress_from_done",
     "reference_program_set",
+    "sanitize_error",
     "verify",
 ]

@@ -59,6 +59,7 @@ from furl_fast.rewards.code._worker import CODE_CHARS, HEADER, check_source, rea
 
 __all__ = [
     "ISOLATION_MODES",
+    "check_isolation",
     "RunResult",
     "Sandbox",
     "SandboxLimits",
@@ -84,6 +85,17 @@ _warned_best_effort: set[str] = set()
 
 class SandboxUnavailable(RuntimeError):
     """The OS-level isolation that untrusted programs require cannot be set up on this machine."""
+
+
+def check_isolation(limits: SandboxLimits | None = None) -> dict:
+    """Starts one worker as `limits` asks and returns what it set up (Sandbox.isolation_report);
+    raises SandboxUnavailable where the isolation is required and cannot be set up. A start-up check,
+    so that a long run fails before its long start-up rather than at its first program."""
+    with Sandbox("def done(frame, state):\n    return True\n", limits) as box:
+        result = box.run(np.zeros((1, 1, 1, 3), np.uint8), np.zeros((1, 1)))
+        if not result.ok:
+            raise SandboxUnavailable(f"the sandbox's worker does not start ({result.error})")
+        return dict(box.isolation_report)
 
 
 def sanitize_error(text: str) -> str:
