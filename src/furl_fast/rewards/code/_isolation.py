@@ -31,6 +31,9 @@ import errno
 import os
 import resource
 import signal
+import sys
+
+_LINUX = sys.platform.startswith("linux")
 
 # <linux/sched.h>
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
@@ -95,14 +98,17 @@ def unshare_namespaces() -> list[str]:
     """New user, network, PID, IPC and UTS namespaces for this process (the PID namespace applies to
     its next child). Returns the namespaces created: [] where the kernel refuses unprivileged ones."""
     flags = CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
-    if _libc.unshare(flags) != 0:
+    if not _LINUX or _libc.unshare(flags) != 0:
         return []
     return ["user", "network", "pid", "ipc", "uts"]
 
 
 def kill_with_parent() -> None:
     """SIGKILL this process when its parent dies (set in the worker, whose parent is its own
-    single-threaded supervisor, so the signal cannot fire early when some other thread exits)."""
+    single-threaded supervisor, so the signal cannot fire early when some other thread exits).
+    Elsewhere than on Linux the supervisor's pipe watch alone ends the worker."""
+    if not _LINUX:
+        return
     _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
 
 
@@ -119,13 +125,12 @@ def set_limits(address_space: int | None) -> None:
 
 
 def close_fds_except(keep: set[int]) -> None:
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:  # the fd of the listing itself, already closed
-                pass
+    """Close every file descriptor but `keep` (call before set_limits lowers RLIMIT_NOFILE)."""
+    start = 0
+    for fd in sorted(keep):
+        os.closerange(start, fd)
+        start = fd + 1
+    os.closerange(start, os.sysconf("SC_OPEN_MAX"))
 
 
 def no_new_privileges() -> None:
@@ -134,6 +139,8 @@ def no_new_privileges() -> None:
 
 def landlock_abi() -> int:
     """Landlock ABI version of the running kernel; 0 where Landlock is missing or disabled."""
+    if not _LINUX:  # the syscall numbers mean something else elsewhere
+        return 0
     abi = _libc.syscall(
         _LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), _LANDLOCK_CREATE_RULESET_VERSION
     )

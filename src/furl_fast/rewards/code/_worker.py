@@ -313,10 +313,10 @@ def _worker_main() -> None:
             baseline = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         baseline = None
+    _isolation.close_fds_except({in_fd, out_fd, devnull, 2})
     _isolation.set_limits(
         None if baseline is None else baseline + int(config["memory_limit_mb"]) * 2**20
     )
-    _isolation.close_fds_except({in_fd, out_fd, devnull, 2})
     report = {"namespaces": namespaces, "landlock": 0, "seccomp": False}
     missing = []
     if isolation != "none":
