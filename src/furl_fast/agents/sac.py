@@ -35,10 +35,10 @@ _TRUNCATED_STD = 0.87962566103423978
 
 @torch.no_grad()
 def lecun_normal_(weight: torch.Tensor, fan_in: int) -> torch.Tensor:
-    """Fills weight in place with LeCun-normal values: a normal truncated at two standard deviations,
-    rescaled so that the values' std is 1 / sqrt(fan_in) (flax's default Dense initialiser, which
-    FuRL's release uses for its SAC networks and projection heads; about 1.7x the spread of
-    nn.Linear's default uniform(+-1 / sqrt(fan_in))). Returns weight."""
+    """Fills weight in place with LeCun-normal values: a normal truncated at two standard
+    deviations, rescaled so that the values' std is 1 / sqrt(fan_in) (flax's default Dense
+    initialiser, which FuRL's release uses for its SAC networks and projection heads; about 1.7x the
+    spread of nn.Linear's default uniform(+-1 / sqrt(fan_in))). Returns weight."""
     std = 1.0 / math.sqrt(fan_in) / _TRUNCATED_STD
     return nn.init.trunc_normal_(weight, std=std, a=-2.0 * std, b=2.0 * std)
 
@@ -128,8 +128,9 @@ class TwinCritic(nn.Module):
     """num_q independent Q-networks (obs, act) -> hidden -> 1, evaluated as one batched matmul per
     layer (weights stacked on a leading axis) instead of num_q separate small matmuls.
 
-    Initialised like FuRL's release: LeCun-normal weights (lecun_normal_), zero biases. layer_norm=True
-    normalises every hidden layer (LayerNorm without learned scale and shift) before its ReLU.
+    Initialised like FuRL's release: LeCun-normal weights (lecun_normal_), zero biases.
+    layer_norm=True normalises every hidden layer (LayerNorm without learned scale and shift)
+    before its ReLU.
     """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], num_q: int = 2,

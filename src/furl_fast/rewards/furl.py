@@ -60,7 +60,8 @@ class ProjectionHead(nn.Module):
 
     @staticmethod
     def _linear(d_in: int, d_out: int) -> tuple[nn.Parameter, nn.Parameter]:
-        return nn.Parameter(lecun_normal_(torch.empty(d_in, d_out), d_in)), nn.Parameter(torch.zeros(d_out))
+        return (nn.Parameter(lecun_normal_(torch.empty(d_in, d_out), d_in)),
+                nn.Parameter(torch.zeros(d_out)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.b2, torch.relu(torch.addmm(self.b1, x, self.w1)), self.w2)
