@@ -4,8 +4,8 @@ encoder, actor, target), batch 256 of 3-frame 84x84 RGB stacks (the DrQ-v2 defau
 - fused: furl_fast.ReplayBuffer.sample(augment=True) (shift fused into the gather) + update.
 - drqv2_aug: the same buffer sampled without augmentation, then DrQ-v2's RandomShiftsAug (replicate
   pad + grid_sample on float frames, bench_replay.RandomShiftsAug) + the same update.
-- fused_bf16: fused, with the conv stack under bf16 autocast (drq.precision=bf16; auto picks it on
-  CUDA only).
+- fused_bf16: fused, with the conv stack under bf16 autocast (--drq.precision bf16; the default is
+  fp32, DrQ-v2 as published).
 Both in the same run; the agent's update itself is identical. DrQ-v2's paper reports ~96 frames/s
 end to end on a V100 (about 48 agent steps/s at action repeat 2) for comparison of orders of magnitude.
 

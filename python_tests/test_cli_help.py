@@ -62,7 +62,8 @@ def test_train_help_shows_the_chosen_preset(monkeypatch, capsys):
 
 def test_preset_and_flags_parse():
     cfg = train.parse_config(["--preset", "paper", "--total-steps", "7", "--sac.tau", "0.5"])
-    assert (cfg.total_steps, cfg.warmup_steps, cfg.sac.tau, cfg.task) == (7, 10_000, 0.5, "drawer-open")
+    assert (cfg.total_steps, cfg.resolved_warmup_steps, cfg.sac.tau, cfg.task) == \
+        (7, 10_000, 0.5, "drawer-open")
     assert train.parse_config(["--reward", "binary", "--algo", "vlm"]).reward.name == "binary"
     assert train.parse_config([]).reward.name == "auto"
 

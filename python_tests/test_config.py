@@ -31,7 +31,7 @@ def test_rho_defaults_per_reward_and_an_explicit_rho_wins():
 
 def test_paper_preset_matches_the_spec():
     paper = PRESETS["paper"]
-    assert paper.total_steps == 1_000_000 and paper.warmup_steps == 10_000
+    assert paper.total_steps == 1_000_000 and paper.resolved_warmup_steps == 10_000
     assert paper.eval_every == 100_000 and paper.batch_size == 256
     assert paper.resolved_buffer_size == 500_000
     assert _replace(paper, algo="sac").resolved_buffer_size == 1_000_000
@@ -44,9 +44,40 @@ def test_paper_preset_matches_the_spec():
     assert (f.phase_a_gap, f.phase_a_margin, f.phase_b_margin) == (0.25, 0.1, 0.1)
     assert (f.positive_capacity, f.negative_capacity, f.relay_stop_positives) == (20_000, 20_000, 2_500)
     assert f.relay_k_choices == (50, 100, 150, 200) and f.relay_noise_std == 0.2
-    # The VLM's default weights (LIV's release with --vlm.model liv) and its channel order (BGR for liv).
-    assert (paper.vlm.model, paper.vlm.pretrained, paper.vlm.bgr) == ("RN50", None, None)
+    # The paper's VLM, LIV, with its default weights (the release's) and channel order (BGR).
+    assert (paper.vlm.model, paper.vlm.pretrained, paper.vlm.bgr) == ("liv", None, None)
     assert paper.render_quality == "paper" and PRESETS["laptop"].render_quality == "fast"
+
+
+def test_paper_preset_runs_liv_unless_another_vlm_is_named():
+    from furl_fast.config import config_to_dict
+    from furl_fast.train import parse_config
+
+    assert parse_config(["--preset", "paper"]).vlm.model == "liv"
+    other = parse_config(["--preset", "paper", "--vlm.model", "ViT-B-32"])
+    assert other.vlm.model == "ViT-B-32" and other.total_steps == 1_000_000
+    assert config_to_dict(parse_config(["--preset", "paper"]))["vlm"]["model"] == "liv"
+    assert parse_config([]).vlm.model == "RN50"  # the laptop preset keeps open_clip's RN50
+
+
+def test_warmup_is_the_agents_published_one_unless_given():
+    """sac: FuRL's 10,000 steps; drq: DrQ-v2's 2,000 agent steps (4,000 simulator steps at action
+    repeat 2), under every preset; a --warmup-steps given wins over both."""
+    from furl_fast.train import parse_config
+
+    for preset in ("laptop", "paper"):
+        assert parse_config(["--preset", preset]).resolved_warmup_steps == 10_000
+        assert parse_config(["--preset", preset, "--agent", "drq"]).resolved_warmup_steps == 4_000
+        assert parse_config(["--preset", preset, "--agent", "drq", "--drq.action-repeat", "4"]
+                            ).resolved_warmup_steps == 8_000
+        for agent in ("sac", "drq"):
+            given = parse_config(["--preset", preset, "--agent", agent, "--warmup-steps", "10000"])
+            assert given.resolved_warmup_steps == 10_000
+            given = parse_config(["--preset", preset, "--agent", agent, "--warmup-steps", "300"])
+            assert given.resolved_warmup_steps == 300
+    with pytest.raises(ValueError, match=r"the warm-up of agent drq \(default 4000 steps\) must be "
+                                         r"< total_steps=3000.*--warmup-steps"):
+        Config(agent="drq", total_steps=3000).validate()
 
 
 def test_relay_per_algo_and_the_no_relay_ablation():

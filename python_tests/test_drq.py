@@ -157,7 +157,7 @@ def test_bf16_conv_stack_matches_fp32_and_trains_fp32_weights():
     for p, old in zip(agent.encoder.parameters(), before):
         assert p.dtype == torch.float32 and p.grad.dtype == torch.float32
         assert not torch.equal(p, old)
-    assert _agent().encoder.conv_dtype == torch.float32  # auto on a CPU
+    assert _agent().encoder.conv_dtype == torch.float32  # the default
     with pytest.raises(ValueError, match="conv_dtype must be"):
         PixelEncoder(SHAPE, conv_dtype=torch.float16)
 
@@ -189,9 +189,19 @@ def test_act_single_and_batched_and_state_round_trip():
         agent.load_state_dict(SAC(16, 2, SACConfig(hidden_dims=(32,))).state_dict())
 
 
+def test_precision_is_fp32_unless_bf16_is_asked_for():
+    """DrQ-v2 as published runs fp32; bf16 is an explicit choice, on every device."""
+    from furl_fast.config import Config
+
+    assert DrQConfig().precision == "fp32"
+    with pytest.raises(ValueError, match="drq.precision='auto' is unknown; use one of 'fp32'"):
+        Config(agent="drq", drq=DrQConfig(precision="auto")).validate()
+
+
 @pytest.mark.cuda
-def test_auto_precision_is_bf16_on_cuda_and_updates():
-    agent = _agent(device="cuda")
+def test_precision_on_cuda_is_fp32_by_default_and_bf16_updates():
+    assert _agent(device="cuda").encoder.conv_dtype == torch.float32
+    agent = _agent(config=dataclasses.replace(SMALL, precision="bf16"), device="cuda")
     assert agent.encoder.conv_dtype == torch.bfloat16
     batch = {k: v.cuda() for k, v in _batch().items()}
     assert all(torch.isfinite(torch.tensor(v)) for v in agent.update(batch, log=True).values())

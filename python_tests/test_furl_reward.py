@@ -33,6 +33,16 @@ def _tagged(episode: int, length: int, dim: int = 4) -> torch.Tensor:
     return e
 
 
+def test_heads_start_lecun_normal_with_zero_biases():
+    from test_sac import assert_lecun_normal
+
+    torch.manual_seed(0)
+    model = FuRLReward(1024, torch.randn(1024), FuRLConfig())
+    for head in (model.image_head, model.text_head):  # weights (in, out)
+        assert_lecun_normal(head.w1, head.b1, 1024)
+        assert_lecun_normal(head.w2, head.b2, 256)
+
+
 def test_phase_a_loss_hand_computed():
     c = torch.tensor([0.1, 0.15, 0.0])
     d = torch.tensor([0.1, 0.5, 1.0])

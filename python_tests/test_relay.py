@@ -73,6 +73,41 @@ def test_relay_stops_for_good_at_2500_positives():
     assert np.array_equal(sched.choose_actions(furl, None), furl)
 
 
+def test_trainer_counts_positives_for_furl_and_success_steps_for_relay(tmp_path):
+    """FuRL stops relay on its stored positives (the paper); the relay baseline on its success steps
+    (FuRL's release). The episode below succeeds at steps 1, 3 and 4: FuRL's positives are frames
+    0..1 (success turns back to 0 at step 2), 2 frames; its success steps are 3."""
+    import torch
+
+    from furl_fast.agents.relay import relay_stop_count
+    from furl_fast.config import Config, SACConfig
+    from furl_fast.train import Trainer
+
+    success = np.array([False, True, False, True, True])
+    assert relay_stop_count("furl", success) == 2
+    assert relay_stop_count("relay", success) == 3
+    assert relay_stop_count("relay", np.zeros(500, bool)) == 0
+    with pytest.raises(ValueError, match="algo must be 'furl' or 'relay'"):
+        relay_stop_count("vlm", success)
+
+    cfg = Config(algo="relay", reward="code", task="reach-v3", total_steps=1000, warmup_steps=500,
+                 batch_size=8, buffer_size=2000, eval_video=False, device="cpu",
+                 run_dir=str(tmp_path), sac=SACConfig(hidden_dims=(8,)),
+                 furl=FuRLConfig(relay_stop_positives=5))
+    trainer = Trainer(cfg, tmp_path)
+    try:
+        trainer.ep_return, trainer.ep_embs = [0.0], [[torch.zeros(1)] * 5]
+        trainer.schedule.begin_episode()
+        trainer.ep_success = [success.tolist()]
+        trainer.finish_episode(0)
+        assert trainer.relay_positives == 3 and trainer.schedule.enabled
+        trainer.ep_success = [success.tolist()]
+        trainer.finish_episode(0)  # 6 success steps >= 5 (FuRL's count would be 4)
+        assert trainer.relay_positives == 6 and not trainer.schedule.enabled
+    finally:
+        trainer.close()
+
+
 def test_choose_actions_mixes_agents_and_adds_clipped_noise():
     n = 4000
     sched = RelaySchedule(num_envs=n, seed=0, noise_std=0.2)

@@ -77,6 +77,30 @@ def _tiny_batch() -> dict[str, torch.Tensor]:
     }
 
 
+def assert_lecun_normal(weight: torch.Tensor, bias: torch.Tensor, fan_in: int) -> None:
+    """FuRL's release initialisation (flax's lecun_normal Dense default): weights from a normal
+    truncated at two standard deviations with std 1 / sqrt(fan_in), biases zero. (nn.Linear's
+    default uniform(+-1/sqrt(fan_in)) has std 1 / sqrt(3 fan_in), and nonzero biases.)"""
+    assert torch.count_nonzero(bias) == 0
+    w, std = weight.detach().double(), 1.0 / math.sqrt(fan_in)
+    assert w.abs().max() <= 2 * std / 0.87962566103423978 + 1e-6  # the truncation
+    if w.numel() >= 2_000:  # enough draws: the std within 6% (the spread of the estimate is ~1.6%)
+        assert abs(w.std().item() / std - 1) < 0.06, (w.std().item(), std, tuple(w.shape))
+        assert abs(w.mean().item()) < 0.1 * std  # centred
+
+
+def test_actor_and_critics_start_lecun_normal_with_zero_biases():
+    torch.manual_seed(0)
+    agent = SAC(39, 4, SACConfig())
+    layers = [m for m in agent.actor.net if isinstance(m, torch.nn.Linear)]
+    assert [m.in_features for m in layers] == [39, 256, 256]
+    for layer in layers:  # nn.Linear weights are (out, in)
+        assert_lecun_normal(layer.weight, layer.bias, layer.in_features)
+    for w, b in zip(agent.critic.weights, agent.critic.biases):  # (num_q, in, out)
+        assert_lecun_normal(w, b, w.shape[1])
+    torch.testing.assert_close(agent.critic_target.state_dict(), agent.critic.state_dict())
+
+
 def test_squashed_gaussian_log_prob_matches_torch_distributions():
     g = torch.Generator().manual_seed(0)
     mean, std = torch.randn(5, 3, generator=g), torch.rand(5, 3, generator=g) + 0.1

@@ -64,9 +64,11 @@ GOLDEN = {
     "state_repeat3_truncated": ({"task": "push", "seed": 2, "goal": "random", "reward": "dense",
                                  "vlm_frames": False, "action_repeat": 3, "max_episode_steps": 10}, 6,
                                 (None, 7), "03e7b6f79420d54a", "e9dc5f8134fb5ea1"),
+    # Re-recorded when the sparse reward came to be summed over the repeated steps: the trace
+    # differs from the single-class env's only in its rewards, -2.0 where that one gave -1.0.
     "pixels_sparse_frames": ({"task": "pick-place", "seed": 2, "goal": "random", "obs": "pixels",
                               "frame_size": 64, "pixel_size": 32}, 4, (None, 5),
-                             "3ab0733285be6c0a", "7085b114d3e5ecca"),
+                             "118cf63372de74bb", "7085b114d3e5ecca"),
     "pixels_dense_no_frames_truncated": ({"task": "reach", "seed": 0, "obs": "pixels",
                                           "reward": "dense", "vlm_frames": False, "frame_size": 64,
                                           "pixel_size": 24, "frame_stack": 2, "max_episode_steps": 8,
@@ -237,7 +239,8 @@ def test_gymnasium_contract_success_rewards_truncation(closing):
     assert info["success"] is False and np.array_equal(info["state"], obs)
     assert info["vlm_frame"].shape == (5, 7, 3) and info["vlm_frame"].dtype == np.uint8
     steps = [sparse.step(action) for _ in range(3)]
-    assert [s[1] for s in steps] == [-1.0, 0.0, 0.0]  # success from the 3rd simulator step on
+    # success from the 3rd simulator step on; the sparse reward is summed over the two repeats
+    assert [s[1] for s in steps] == [-2.0, 0.0, 0.0]
     assert [s[4]["success"] for s in steps] == [False, True, True]
     assert [s[3] for s in steps] == [False, False, True] and not any(s[2] for s in steps)
     assert [s[4]["t"] for s in steps] == [2, 4, 6]  # the last repeat's info

@@ -144,6 +144,12 @@ def test_resume_extends_a_finished_run_with_or_without_the_replay_in_checkpoints
     assert result.returncode == 0, result.stderr[-3000:]
     assert replay_len(run_dir) == (600, 600)
 
+    def eval_steps() -> list[int]:
+        lines = (run_dir / "metrics.csv").read_text().splitlines()
+        return [int(line.split(",")[0]) for line in lines if ",eval/success," in line]
+
+    assert eval_steps() == [0, 600]  # the untrained policy first, as FuRL's release evaluates
+
     result = run_cli(["--resume", str(run_dir), "--total-steps", "700", "--no-checkpoint-replay"],
                      tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -151,6 +157,7 @@ def test_resume_extends_a_finished_run_with_or_without_the_replay_in_checkpoints
     config = json.loads((run_dir / "config.json").read_text())
     assert config["total_steps"] == 700 and config["checkpoint_replay"] is False
     assert json.loads((run_dir / "eval.json").read_text())["step"] == 700
+    assert eval_steps() == [0, 600, 700]  # a resume does not evaluate step 0 again
     state = torch.load(run_dir / CHECKPOINT_DIR / STATE_FILE, weights_only=False)
     assert state["step"] == 700 and state["replay"] is None
     assert not list((run_dir / CHECKPOINT_DIR).glob("replay-*"))  # the old one is gone too
@@ -200,6 +207,26 @@ BAD_INPUT = {
     "resume changes a setting": (["--resume", "RUN", "--seed", "3"], "ok",
                                  "--seed cannot change on a resume"),
 }
+
+
+def test_paper_preset_runs_liv_and_offline_stops_at_start_up(tmp_path):
+    """--preset paper is the paper's configuration, LIV included: the start-up line names it, and
+    without its weights (no cache, no network) the run stops with one line and exit 2."""
+    env = dict(os.environ, FURL_FAST_CACHE=str(tmp_path / "cache"), HF_HOME=str(tmp_path / "hf"))
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "furl_fast.train", "--preset", "paper", "--task",
+                             "drawer-open", "--run-dir", str(run_dir)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "VLM liv (default weights)" in result.stdout and "render quality paper" in result.stdout
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("furl_fast.train:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("furl_fast.train: --vlm.model liv: LIV's weights (model.pt of the "
+                               "Hugging Face hub repo jasonyma/LIV) are not in the local cache and "
+                               "cannot be downloaded"), lines[0]
+    assert "--vlm.pretrained /path/to/model.pt" in lines[0]
+    assert not run_dir.exists()
 
 
 @pytest.mark.slow

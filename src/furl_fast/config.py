@@ -95,9 +95,10 @@ class DrQConfig:
     frame budget is the one closest to FuRL's 1M environment steps (500,000 medium, 2M hard)."""
     stddev_clip: float = 0.3
     """Clip of the target-policy and actor-loss noise, in units of the action (DrQ-v2: 0.3)."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """Conv encoder precision: bf16 autocast of the conv stack (float32 weights and optimiser) or
-    fp32; auto = bf16 on CUDA, fp32 on CPU (where bf16 convolutions are rarely faster)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Conv encoder precision: fp32 (DrQ-v2 as published) or bf16 (autocast of the conv stack, with
+    float32 weights and optimiser: faster on GPUs with bf16 tensor cores, slower on most CPUs; not
+    what the paper ran, so asked for explicitly)."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,9 @@ class FuRLConfig:
     """Relay RL for algo=furl; --furl.no-relay is the paper's "FuRL without relay" ablation (only the
     FuRL agent acts and trains)."""
     relay_stop_positives: int = 2_500
-    """Relay RL stops for good once this many positive frames have been stored."""
+    """Relay RL stops for good once a count reaches this: for algo=furl the positive frames stored
+    (FuRL's rule), for algo=relay the steps with success (the release's rule for the relay
+    baseline, which has no embedding buffer of positives)."""
     relay_k_choices: tuple[int, ...] = (50, 100, 150, 200)
     """Relay RL: per episode, control alternates every K steps, K drawn from these."""
     relay_noise_std: float = 0.2
@@ -249,8 +252,11 @@ class VLMConfig:
     """The frozen vision-language model that embeds frames and the task text."""
 
     model: str = "RN50"
-    """liv (the paper's VLM: LIV, a CLIP RN50 fine-tuned by its authors) or an open_clip architecture
-    name (RN50 with OpenAI's weights is the closest open_clip model to LIV)."""
+    """liv (the paper's VLM: LIV, a CLIP RN50 fine-tuned by its authors; --preset paper's default)
+    or an open_clip architecture name (RN50 with OpenAI's weights, the laptop default, is the
+    closest open_clip model to LIV). With --preset paper, --vlm.model NAME runs another VLM with
+    the paper's other settings (then choose --furl.phase-a-gap for that model: 0.25 is in LIV's
+    units)."""
     pretrained: str | None = None
     """None: the model's default weights (liv: the release's model.pt from the Hugging Face hub repo
     jasonyma/LIV, downloaded once into the hub cache; open_clip models: the 'openai' tag). Else an
@@ -316,9 +322,11 @@ class Config:
     """Simulator (environment) steps to train for, the paper's x-axis. Every step count of this
     config (warm-up, eval/log/checkpoint intervals) is in simulator steps; with --agent drq one
     agent step (an action, a stored transition) is drq.action_repeat of them (charts/agent_steps)."""
-    warmup_steps: int = 2_000
-    """Simulator steps of uniform-random actions before learning starts (FuRL: 10,000; DrQ-v2:
-    4,000 frames, i.e. its num_expl_steps = 2,000 agent steps at action repeat 2)."""
+    warmup_steps: int | None = None
+    """Simulator steps of uniform-random actions before learning starts; None takes the agent's
+    published value: 10,000 for sac (FuRL) and, for drq, DrQ-v2's 2,000 agent steps, i.e.
+    2,000 * drq.action_repeat = 4,000 simulator steps. A number given here wins for every agent
+    and preset."""
     batch_size: int = 256
     """Replay batch size of every SAC / DrQ-v2 update (both papers: 256)."""
     buffer_size: int | None = 100_000
@@ -409,6 +417,13 @@ class Config:
         if self.rho is not None:
             return self.rho
         return 1.0 if self.resolved_reward == "code" else 0.05
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        """Simulator steps of random actions (see warmup_steps)."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return 2_000 * self.drq.action_repeat if self.agent == "drq" else 10_000
 
     @property
     def resolved_buffer_size(self) -> int:
@@ -508,11 +523,14 @@ def _problems(cfg: Config, suite: Any) -> list[str]:
     if cfg.seed < 0:
         p.append(f"seed={cfg.seed} must be >= 0.")
     p += _positive("total_steps", cfg.total_steps)
-    if cfg.warmup_steps < 0:
-        p.append(f"warmup_steps={cfg.warmup_steps} must be >= 0.")
-    elif cfg.warmup_steps >= cfg.total_steps > 0:
-        p.append(f"warmup_steps={cfg.warmup_steps} must be < total_steps={cfg.total_steps}, "
-                 "or no learning would happen.")
+    warmup = cfg.resolved_warmup_steps
+    if warmup < 0:
+        p.append(f"warmup_steps={warmup} must be >= 0.")
+    elif warmup >= cfg.total_steps > 0:
+        given = f"warmup_steps={warmup}" if cfg.warmup_steps is not None else \
+            f"the warm-up of agent {cfg.agent} (default {warmup} steps)"
+        p.append(f"{given} must be < total_steps={cfg.total_steps}, or no learning would happen; "
+                 "lower --warmup-steps or raise --total-steps.")
     p += _positive("batch_size", cfg.batch_size)
     if cfg.buffer_size is not None:
         p += _positive("buffer_size", cfg.buffer_size)
@@ -561,7 +579,7 @@ def _problems(cfg: Config, suite: Any) -> list[str]:
         p.append(f"drq.image_size={d.image_size} must be >= 16 (the encoder's convolutions need room).")
     if d.shift_pad < 0:
         p.append(f"drq.shift_pad={d.shift_pad} must be >= 0.")
-    p += _one_of("drq.precision", d.precision, ("auto", "fp32", "bf16"))
+    p += _one_of("drq.precision", d.precision, ("fp32", "bf16"))
 
     f = cfg.furl
     for name in ("head_hidden", "head_out", "head_lr", "pair_batch", "lag", "positive_capacity",
@@ -606,15 +624,15 @@ def _reward_problems(r: Any) -> list[str]:
 
 
 def _paper() -> Config:
-    """The FuRL paper's settings (spec: 1M environment steps, the paper's x-axis, for every agent;
-    10k warm-up; replay 500k for FuRL / 1M baselines; Meta-World's own visuals). Add --vlm.model liv
-    for the paper's VLM."""
+    """The FuRL paper's settings: 1M environment steps (the paper's x-axis) for every agent, replay
+    500k for FuRL / 1M for the baselines, Meta-World's own visuals and the paper's VLM, LIV (fed BGR
+    frames, as the release feeds it). The warm-up is every preset's: the agent's published one."""
     return dataclasses.replace(
         Config(),
         render_quality="paper",
         total_steps=1_000_000,
-        warmup_steps=10_000,
         buffer_size=None,
+        vlm=VLMConfig(model="liv"),
         eval_every=100_000,
         checkpoint_every=50_000,
     )

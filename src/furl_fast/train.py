@@ -58,7 +58,9 @@ class _Args:
 
     preset: Literal["laptop", "paper"] = "laptop"  # the keys of config.PRESETS
     """The defaults every other flag starts from: laptop (CPU-friendly, 100k steps) or paper (the FuRL
-    paper's settings: 1M steps, 10k warm-up, replay 500k for furl and 1M for the baselines)."""
+    paper's settings: 1M steps, replay 500k for furl and 1M for the baselines, Meta-World's own
+    visuals, the paper's VLM LIV; --vlm.model NAME picks another). Flags given always win over the
+    preset."""
     track: bool = False
     """Track the run with Weights & Biases (pip install "furl_fast[track]"): config and every
     TensorBoard scalar; WANDB_MODE=offline keeps it local (wandb sync uploads it later)."""
@@ -266,7 +268,7 @@ class Trainer:
             else None
         self.step = 0
         self.episodes = 0
-        self.relay_positives = 0  # positive frames, counted as FuRL's embedding buffer labels them
+        self.relay_positives = 0  # what ends relay: positive frames (furl), success steps (relay)
         self.last_eval_step = -1
         self.recent_success: deque[float] = deque(maxlen=20)
 
@@ -391,9 +393,9 @@ class Trainer:
         if self.reward is not None:
             self.reward.end_episode(torch.stack(self.ep_embs[e]), success)
         if self.schedule is not None:
-            from furl_fast.rewards.furl import label_episode
+            from furl_fast.agents.relay import relay_stop_count
 
-            self.relay_positives += label_episode(success)
+            self.relay_positives += relay_stop_count(self.cfg.algo, success)
             self.schedule.observe_positives(self.relay_positives)
         return {"charts/episode_return": self.ep_return[e], "charts/episode_success": float(success[-1]),
                 "charts/episode_ever_success": float(success.any()), "charts/episodes": self.episodes}
@@ -423,6 +425,10 @@ class Trainer:
         stride = n * self.repeat  # simulator steps per vector step
         log_every = max(cfg.log_every, stride)
         log_updates = False  # the next update's losses go to the log (DrQ-v2 skips agent steps)
+        if self.step == 0 and self.last_eval_step != 0:
+            # The untrained policy, as FuRL's release evaluates it: curves start at step 0. (A
+            # resume continues past it.)
+            writer.log(0, self.evaluate(writer))
         t_start, step_start = time.perf_counter(), self.step
         t_line, step_line = t_start, self.step  # the plain progress line's rate: since the last one
         try:
@@ -434,7 +440,7 @@ class Trainer:
                     return 128 + stop_flag[0]
                 self.sync_agent_steps()
                 with self.timed("act"):
-                    actions = self.random_actions(n) if self.step < cfg.warmup_steps else \
+                    actions = self.random_actions(n) if self.step < cfg.resolved_warmup_steps else \
                         self.policy_actions(states)
                 with self.timed("env"):
                     tr = vector_step(self.envs, actions)
@@ -443,7 +449,7 @@ class Trainer:
                 self.step += stride
                 log = self.step // log_every != (self.step - stride) // log_every
                 log_updates |= log
-                if self.step >= cfg.warmup_steps and len(self.buffer) >= cfg.batch_size:
+                if self.step >= cfg.resolved_warmup_steps and len(self.buffer) >= cfg.batch_size:
                     updates = updates_due(self.step - stride, self.step, self.repeat,
                                           self.agent.update_every_steps, cfg.updates_per_step)
                     for k in range(updates):
@@ -789,8 +795,17 @@ def train(cfg: Config, wandb_project: str | None = None, wandb_entity: str | Non
 
 def cli_message(exc: BaseException) -> str:
     """One line saying what to change, in terms of the command line's flags."""
-    from furl_fast.vlm.encoder import WeightsUnavailableError
+    from furl_fast.vlm.encoder import LIV, LIV_HUB_FILE, LIV_HUB_REPO, WeightsUnavailableError
 
+    if isinstance(exc, WeightsUnavailableError) and exc.model == LIV:
+        return (f"--vlm.model liv: LIV's weights ({LIV_HUB_FILE} of the Hugging Face hub repo "
+                f"{LIV_HUB_REPO}) are not in the local cache and cannot be downloaded "
+                f"({exc.reason}). "
+                f"Download https://huggingface.co/{LIV_HUB_REPO}/resolve/main/{LIV_HUB_FILE} on a "
+                "machine with network access and pass it with --vlm.pretrained /path/to/model.pt; "
+                "--vlm.model RN50 runs OpenAI's CLIP instead (set --furl.phase-a-gap for its "
+                "embeddings); --vlm.pretrained none runs with random weights, whose rewards mean "
+                "nothing.")
     if isinstance(exc, WeightsUnavailableError):
         return (f"--vlm.pretrained {exc.tag}: the weights of {exc.model} are not in the local cache and "
                 f"cannot be downloaded ({exc.reason}). A download is cached in {exc.cache}: copy it there "

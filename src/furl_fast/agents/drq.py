@@ -155,10 +155,7 @@ class DrQV2:
         self.metric_prefix = metric_prefix
         self.update_every_steps = config.update_every_steps
         self.step = 0
-        precision = config.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        conv_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        conv_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
         self.encoder = PixelEncoder(obs_shape, conv_dtype).to(self.device)
         repr_dim = self.encoder.repr_dim
         self.actor = Actor(repr_dim, act_dim, config.feature_dim, config.hidden_dim).to(self.device)

@@ -3,7 +3,10 @@
 Within an episode, control alternates between the FuRL agent and the relay agent every K steps, K drawn
 per episode from {50, 100, 150, 200}; which agent starts flips every episode (the FuRL agent starts each
 environment's first episode). The relay agent's actions get N(0, 0.2^2) noise, clipped to [-1, 1].
-Relay stops for good once 2,500 positive frames are stored; from then on only the FuRL agent acts.
+Relay stops for good once a count reaches 2,500 (relay_stop_count): for FuRL the positive frames its
+embedding buffer has stored (the paper's rule), for the relay baseline (raw VLM reward + relay) the
+steps with success, as FuRL's release counts them for that baseline; from then on only the first
+agent acts.
 
 The schedule is a small state machine, deterministic given its seed, with one stream per parallel
 environment, and is checkpointed with state_dict()/load_state_dict(). Steps count actions (agent
@@ -16,7 +19,7 @@ steps; with action repeat each is several simulator steps). Per environment step
     ... env.step(actions) ...
     sched.step()                           # every env advanced one step
     sched.begin_episode(done_ids)          # after step(): a new episode's first action is its step 0
-    sched.observe_positives(buffer.positives_added)
+    sched.observe_positives(count)         # after each episode: count += relay_stop_count(...)
 """
 
 from __future__ import annotations
@@ -28,7 +31,26 @@ import numpy as np
 
 from furl_fast.config import FuRLConfig
 
-__all__ = ["RelaySchedule"]
+__all__ = ["RelaySchedule", "relay_stop_count"]
+
+
+def relay_stop_count(algo: str, success: np.ndarray) -> int:
+    """What a finished episode adds to the count that ends relay RL
+    (FuRLConfig.relay_stop_positives).
+
+    algo: "furl": the positive frames FuRL's embedding buffer stores of the episode
+    (rewards.furl.label_episode), the FuRL paper's rule; "relay": its steps with success, the
+    rule of FuRL's release for the relay baseline.
+    success: (T,) bool, the episode's per-step success flags.
+    """
+    if algo == "furl":
+        from furl_fast.rewards.furl import label_episode
+
+        return label_episode(success)
+    if algo == "relay":
+        return int(np.count_nonzero(success))
+    raise ValueError(f"relay_stop_count: algo must be 'furl' or 'relay' (the algos with relay RL), "
+                     f"got {algo!r}.")
 
 
 class RelaySchedule:

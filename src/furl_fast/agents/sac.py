@@ -23,18 +23,39 @@ from torch import nn
 
 from furl_fast.config import SACConfig
 
-__all__ = ["SAC", "Actor", "TwinCritic", "batch_fields", "metric_names", "squashed_gaussian_log_prob"]
+__all__ = ["SAC", "Actor", "TwinCritic", "batch_fields", "lecun_normal_", "metric_names",
+           "squashed_gaussian_log_prob"]
 
 _LOG_2PI = math.log(2 * math.pi)
 _LOG_2 = math.log(2.0)
+# The std of a unit normal truncated to [-2, 2]: dividing by it makes the truncated draws' std the
+# one asked for.
+_TRUNCATED_STD = 0.87962566103423978
+
+
+@torch.no_grad()
+def lecun_normal_(weight: torch.Tensor, fan_in: int) -> torch.Tensor:
+    """Fills weight in place with LeCun-normal values: a normal truncated at two standard
+    deviations, rescaled so that the values' std is 1 / sqrt(fan_in) (flax's default Dense
+    initialiser, which FuRL's release uses for its SAC networks and projection heads; about 1.7x the
+    spread of nn.Linear's default uniform(+-1 / sqrt(fan_in))). Returns weight."""
+    std = 1.0 / math.sqrt(fan_in) / _TRUNCATED_STD
+    return nn.init.trunc_normal_(weight, std=std, a=-2.0 * std, b=2.0 * std)
+
+
+def _linear(in_dim: int, out_dim: int) -> nn.Linear:
+    layer = nn.Linear(in_dim, out_dim)
+    lecun_normal_(layer.weight, in_dim)
+    nn.init.zeros_(layer.bias)
+    return layer
 
 
 def _mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for h in hidden:
-        layers += [nn.Linear(in_dim, h), nn.ReLU()]
+        layers += [_linear(in_dim, h), nn.ReLU()]
         in_dim = h
-    layers.append(nn.Linear(in_dim, out_dim))
+    layers.append(_linear(in_dim, out_dim))
     return nn.Sequential(*layers)
 
 
@@ -80,7 +101,10 @@ def squashed_gaussian_log_prob(
 
 
 class Actor(nn.Module):
-    """obs (B, obs_dim) -> tanh-squashed Gaussian over (B, act_dim) actions in [-1, 1]."""
+    """obs (B, obs_dim) -> tanh-squashed Gaussian over (B, act_dim) actions in [-1, 1].
+
+    Initialised like FuRL's release: LeCun-normal weights (lecun_normal_), zero biases.
+    """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], std_min: float):
         super().__init__()
@@ -104,8 +128,9 @@ class TwinCritic(nn.Module):
     """num_q independent Q-networks (obs, act) -> hidden -> 1, evaluated as one batched matmul per
     layer (weights stacked on a leading axis) instead of num_q separate small matmuls.
 
-    Initialised like nn.Linear (uniform +-1/sqrt(fan_in) for weights and biases). layer_norm=True
-    normalises every hidden layer (LayerNorm without learned scale and shift) before its ReLU.
+    Initialised like FuRL's release: LeCun-normal weights (lecun_normal_), zero biases.
+    layer_norm=True normalises every hidden layer (LayerNorm without learned scale and shift)
+    before its ReLU.
     """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], num_q: int = 2,
@@ -115,9 +140,8 @@ class TwinCritic(nn.Module):
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for d_in, d_out in itertools.pairwise(dims):
-            bound = 1.0 / math.sqrt(d_in)
-            self.weights.append(nn.Parameter(torch.empty(num_q, d_in, d_out).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(num_q, 1, d_out).uniform_(-bound, bound)))
+            self.weights.append(nn.Parameter(lecun_normal_(torch.empty(num_q, d_in, d_out), d_in)))
+            self.biases.append(nn.Parameter(torch.zeros(num_q, 1, d_out)))
         self.num_q = num_q
         self.layer_norm = layer_norm
 

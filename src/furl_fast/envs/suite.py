@@ -1,8 +1,8 @@
 """Environment suites: a family of tasks behind one interface, so that the trainer runs any of them.
 
 The env contract. suite.make_env(task, ...) returns a Gymnasium env whose
-- info["success"] is a bool on every reset and step: the task's success flag after the last repeated
-  action (False where the suite has no notion of success);
+- info["success"] is a bool on every reset and step: whether the task's success flag held after any
+  of the step's repeated actions (False where the suite has no notion of success);
 - info["vlm_frame"] is the (H, W, 3) uint8 upright RGB frame of the step, rendered once per agent step,
   when vlm_frames=True (render() returns the same array; without vlm_frames it renders on demand);
 - info["state"] is the full state the code reward's programs read: Meta-World's 39-d state with the
@@ -10,7 +10,8 @@ The env contract. suite.make_env(task, ...) returns a Gymnasium env whose
 - episodes truncate after max_episode_steps(task) simulator steps (max_episode_steps // action_repeat
   agent steps); Meta-World's never terminate, other suites' may;
 - reward="sparse" is success - 1 (a suite without success gives 0.0: the VLM reward alone);
-  reward="dense" is the task's own reward, summed over the repeated actions.
+  reward="dense" is the task's own reward; both per simulator step, summed over the repeated
+  actions (with action repeat 2 the sparse reward of an agent step is -2, -1 or 0).
 FuRL's phase A also needs a goal image: suite.goal_frame(task, ...) (Meta-World: the scripted expert's
 first success frame; Gymnasium: an image file the user names).
 
@@ -111,7 +112,7 @@ class Suite:
         return self.canonical_task(task).replace("/", "-").replace(":", "-")
 
     def sparse_reward(self, env: gym.Env) -> gym.Env:
-        """reward="sparse" on top of the stack: success - 1."""
+        """reward="sparse" on the raw task: success - 1 per simulator step."""
         return SparseSuccessReward(env)
 
     def worker_seed(self, seed: int, index: int, goal: str) -> int:
@@ -150,7 +151,8 @@ class Suite:
           resized).
         action_repeat: simulator steps per agent step; default 2 for pixels, 1 for state.
         vlm_frames: info["vlm_frame"] on every reset and step.
-        reward: "sparse" (success - 1) or "dense" (the task's own reward, summed over the repeats).
+        reward: "sparse" (success - 1) or "dense" (the task's own reward); either summed over the
+          repeats.
         fast_render: no shadows, no multisampling (about 6x faster in software rendering, MuJoCo).
         options: the suite's own (Suite.options).
         """
@@ -172,12 +174,12 @@ class Suite:
         self.check_options(options)
 
         env = self.task_env(task, seed=int(seed), goal=goal, fast_render=fast_render, **options)
+        if reward == "sparse":
+            env = self.sparse_reward(env)
         env = ActionRepeat(env, action_repeat)
         env = VLMFrame(env, in_info=vlm_frames)
         if obs == "pixels":
             env = FrameStack(PixelObservation(env, pixel_size), frame_stack)
-        if reward == "sparse":
-            env = self.sparse_reward(env)
         return env
 
     def make_vector_env(

@@ -1,11 +1,11 @@
 """The small Gymnasium wrappers every suite's env is built from (Suite.make_env stacks them):
 
     env = suite.task_env(task, ...)           # the raw task: info["success"], info["state"], render()
-    env = ActionRepeat(env, action_repeat)    # dense reward summed, the last step's info
+    env = SparseSuccessReward(env)            # reward="sparse": success - 1 per simulator step
+    env = ActionRepeat(env, action_repeat)    # rewards summed, success if any step had it
     env = VLMFrame(env, in_info=vlm_frames)   # one render per agent step, info["vlm_frame"]
     env = PixelObservation(env, pixel_size)   # obs="pixels": (3, P, P) uint8 of that same render
     env = FrameStack(env, frame_stack)        #   ... the last k of them, (3k, P, P)
-    env = SparseSuccessReward(env)            # reward="sparse": success - 1
 
 FrameInObservation (vector envs) moves the VLM frame from the info into the observation.
 """
@@ -41,20 +41,23 @@ class Wrapper(gym.Wrapper):
 
 class ActionRepeat(Wrapper):
     """Each action is applied `action_repeat` times (fewer when the episode ends first): the rewards
-    are summed, the observation and info are those of the last step."""
+    are summed (dense or sparse, as DrQ-v2's action repeat sums them), info["success"] is whether
+    any of the steps succeeded, the observation and the rest of the info are those of the last
+    step."""
 
     def __init__(self, env: gym.Env, action_repeat: int) -> None:
         super().__init__(env)
         self.action_repeat = positive_int("action_repeat", action_repeat)
 
     def step(self, action):
-        total = 0.0
+        total, success = 0.0, False
         for _ in range(self.action_repeat):
             obs, reward, terminated, truncated, info = self.env.step(action)
             total += float(reward)
+            success = success or bool(info["success"])
             if terminated or truncated:
                 break
-        return obs, total, terminated, truncated, info
+        return obs, total, terminated, truncated, {**info, "success": success}
 
 
 class VLMFrame(Wrapper):
@@ -152,7 +155,8 @@ class FrameStack(Wrapper):
 
 class SparseSuccessReward(Wrapper):
     """reward = info["success"] - 1: -1.0 until the task is solved, 0.0 while it is (FuRL's sparse
-    reward, from the success flag after the last repeated action)."""
+    reward). It wraps the raw task, so under action repeat the agent step's reward is the sum over
+    its simulator steps, like the dense reward's."""
 
     def step(self, action):
         obs, _, terminated, truncated, info = self.env.step(action)

@@ -24,7 +24,6 @@ so a positive's lag frame is simply the positive stored `lag` slots earlier.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from furl_fast.agents.sac import lecun_normal_
 from furl_fast.config import FuRLConfig
 
 __all__ = [
@@ -49,7 +49,8 @@ class ProjectionHead(nn.Module):
     """x (N, D) float32 -> relu(x @ w1 + b1) @ w2 + b2, (N, P) float32.
 
     Weights are stored input-major, w1 (D, H) and w2 (H, P): the layout furl_fast.ops.mlp_cosine_reward
-    takes, so handing them over needs no transpose or copy. Initialised like nn.Linear.
+    takes, so handing them over needs no transpose or copy. Initialised like FuRL's release:
+    LeCun-normal weights (std 1 / sqrt(fan_in), furl_fast.agents.sac.lecun_normal_), zero biases.
     """
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int):
@@ -59,9 +60,8 @@ class ProjectionHead(nn.Module):
 
     @staticmethod
     def _linear(d_in: int, d_out: int) -> tuple[nn.Parameter, nn.Parameter]:
-        bound = 1.0 / math.sqrt(d_in)
-        return (nn.Parameter(torch.empty(d_in, d_out).uniform_(-bound, bound)),
-                nn.Parameter(torch.empty(d_out).uniform_(-bound, bound)))
+        return (nn.Parameter(lecun_normal_(torch.empty(d_in, d_out), d_in)),
+                nn.Parameter(torch.zeros(d_out)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.b2, torch.relu(torch.addmm(self.b1, x, self.w1)), self.w2)

@@ -200,10 +200,18 @@ def _as_uint8_tensor(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
 # --- loading ------------------------------------------------------------------------------------
 class WeightsUnavailableError(RuntimeError):
     """The pretrained weights `tag` of `model` could not be had (not in the local cache, and no
-    download possible); `cache` is where a download would be stored, `reason` what failed."""
+    download possible); `cache` is where a download would be stored, `reason` what failed. For LIV
+    (model "liv") tag is None: its default weights, the release's model.pt."""
 
-    def __init__(self, model: str, tag: str, reason: str) -> None:
+    def __init__(self, model: str, tag: str | None, reason: str) -> None:
         self.model, self.tag, self.reason = model, tag, reason
+        if model == LIV:
+            import huggingface_hub.constants as hub
+
+            repo_dir = "models--" + LIV_HUB_REPO.replace("/", "--")
+            self.cache = f"{hub.HF_HUB_CACHE}/{repo_dir} (Hugging Face Hub repo {LIV_HUB_REPO})"
+            super().__init__(_no_liv_weights_message(reason))
+            return
         self.cache = _download_cache(model, tag)
         super().__init__(
             f"load_encoder: could not obtain the pretrained weights {tag!r} for {model!r}: {reason}. "
@@ -330,16 +338,18 @@ def _liv_hub_file() -> Path:
     except Exception as exc:  # noqa: BLE001  (any failure here means: not usable from the cache)
         cache_error = exc
     if _offline_requested():
-        raise RuntimeError(_no_liv_weights_message(
-            f"offline mode (HF_HUB_OFFLINE) and not in the local cache ({cache_error})")) from cache_error
+        raise WeightsUnavailableError(
+            LIV, None, f"offline mode (HF_HUB_OFFLINE) and not in the local cache ({cache_error})"
+        ) from cache_error
     host = _weights_host({"hf_hub": LIV_HUB_REPO})
     if not _host_reachable(host):
-        raise RuntimeError(_no_liv_weights_message(
-            f"not in the local cache and {host} is unreachable (no network?)")) from cache_error
+        raise WeightsUnavailableError(
+            LIV, None, f"not in the local cache and {host} is unreachable (no network?)"
+        ) from cache_error
     try:
         return Path(hf_hub_download(LIV_HUB_REPO, LIV_HUB_FILE))
     except Exception as exc:
-        raise RuntimeError(_no_liv_weights_message(f"download failed ({exc})")) from exc
+        raise WeightsUnavailableError(LIV, None, f"download failed ({exc})") from exc
 
 
 def _liv_state_dict(path: Path) -> dict[str, torch.Tensor]:
