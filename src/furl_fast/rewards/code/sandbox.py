@@ -42,14 +42,14 @@ import fcntl
 import json
 import logging
 import os
-import select
-import subprocess
-import sys
-import time
 import re
+import select
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,11 +59,11 @@ from furl_fast.rewards.code._worker import CODE_CHARS, HEADER, check_source, rea
 
 __all__ = [
     "ISOLATION_MODES",
-    "check_isolation",
     "RunResult",
     "Sandbox",
     "SandboxLimits",
     "SandboxUnavailable",
+    "check_isolation",
     "check_source",
     "sanitize_error",
 ]
