@@ -61,7 +61,7 @@ MAX_JSON_BYTES = 1 << 20
 
 
 def _no_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a number JSON allows")
+    raise ValueError(f"{name} is not a number JSON allows.")
 
 
 def read_json(path: Path) -> Any:
@@ -70,19 +70,19 @@ def read_json(path: Path) -> Any:
     try:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):
-            raise ValueError("is not a regular file.")
+            raise ValueError("not a regular file.")
         if info.st_size > MAX_JSON_BYTES:
-            raise ValueError(f"is {info.st_size} bytes, more than the {MAX_JSON_BYTES} a "
+            raise ValueError(f"{info.st_size} bytes, more than the {MAX_JSON_BYTES} a "
                              "configuration can take.")
         return json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
     except OSError as exc:
         raise ValueError(f"cannot be read ({exc.strerror or exc}).") from exc
     except RecursionError as exc:
-        raise ValueError("is nested too deeply to be a configuration.") from exc
+        raise ValueError("nested too deeply to be a configuration.") from exc
     except UnicodeDecodeError as exc:
-        raise ValueError(f"is not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
+        raise ValueError(f"not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
     except json.JSONDecodeError as exc:
-        raise ValueError(f"is not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno}).") from exc
+        raise ValueError(f"not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno}).") from exc
 
 
 def default_run_dir(cfg: Config, task_name: str) -> Path:
