@@ -7,7 +7,7 @@ atomically (a temporary file, then os.replace), so a crash leaves the previous c
 Nothing read back from a run directory can run code: config.json is checked field by field, and
 state.pt is checksummed and holds only tensors and plain values (see save_state).
 
-    python -m furl_fast.runs convert RUN_DIR   # a checkpoint of an earlier version, if you trust it
+    python -m furl_fast.runs convert RUN_DIR   # an earlier version's checkpoint (convert_checkpoint)
 """
 
 from __future__ import annotations
@@ -51,12 +51,12 @@ def saved_config(run_dir: Path) -> Config:
         raise ValueError(f"--resume {run_dir}: no checkpoint there ({CHECKPOINT_DIR}/{STATE_FILE}); "
                          "give the run directory of an interrupted or finished run.")
     try:
-        return config_from_dict(Config, read_json(run_dir / "config.json"))
+        return config_from_dict(Config, _read_config_json(run_dir / "config.json"))
     except ValueError as exc:
         raise ValueError(f"--resume {run_dir}: config.json: {exc}") from exc
 
 
-MAX_JSON_BYTES = 1 << 20
+MAX_CONFIG_BYTES = 1 << 20
 """A run's config.json takes a few kilobytes; a larger file is refused unread."""
 
 
@@ -64,15 +64,15 @@ def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number JSON allows.")
 
 
-def read_json(path: Path) -> Any:
-    """path's JSON value; ValueError with one line (never a traceback) for a missing, oversized,
-    undecodable or too deeply nested file."""
+def _read_config_json(path: Path) -> Any:
+    """config.json's JSON value; ValueError with one line for a missing, oversized, undecodable or
+    too deeply nested file."""
     try:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):
             raise ValueError("not a regular file.")
-        if info.st_size > MAX_JSON_BYTES:
-            raise ValueError(f"{info.st_size} bytes, more than the {MAX_JSON_BYTES} a "
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{info.st_size} bytes, more than the {MAX_CONFIG_BYTES} a "
                              "configuration can take.")
         return json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
     except OSError as exc:
@@ -186,8 +186,8 @@ def load_state(path: Path) -> dict[str, Any]:
         data = f.read()
     if data[:4] == b"PK\x03\x04":  # a plain torch.save archive: what earlier versions wrote
         raise ValueError(
-            f"{path} is a checkpoint of an earlier furl_fast version, which is read by unpickling "
-            f"and has no checksum; convert it with `python -m furl_fast.runs convert "
+            f"{path} is a checkpoint of an earlier furl_fast version (no checksum, pickled numpy "
+            f"objects); convert it with `python -m furl_fast.runs convert "
             f"{path.parent.parent}` (it runs nothing from the file), then resume again.")
     if len(data) < _STATE_HEADER.size:
         raise ValueError(f"{path} is damaged or incomplete ({len(data)} bytes, less than a "
