@@ -257,9 +257,11 @@ def test_state_round_trip_keeps_every_value_and_type(tmp_path):
              "arrays": [np.arange(5, dtype=np.int64), np.ones(3, bool), np.zeros((2, 0), np.float32)],
              "optimizer": {"state": {0: {"step": torch.tensor(3.0)}},
                            "param_groups": [{"betas": (0.9, 0.999), "foreach": None}]},
-             "phase": "B", "recent": [1.0, 0.0]}
+             "phase": "B", "recent": [1.0, 0.0], "head": torch.nn.Linear(2, 3).state_dict()}
     save_state(tmp_path / STATE_FILE, state)
-    assert_same(load_state(tmp_path / STATE_FILE), state)
+    loaded = load_state(tmp_path / STATE_FILE)
+    assert_same(loaded, state)
+    assert loaded["head"]._metadata == state["head"]._metadata  # a module's state_dict versions
     assert not (tmp_path / (STATE_FILE + ".tmp")).exists()
     with pytest.raises(TypeError, match="got a builtins.set"):
         save_state(tmp_path / STATE_FILE, {"step": 1, "replay": None, "x": {1}})

@@ -25,6 +25,7 @@ import stat
 import struct
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -219,8 +220,8 @@ def load_state(path: Path) -> dict[str, Any]:
 
 
 def _to_payload(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _to_payload(v) for k, v in x.items()}
+    if type(x) in (dict, OrderedDict):
+        return _same_dict(x, {k: _to_payload(v) for k, v in x.items()})
     if isinstance(x, (list, tuple)):
         items = [_to_payload(v) for v in x]
         return tuple(items) if isinstance(x, tuple) else items
@@ -233,11 +234,20 @@ def _to_payload(x: Any) -> Any:
                     f"{type(x).__qualname__}.")
 
 
+def _same_dict(like: dict, items: dict) -> dict:
+    """items as a dict of like's type; a module's state_dict (an OrderedDict) keeps its _metadata."""
+    if type(like) is dict:
+        return items
+    out = OrderedDict(items)
+    out.__dict__.update(like.__dict__)
+    return out
+
+
 def _from_payload(x: Any) -> Any:
     if isinstance(x, dict):
         if list(x) == [_NDARRAY]:
             return x[_NDARRAY].numpy()
-        return {k: _from_payload(v) for k, v in x.items()}
+        return _same_dict(x, {k: _from_payload(v) for k, v in x.items()})
     if isinstance(x, (list, tuple)):
         items = [_from_payload(v) for v in x]
         return tuple(items) if isinstance(x, tuple) else items
