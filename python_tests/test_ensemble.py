@@ -11,6 +11,7 @@ import torch
 from furl_fast.agents.ensemble import SACEnsemble, split_state_dict, stack_state_dicts
 from furl_fast.agents.sac import SAC
 from furl_fast.config import SACConfig
+from furl_fast.runs import load_state
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -253,7 +254,7 @@ def test_trainer_trains_both_agents_as_one_until_relay_ends_then_freezes_the_rel
         assert isinstance(trainer.agent, EnsembleMember) and trainer.ensemble is not None
         trainer.run([])
         assert "losses/relay_critic" in trainer.update(log=True)
-        state = torch.load(trainer.save_checkpoint(), weights_only=False)
+        state = load_state(trainer.save_checkpoint())
         relay_before = state["relay_agent"]
         SAC(39, 4, cfg.sac).load_state_dict(state["agent"])  # a plain SAC agent's state
 
@@ -268,7 +269,7 @@ def test_trainer_trains_both_agents_as_one_until_relay_ends_then_freezes_the_rel
         assert float(furl_after["optimizer"]["state"][0]["step"]) == \
             float(state["agent"]["optimizer"]["state"][0]["step"]) + 4
         assert not torch.equal(furl_after["actor"]["net.0.weight"], state["agent"]["actor"]["net.0.weight"])
-        after = torch.load(trainer.save_checkpoint(), weights_only=False)
+        after = load_state(trainer.save_checkpoint())
         _assert_states_close(after["relay_agent"], relay_before, rtol=0, atol=0)
 
         # Resuming: a checkpoint from before relay ended loads into the ensemble again, one from

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from furl_fast import ReplayBuffer
-from furl_fast.runs import CHECKPOINT_DIR, STATE_FILE
+from furl_fast.runs import CHECKPOINT_DIR, STATE_FILE, load_state, save_state
 from furl_fast.train import nstep_vlm_reward, updates_due
 
 # Per agent: total steps, warm-up, checkpoint interval (simulator steps), batch. State SAC: two
@@ -52,7 +52,7 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Comp
 
 
 def replay_len(run_dir: Path) -> int:
-    state = torch.load(run_dir / CHECKPOINT_DIR / STATE_FILE, weights_only=False)
+    state = load_state(run_dir / CHECKPOINT_DIR / STATE_FILE)
     return len(ReplayBuffer.load(run_dir / CHECKPOINT_DIR / state["replay"])), state["step"]
 
 
@@ -158,7 +158,7 @@ def test_resume_extends_a_finished_run_with_or_without_the_replay_in_checkpoints
     assert config["total_steps"] == 700 and config["checkpoint_replay"] is False
     assert json.loads((run_dir / "eval.json").read_text())["step"] == 700
     assert eval_steps() == [0, 600, 700]  # a resume does not evaluate step 0 again
-    state = torch.load(run_dir / CHECKPOINT_DIR / STATE_FILE, weights_only=False)
+    state = load_state(run_dir / CHECKPOINT_DIR / STATE_FILE)
     assert state["step"] == 700 and state["replay"] is None
     assert not list((run_dir / CHECKPOINT_DIR).glob("replay-*"))  # the old one is gone too
 
@@ -182,7 +182,7 @@ def fake_run(run_dir: Path, damage: str) -> None:
     buf.start_episode(np.zeros(39, np.float32))
     buf.add(np.ones(39, np.float32), np.zeros(4, np.float32), 0.0, False, False)
     buf.save(ckpt / "replay-0000000001.bin")
-    torch.save({"step": 1, "replay": "replay-0000000001.bin"}, ckpt / STATE_FILE)
+    save_state(ckpt / STATE_FILE, {"step": 1, "replay": "replay-0000000001.bin"})
     damaged = ckpt / (STATE_FILE if damage == "state" else "replay-0000000001.bin")
     damaged.write_bytes(damaged.read_bytes()[:-20])
 
@@ -202,7 +202,7 @@ BAD_INPUT = {
                            "cannot read 'TMP/random.pt' as a checkpoint (UnpicklingError)"),
     "weights not cached": (["--vlm.pretrained", "openai"], "offline",
                            "--vlm.pretrained openai: the weights of RN50 are not in the local cache"),
-    "truncated state.pt": (["--resume", "RUN"], "state", "its checkpoint is damaged or incomplete"),
+    "truncated state.pt": (["--resume", "RUN"], "state", "state.pt is damaged or incomplete"),
     "truncated replay": (["--resume", "RUN"], "replay", "is truncated or has trailing data"),
     "resume changes a setting": (["--resume", "RUN", "--seed", "3"], "ok",
                                  "--seed cannot change on a resume"),

@@ -6,6 +6,10 @@ settings. Call `Config.validate()` before any training starts.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import types
+import typing
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal, Union
@@ -664,22 +668,85 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def config_from_dict(cls: type, data: dict[str, Any]):
-    """Rebuilds (nested) frozen dataclasses from config_to_dict's output; lists become tuples."""
+def config_from_dict(cls: type, data: Any, prefix: str = ""):
+    """Rebuilds (nested) frozen dataclasses from config_to_dict's output, strictly: every field present,
+    no other, each of its declared type (a list for a tuple; an integer is taken as a float). Raises
+    ValueError naming the first field that is not, e.g. 'field "sac.tau" must be a float, got "abc".'
+    prefix: the dotted name of data's section in the messages ("sac.")."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{_field(prefix.rstrip('.'))} must be an object, got {_shown(data)}.")
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in fields:
+            raise ValueError(f'field "{prefix}{key}" is unknown.')
+    hints = typing.get_type_hints(cls)
     kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        field_type = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        if cls is Config and f.name == "reward":
-            value = _reward_from_dict(value)
-        elif dataclasses.is_dataclass(field_type):
-            value = config_from_dict(field_type, value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[f.name] = value
+    for name in fields:
+        if name not in data:
+            raise ValueError(f'field "{prefix}{name}" is missing.')
+        if cls is Config and name == "reward":
+            kwargs[name] = _reward_from_dict(data[name])
+        else:
+            kwargs[name] = _typed(prefix + name, hints[name], data[name])
     return cls(**kwargs)
+
+
+def _field(name: str) -> str:
+    return f'field "{name}"' if name else "the configuration"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
+
+
+def _described(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _described(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_described(args[0]).split(' ', 1)[1]}s"
+    if dataclasses.is_dataclass(hint):
+        return "an object"
+    return _TYPE_NAMES[hint]
+
+
+def _typed(name: str, hint: Any, value: Any, expected: str | None = None) -> Any:
+    """value as a field of type hint (dotted name: name), or ValueError saying it must be expected
+    (default: hint described)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return config_from_dict(hint, value, name + ".")
+    if origin in (Union, types.UnionType):  # only X | None among the config's fields
+        (inner,) = [a for a in args if a is not type(None)]
+        return None if value is None else _typed(name, inner, value, _described(hint))
+    if origin is tuple and isinstance(value, (list, tuple)):  # tuple[X, ...]
+        return tuple(_typed(f"{name}[{i}]", args[0], v) for i, v in enumerate(value))
+    if not _matches(hint, value):
+        raise ValueError(f"{_field(name)} must be {expected or _described(hint)}, got {_shown(value)}.")
+    return float(value) if hint is float else value
+
+
+def _matches(hint: Any, value: Any) -> bool:
+    """Whether value is of the scalar type hint (JSON has no separate int and bool: bool is apart)."""
+    if typing.get_origin(hint) is Literal:
+        return isinstance(value, str) and value in typing.get_args(hint)
+    if hint is bool or isinstance(value, bool):
+        return hint is bool and isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int)
+    if hint is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return hint is str and isinstance(value, str)
 
 
 def _reward_from_dict(value: Any) -> Any:
@@ -687,11 +754,14 @@ def _reward_from_dict(value: Any) -> Any:
         return AutoRewardConfig()
     if isinstance(value, str):  # a bare name: the reward with its default options
         value = {"name": value}
+    if not isinstance(value, dict):
+        raise ValueError(f'field "reward" must be an object, got {_shown(value)}.')
     options = dict(value)
     name = options.pop("name", None)
-    if name not in REWARD_CONFIG_CLASSES:
-        raise ValueError(f"reward {name!r} is unknown; use one of {', '.join(REWARDS)}.")
-    return config_from_dict(REWARD_CONFIG_CLASSES[name], options)
+    if not isinstance(name, str) or name not in REWARD_CONFIG_CLASSES:
+        raise ValueError(f'field "reward.name" must be one of '
+                         f"{', '.join(json.dumps(n) for n in REWARD_CONFIG_CLASSES)}, got {_shown(name)}.")
+    return config_from_dict(REWARD_CONFIG_CLASSES[name], options, "reward.")
 
 
 def changed_fields(a: Config, b: Config) -> list[str]:

@@ -3,16 +3,29 @@
 A run directory holds config.json, metrics.csv, TensorBoard events (tb/), evaluation videos
 (videos/), eval.json and checkpoints/ (state.pt, which names its replay file). Every file is written
 atomically (a temporary file, then os.replace), so a crash leaves the previous complete version.
+
+Nothing read back from a run directory can run code: config.json is checked field by field, and
+state.pt is checksummed and holds only tensors and plain values (see save_state).
+
+    python -m furl_fast.runs convert RUN_DIR   # an earlier version's checkpoint (convert_checkpoint)
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import hashlib
+import io
 import json
 import logging
 import os
 import random
+import re
+import stat
+import struct
+import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +52,38 @@ def saved_config(run_dir: Path) -> Config:
         raise ValueError(f"--resume {run_dir}: no checkpoint there ({CHECKPOINT_DIR}/{STATE_FILE}); "
                          "give the run directory of an interrupted or finished run.")
     try:
-        return config_from_dict(Config, json.loads((run_dir / "config.json").read_text()))
-    except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise ValueError(f"--resume {run_dir}: cannot read its config.json ({exc}).") from exc
+        return config_from_dict(Config, _read_config_json(run_dir / "config.json"))
+    except ValueError as exc:
+        raise ValueError(f"--resume {run_dir}: config.json: {exc}") from exc
+
+
+MAX_CONFIG_BYTES = 1 << 20
+"""A run's config.json takes a few kilobytes; a larger file is refused unread."""
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows.")
+
+
+def _read_config_json(path: Path) -> Any:
+    """config.json's JSON value; ValueError with one line for a missing, oversized, undecodable or
+    too deeply nested file."""
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file.")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{info.st_size} bytes, more than the {MAX_CONFIG_BYTES} a "
+                             "configuration can take.")
+        return json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({exc.strerror or exc}).") from exc
+    except RecursionError as exc:
+        raise ValueError("nested too deeply to be a configuration.") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno}).") from exc
 
 
 def default_run_dir(cfg: Config, task_name: str) -> Path:
@@ -82,18 +124,17 @@ def prepare(cfg: Config, task_name: str) -> tuple[Config, Path, dict[str, Any] |
 
 
 def read_checkpoint(run_dir: Path) -> dict[str, Any]:
-    """The checkpoint's state (state.pt), with its replay file's header checked."""
+    """The checkpoint's state (state.pt, see load_state), with its replay file's header checked."""
     from furl_fast.replay import ReplayBuffer
 
     path = run_dir / CHECKPOINT_DIR / STATE_FILE
-    try:  # our own file (it holds RNG states, which need full unpickling)
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = load_state(path)
         if state["replay"] is not None:
             ReplayBuffer.check_file(run_dir / CHECKPOINT_DIR / state["replay"])
-    except Exception as exc:  # noqa: BLE001  (truncated zip, bad pickle, missing key: all damage)
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"--resume {run_dir}: its checkpoint is damaged or incomplete ({message}); "
-                         "nothing was changed.") from exc
+    except (OSError, ValueError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        raise ValueError(f"--resume {run_dir}: {message.rstrip('.')}; nothing was changed.") from exc
     return state
 
 
@@ -106,13 +147,155 @@ def write_checkpoint(run_dir: Path, state: dict[str, Any], buffer=None, step: in
     replay_name = f"replay-{step:010d}.bin" if buffer is not None else None
     if replay_name is not None:
         buffer.save(ckpt / replay_name)
-    tmp = ckpt / (STATE_FILE + ".tmp")
-    torch.save({**state, "replay": replay_name}, tmp)
-    os.replace(tmp, ckpt / STATE_FILE)
+    save_state(ckpt / STATE_FILE, {**state, "replay": replay_name})
     for old in ckpt.glob("replay-*.bin"):
         if old.name != replay_name:
             old.unlink()
     return ckpt / STATE_FILE
+
+
+# state.pt: a header, then torch.save's bytes (the payload). The header is the magic, the format
+# version (uint32), the payload's size (uint64, little-endian) and its SHA-256, so that a file cut
+# short or with a single flipped bit is refused before torch.load reads it. torch.load runs with
+# weights_only=True: the payload may hold only tensors and plain values, never an object to
+# construct, so a file crafted to run code is refused unread.
+STATE_MAGIC = b"furl_fast state\n"
+STATE_VERSION = 1
+_STATE_HEADER = struct.Struct("<16sIQ32s")
+_NDARRAY = "__numpy.ndarray__"  # {_NDARRAY: tensor} in the payload stands for a numpy array
+_REPLAY_NAME = re.compile(r"replay-[0-9]+\.bin")
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Writes state atomically in state.pt's format. state: tensors, numpy arrays (numeric or bool),
+    numbers, strings, None, and lists, tuples and dicts of them (as load_state gives them back)."""
+    buf = io.BytesIO()
+    torch.save(_to_payload(state), buf)
+    payload = buf.getbuffer()
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(_STATE_HEADER.pack(STATE_MAGIC, STATE_VERSION, len(payload),
+                                   hashlib.sha256(payload).digest()))
+        f.write(payload)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """save_state's state back, on the CPU. ValueError (one line naming path) for a file that is not
+    a complete, unaltered furl_fast checkpoint of this format; nothing in it is run."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] == b"PK\x03\x04":  # a plain torch.save archive: what earlier versions wrote
+        raise ValueError(
+            f"{path} is a checkpoint of an earlier furl_fast version (no checksum, pickled numpy "
+            f"objects); convert it with `python -m furl_fast.runs convert "
+            f"{path.parent.parent}` (it runs nothing from the file), then resume again.")
+    if len(data) < _STATE_HEADER.size:
+        raise ValueError(f"{path} is damaged or incomplete ({len(data)} bytes, less than a "
+                         "checkpoint's header).")
+    magic, version, size, digest = _STATE_HEADER.unpack_from(data)
+    if magic != STATE_MAGIC:
+        raise ValueError(f"{path} is not a furl_fast checkpoint (it does not start with one's "
+                         "header).")
+    if version != STATE_VERSION:
+        raise ValueError(f"{path} has the unknown checkpoint format version {version} (this "
+                         f"furl_fast reads version {STATE_VERSION}).")
+    payload = memoryview(data)[_STATE_HEADER.size:]
+    if len(payload) != size:
+        raise ValueError(f"{path} is damaged or incomplete (its header gives {size} bytes of state, "
+                         f"the file holds {len(payload)}).")
+    if hashlib.sha256(payload).digest() != digest:
+        raise ValueError(f"{path} is damaged (its contents do not match their SHA-256 checksum).")
+    try:
+        state = _from_payload(torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True))
+    except Exception as exc:  # noqa: BLE001  (the unpickler refusing an object, or a broken archive)
+        raise ValueError(f"{path} holds more than tensors and plain values, which no furl_fast "
+                         f"checkpoint does ({type(exc).__name__}); refused unread.") from exc
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= 0
+            and "replay" in state
+            and (state["replay"] is None or (isinstance(state["replay"], str)
+                                             and _REPLAY_NAME.fullmatch(state["replay"])))):
+        raise ValueError(f"{path} is not a furl_fast checkpoint (no step, or no replay file name).")
+    return state
+
+
+def _to_payload(x: Any) -> Any:
+    if type(x) in (dict, OrderedDict):
+        return _same_dict(x, {k: _to_payload(v) for k, v in x.items()})
+    if isinstance(x, (list, tuple)):
+        items = [_to_payload(v) for v in x]
+        return tuple(items) if isinstance(x, tuple) else items
+    if isinstance(x, np.ndarray):
+        return {_NDARRAY: torch.from_numpy(np.ascontiguousarray(x))}
+    if x is None or isinstance(x, (torch.Tensor, int, float, str)):
+        return x
+    raise TypeError(f"save_state: a checkpoint holds tensors, numpy arrays, numbers, strings, None "
+                    f"and lists, tuples and dicts of them; got a {type(x).__module__}."
+                    f"{type(x).__qualname__}.")
+
+
+def _same_dict(like: dict, items: dict) -> dict:
+    """items as a dict of like's type; a module's state_dict (an OrderedDict) keeps its _metadata."""
+    if type(like) is dict:
+        return items
+    out = OrderedDict(items)
+    out.__dict__.update(like.__dict__)
+    return out
+
+
+def _from_payload(x: Any) -> Any:
+    if isinstance(x, dict):
+        if list(x) == [_NDARRAY]:
+            return x[_NDARRAY].numpy()
+        return _same_dict(x, {k: _from_payload(v) for k, v in x.items()})
+    if isinstance(x, (list, tuple)):
+        items = [_from_payload(v) for v in x]
+        return tuple(items) if isinstance(x, tuple) else items
+    return x
+
+
+def convert_checkpoint(run_dir: Path) -> int:
+    """Rewrites RUN_DIR's checkpoint of an earlier furl_fast version (a plain torch.save file, whose
+    RNG states hold pickled numpy arrays) in save_state's format; returns its step. Reading it still
+    runs no code: torch.load's weights_only unpickler, allowed numpy's array constructor and its
+    numeric dtypes. The old file has no checksum: damage in it is carried over unnoticed."""
+    path = run_dir / CHECKPOINT_DIR / STATE_FILE
+    with open(path, "rb") as f:
+        if f.read(len(STATE_MAGIC)) == STATE_MAGIC:
+            raise ValueError(f"{path} is in the current format already; resume the run as it is.")
+    dtypes = {type(np.dtype(c)) for c in np.typecodes["AllInteger"] + np.typecodes["AllFloat"] + "?"}
+    # numpy's array constructor; pickled by numpy 2 as numpy._core.multiarray's, by numpy 1 as
+    # numpy.core.multiarray's.
+    reconstruct = np.empty(0).__reduce__()[0]
+    numpy_arrays = [np.ndarray, np.dtype, bytes, reconstruct,
+                    (reconstruct, "numpy.core.multiarray._reconstruct"), *dtypes]
+    try:
+        with torch.serialization.safe_globals(numpy_arrays):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        step = state["step"]
+    except Exception as exc:  # noqa: BLE001  (not a torch file, a checkpoint, or one without objects)
+        raise ValueError(f"{path} cannot be read as a checkpoint of an earlier furl_fast version: it "
+                         "is damaged or holds objects no checkpoint holds; nothing was changed.") from exc
+    save_state(path, state)
+    return step
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m furl_fast.runs",
+        description="Converts the checkpoint of a run written by an earlier furl_fast version to the "
+                    "current format (checksummed, read without unpickling any object). Nothing in the "
+                    "old file is run; it has no checksum, so convert only a file you know is intact.")
+    parser.add_argument("action", choices=["convert"])
+    parser.add_argument("run_dir", type=Path, help="the run directory (it holds checkpoints/state.pt)")
+    args = parser.parse_args(argv)
+    try:
+        step = convert_checkpoint(args.run_dir)
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"furl_fast.runs: {' '.join(str(exc).split())}", file=sys.stderr)
+        sys.exit(2)
+    print(f"converted {args.run_dir / CHECKPOINT_DIR / STATE_FILE} (step {step}); continue the run "
+          f"with --resume {args.run_dir}.")
 
 
 def seed_everything(seed: int) -> None:
@@ -155,3 +338,7 @@ def write_video(stem: Path, frames: list[np.ndarray], fps: int = 30) -> Path:
         path = stem.with_suffix(".gif")
         imageio.mimwrite(path, frames, duration=1000 / fps)
     return path
+
+
+if __name__ == "__main__":
+    main()

@@ -192,14 +192,14 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def checkpoint_step(run_dir: Path) -> int | None:
-    import torch
-
-    from furl_fast.runs import CHECKPOINT_DIR, STATE_FILE
+    """The step of the run's checkpoint; None without one. ValueError (naming the file) for a
+    checkpoint that a resume would refuse: damaged, of an earlier version, or not furl_fast's."""
+    from furl_fast.runs import CHECKPOINT_DIR, STATE_FILE, load_state
 
     state = run_dir / CHECKPOINT_DIR / STATE_FILE
     if not state.exists():
         return None
-    return int(torch.load(state, map_location="cpu", weights_only=False)["step"])
+    return load_state(state)["step"]
 
 
 def clear_run_dir(run_dir: Path) -> None:
@@ -229,7 +229,12 @@ def execute_run(run_dir: str, train_args: list[str], attempt: int, attempts: int
         lock.flush()
         if is_finished(path):  # by a trainer that held the lock
             return {"code": 0, "finished": True, "resumed_from": None, "seconds": None}
-        resumed_from = checkpoint_step(path)
+        try:
+            resumed_from = checkpoint_step(path)
+        except (OSError, ValueError) as exc:  # left as it is: the log says why, the user decides
+            with open(path / RUN_LOG, "a") as log:
+                log.write(f"furl_fast.sweep: cannot resume {path}: {exc}\n")
+            return {"code": 2, "finished": False, "resumed_from": None, "seconds": 0.0}
         if resumed_from is None:
             clear_run_dir(path)
             argv = [*train_args, "--run-dir", str(path)]
