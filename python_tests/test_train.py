@@ -376,7 +376,7 @@ def test_cli_code_reward_stores_each_episodes_progress(tmp_path, agent):
               if ",charts/vlm_reward," in line]
     assert values and all(0.0 <= v <= 1.0 for v in values)
 
-    state = torch.load(run_dir / CHECKPOINT_DIR / STATE_FILE, weights_only=False)
+    state = load_state(run_dir / CHECKPOINT_DIR / STATE_FILE)
     buffer = ReplayBuffer.load(run_dir / CHECKPOINT_DIR / state["replay"])
     progress, states = {}, {}  # (episode, step) -> stored progress, observation
     for _ in range(20):  # sampling with replacement sees (nearly) every transition
