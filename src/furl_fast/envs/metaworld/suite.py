@@ -68,6 +68,15 @@ class MetaWorldSuite(Suite):
 
         return REFERENCE_PROGRAM_SETS.get(metaworld_name(task))
 
+    def rollout(self, task: str, seed: int, policy: Literal["expert", "random"], *, goal: str,
+                max_steps: int, render: bool, fast_render: bool = True, **options: Any):
+        from furl_fast.envs.metaworld import rollout
+
+        self.check_options(options)
+        run = {"expert": rollout.expert_rollout, "random": rollout.random_rollout}[policy]
+        return run(task, seed, goal=goal, max_steps=max_steps, render=render,
+                   fast_render=fast_render, **options)
+
     def negative_prompts(self, task: str) -> list[str]:
         """The other MT10 tasks' prompts."""
         own = MT10_PROMPTS.get(canonical_task(task))
