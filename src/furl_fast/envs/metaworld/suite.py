@@ -4,6 +4,7 @@ reference code-reward programs)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import gymnasium as gym
@@ -74,8 +75,10 @@ class MetaWorldSuite(Suite):
 
         self.check_options(options)
         run = {"expert": rollout.expert_rollout, "random": rollout.random_rollout}[policy]
-        return run(task, seed, goal=goal, max_steps=max_steps, render=render,
-                   fast_render=fast_render, **options)
+        episode = run(task, seed, goal=goal, max_steps=max_steps, render=render,
+                      fast_render=fast_render, **options)
+        # Programs read info["state"] in training (the goal filled in), not the observation.
+        return dataclasses.replace(episode, states=episode.env_states)
 
     def negative_prompts(self, task: str) -> list[str]:
         """The other MT10 tasks' prompts."""
