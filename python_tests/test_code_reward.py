@@ -787,7 +787,7 @@ def test_program_set_files_are_checked_before_they_are_parsed(tmp_path) -> None:
     deep.write_text("[" * 100_000 + "]" * 100_000)  # past json's recursion limit
     text = tmp_path / "text.json"
     text.write_text('{"subtasks": [{"description": "[[[[[[[[[[{{{{", "program": "x"}]}')
-    with pytest.raises(ValueError, match=r"big\.json.*more than 1048576"):
+    with pytest.raises(ValueError, match=r"big\.json.*more than the 1048576"):
         load_program_set("t", str(big), None)
     with pytest.raises(ValueError, match=r"deep\.json.*nests deeper"):
         load_program_set("t", str(deep), None)
