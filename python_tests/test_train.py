@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from furl_fast import ReplayBuffer
+from furl_fast.rewards.code import ProgramSet
 from furl_fast.runs import CHECKPOINT_DIR, STATE_FILE
 from furl_fast.train import nstep_vlm_reward, updates_due
 
@@ -382,9 +383,10 @@ def test_code_reward_sets_that_fail_verification_or_all_rejected_stop_with_one_l
     fast = ["--reward.verify-expert", "1", "--reward.verify-random", "2", "--run-dir", str(tmp_path / "r")]
     result = run_cli(["--algo", "vlm", "--reward", "code", "--reward.programs", str(programs),
                       "--task", "reach", *fast], tmp_path, timeout=300)
-    assert result.returncode == 2 and "failed verification" in result.stderr, result.stderr
-    assert "100%/100%" in result.stderr and "--reward.allow-unverified" in result.stderr
-    assert result.stderr.strip().count("\n") == 0 and not (tmp_path / "r").exists()
+    error = result.stderr.strip().splitlines()[-1]  # one line, after the log lines
+    assert result.returncode == 2 and error.startswith("furl_fast.train:"), result.stderr
+    assert "failed verification" in error and "100%/100%" in error and "--reward.allow-unverified" in error
+    assert not (tmp_path / "r").exists()
     hostile = tmp_path / "hostile.json"
     ProgramSet("reach-v3", ["a"], ["import os\ndef done(frame, state):\n    return True\n"]).save(hostile)
     result = run_cli(["--algo", "vlm", "--reward", "code", "--reward.programs", str(hostile),

@@ -315,7 +315,7 @@ def verify_on_suite(
 
     def episodes(policy: str, count: int) -> Iterator[EpisodeLike]:
         for i in range(count):
-            log.info("verification: %s rollout %d of %d", policy, i + 1, count)
+            log.debug("verification: %s rollout %d of %d", policy, i + 1, count)
             yield suite.rollout(task, settings.seed + i, policy, goal=settings.goal,
                                 max_steps=described["max_steps"], render=render,
                                 fast_render=settings.fast_render, **dict(settings.options))
