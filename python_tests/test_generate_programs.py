@@ -33,7 +33,7 @@ def generate(tmp_path: Path, url: str, *extra: str, key: str | None = KEY):
         env["OPENAI_API_KEY"] = key
     return subprocess.run([sys.executable, "-m", "furl_fast.generate_programs", "--base-url", url,
                            *FAST, "--out", str(tmp_path / "reach.json"), *extra], env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
 
 
 def no_key_anywhere(tmp_path: Path, server: FakeVLM) -> None:
@@ -76,14 +76,14 @@ def test_rejected_then_corrected_set_is_written_audited_and_trains(tmp_path):
          "--warmup-steps", "200", "--batch-size", "16", "--eval-every", "300", "--no-eval-video",
          "--checkpoint-every", "300", "--sac.hidden-dims", "16", "16", "--device", "cpu",
          "--torch-threads", "1", "--run-dir", str(run_dir)],
-        env=env, capture_output=True, text=True, timeout=600)
+        env=env, capture_output=True, text=True, timeout=600, check=False)
     assert train.returncode == 0, train.stderr[-3000:]
     assert json.loads((run_dir / "config.json").read_text())["reward"]["allow_unverified"] is False
 
 
 @pytest.mark.slow
 def test_malformed_json_then_a_429_then_a_set(tmp_path):
-    with FakeVLM(["Sure! ```json\n{\"subtasks\": [{\"program\": \n```", 429,
+    with FakeVLM([("Sure! ```json\n{\"subtasks\": [{\"program\": \n```"), 429,
                   reply(reference_program_set("reach"), prose=False)]) as server:
         result = generate(tmp_path, server.url, "--rounds", "2", "--max-retries", "2")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -106,9 +106,9 @@ def test_timeout_is_one_line_and_the_transcript_is_kept(tmp_path):
 @pytest.mark.slow
 def test_hostile_code_is_rejected_reported_and_never_run(tmp_path):
     marker = tmp_path / "pwned"
-    hostile = ProgramSet("reach-v3", ["escape"], [
-        f"import os\nos.system('touch {marker}')\nopen('{marker}', 'w')\n"
-        "def done(frame, state):\n    return True\n"])
+    source = (f"import os\nos.system('touch {marker}')\nopen('{marker}', 'w')\n"
+              "def done(frame, state):\n    return True\n")
+    hostile = ProgramSet("reach-v3", ["escape"], [source])
     with FakeVLM([reply(hostile)]) as server:
         result = generate(tmp_path, server.url, "--rounds", "1")
     assert result.returncode == 1 and "no program set passed" in result.stderr

@@ -13,24 +13,24 @@ import json
 import logging
 import os
 import tempfile
-from pathlib import Path
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from furl_fast.rewards.code.program_set import ProgramSet, progress_from_done
 from furl_fast.rewards.code._worker import reads_frame
+from furl_fast.rewards.code.program_set import ProgramSet, progress_from_done
 from furl_fast.rewards.code.sandbox import Sandbox, SandboxLimits
 
 __all__ = [
     "EpisodeLike",
     "ProgramReport",
+    "RolloutSettings",
     "VerificationReport",
     "VerifierConfig",
-    "RolloutSettings",
     "evaluate_programs",
     "verify",
     "verify_on_suite",
@@ -170,7 +170,7 @@ def evaluate_programs(
                 states = np.asarray(ep.states)
                 frames = ep.frames if ep.frames is not None else np.zeros(
                     (len(states), 1, 1, 3), np.uint8)
-                results = list(pool.map(lambda box: box.run_episode(frames, states), boxes))
+                results = list(pool.map(lambda box, f=frames, s=states: box.run_episode(f, s), boxes))
                 done.append(np.stack([r.done for r in results], axis=1).reshape(len(states), -1))
                 for k, r in enumerate(results):
                     errors[k].append(
