@@ -6,7 +6,9 @@ Three methods on the same tasks, seeds and step budget, state-based SAC (FuRL's 
 LayerNorm in the critics: SAC_FLAGS), fixed goal:
 - sac+dense: Meta-World's own shaped reward (the oracle upper bound; no VLM, no weights needed);
 - sac: the sparse reward success - 1 alone (FuRL's setting without any VLM);
-- vlm+code: the sparse reward plus the code reward of the task's reference checker programs.
+- sac+code-ref: the sparse reward plus the code reward of the task's hand-written reference programs
+  (written by a person from the simulator's privileged state; no VLM wrote them). A set that a VLM
+  wrote (python -m furl_fast.generate_programs) adds a sac+code row: see CODE_FROM_VLM.
 
 The runs go through furl_fast.sweep (Ray, one CPU per run, `--torch-threads 1`), so the same command
 run again skips finished runs and resumes the others from their checkpoints. At the end OUT/README.md
@@ -36,8 +38,14 @@ METHODS = {
     # name: (sweep flags, flags after `--`)
     "sac+dense": (["--algos", "sac", "--env-rewards", "dense"], []),
     "sac": (["--algos", "sac", "--env-rewards", "sparse"], []),
-    "vlm+code": (["--algos", "vlm", "--env-rewards", "sparse"], ["--reward", "code"]),
+    "sac+code-ref": (["--algos", "vlm", "--env-rewards", "sparse"], ["--reward", "code"]),
 }
+# What a user with a VLM endpoint runs to add a sac+code row (a set generated per task, then the same
+# sweep with --reward.programs); the study itself needs no VLM service.
+CODE_FROM_VLM = """\
+python -m furl_fast.generate_programs --task {task} --base-url $OPENAI_BASE_URL --model MODEL --out {task}.json
+python -m furl_fast.sweep --tasks {task} --seeds {seeds} --results-dir {out} --num-cpus 2 --cpus-per-run 1 \\
+  --algos vlm --env-rewards sparse -- {train} --reward code --reward.programs {task}.json"""
 
 
 def sweep_commands(args: argparse.Namespace) -> list[list[str]]:
@@ -102,6 +110,13 @@ def write_readme(args: argparse.Namespace, commands: list[list[str]]) -> Path:
         wall = f"{wall / 60:.1f} min" if wall is not None else "–"
         lines.append(f"| {name} | {method(finished[run_dir])} | {wall} | "
                      f"{steps_per_second(run_dir):.0f} |")
+    lines += ["", ("The sac+code-ref rows come from the hand-written reference programs, not from a VLM: "
+                   "a person wrote them from the simulator's privileged state and Meta-World's own "
+                   "success thresholds. To add a sac+code row from a set a VLM writes (and the "
+                   "verifier accepts), per task, e.g. drawer-open:"), "", "```bash",
+              CODE_FROM_VLM.format(task="drawer-open", seeds=" ".join(map(str, args.seeds)), out=out,
+                                   train=" ".join(commands[0][commands[0].index("--") + 1:])),
+              "```"]
     plots = sorted((args.out / "plots").glob("*.png"))
     lines += ["", "Learning curves:", "", *(f"![{p.stem}](plots/{p.name})" for p in plots)]
     path = args.out / "README.md"

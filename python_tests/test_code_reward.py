@@ -13,10 +13,11 @@ import json
 import threading
 import warnings
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+
+from fake_vlm import FakeVLM  # python_tests/ is on sys.path
 
 from furl_fast.rewards.code import (
     REFERENCE_PROGRAM_SETS,
@@ -679,65 +680,6 @@ def test_client_calls_nothing_unless_configured(monkeypatch) -> None:
         generate_program_set("t", "d", frame, frame, lambda ps: None, cfg)
 
 
-class _FakeVLM:
-    """Loopback OpenAI-compatible chat-completions server that answers from a script of replies."""
-
-    def __init__(self, replies: list[str | int]):
-        self.replies = list(replies)
-        self.requests: list[dict] = []
-        self.headers: list[dict] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers["Content-Length"])
-                fake.requests.append(json.loads(self.rfile.read(length)))
-                fake.headers.append(dict(self.headers))
-                reply = fake.replies.pop(0) if fake.replies else 500
-                if self.path != "/v1/chat/completions":
-                    reply = 404
-                if isinstance(reply, int):
-                    self.send_response(reply)
-                    self.end_headers()
-                    self.wfile.write(b'{"error": {"message": "scripted failure"}}')
-                    return
-                body = json.dumps(
-                    {
-                        "id": "chatcmpl-test",
-                        "object": "chat.completion",
-                        "model": "fake-vlm",
-                        "choices": [
-                            {
-                                "index": 0,
-                                "finish_reason": "stop",
-                                "message": {"role": "assistant", "content": reply},
-                            }
-                        ],
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> _FakeVLM:  # noqa: PYI034 - Self needs Python 3.11
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
-
-
 def _as_reply(ps: ProgramSet) -> str:
     return "```json\n" + json.dumps(ps.to_dict()) + "\n```"
 
@@ -752,7 +694,7 @@ def test_generation_feeds_verification_failures_back(rollouts, monkeypatch) -> N
     cfg = VLMConfig(
         base_url="", model="fake-vlm", api_key_env="FURL_TEST_VLM_KEY", timeout_s=30, max_rounds=3
     )
-    with _FakeVLM(["Sure!\n" + _as_reply(bad), _as_reply(good)]) as server:
+    with FakeVLM(["Sure!\n" + _as_reply(bad), _as_reply(good)]) as server:
         cfg = VLMConfig(**{**cfg.__dict__, "base_url": server.url})
         result = generate_program_set(
             "reach-v3",
@@ -768,7 +710,7 @@ def test_generation_feeds_verification_failures_back(rollouts, monkeypatch) -> N
     assert len(server.requests) == 2
     req = server.requests[0]
     assert req["model"] == "fake-vlm"
-    assert server.headers[0]["Authorization"] == "Bearer sk-test-123"
+    assert {k.lower(): v for k, v in server.headers[0].items()}["authorization"] == "Bearer sk-test-123"
     images = [
         p["image_url"]["url"] for p in req["messages"][1]["content"] if p["type"] == "image_url"
     ]
@@ -784,23 +726,27 @@ def test_generation_feeds_verification_failures_back(rollouts, monkeypatch) -> N
     assert "random rollouts" in feedback[-1]["content"]
 
 
-def test_generation_is_bounded_and_reports_http_errors(rollouts) -> None:
+def test_generation_is_bounded_and_reports_http_errors(rollouts, monkeypatch) -> None:
+    monkeypatch.setenv("FURL_TEST_VLM_KEY", "none")
     expert, random = rollouts["reach-v3"]
     frame = np.zeros((4, 4, 3), np.uint8)
     bad = ProgramSet("reach-v3", ["anything"], ["def done(frame, state):\n    return True\n"])
-    with _FakeVLM(["no json here", _as_reply(bad), _as_reply(bad), _as_reply(bad)]) as server:
-        cfg = VLMConfig(base_url=server.url, model="m", api_key_env="", timeout_s=30, max_rounds=3)
+    with FakeVLM(["no json here", _as_reply(bad), _as_reply(bad), _as_reply(bad)]) as server:
+        cfg = VLMConfig(base_url=server.url, model="m", api_key_env="FURL_TEST_VLM_KEY",
+                        timeout_s=30, max_rounds=3)
         result = generate_program_set(
             "reach-v3", "d", frame, frame, lambda ps: verify(ps, expert, random), cfg
         )
     assert not result.accepted and result.rounds == 3 and len(server.requests) == 3
-    assert "Authorization" not in server.headers[0]
     assert "cannot parse" in server.requests[1]["messages"][-1]["content"]
     assert len(result.reports) == 2
-    with _FakeVLM([503]) as server:
-        cfg = VLMConfig(base_url=server.url, model="m", api_key_env="", timeout_s=30)
-        with pytest.raises(GenerationError, match="HTTP 503"):
+    with FakeVLM([503]) as server:
+        cfg = VLMConfig(base_url=server.url, model="m", api_key_env="FURL_TEST_VLM_KEY",
+                        timeout_s=30, max_retries=0)
+        with pytest.raises(GenerationError, match="HTTP 503") as info:
             generate_program_set("reach-v3", "d", frame, frame, lambda ps: None, cfg)
+    # The transcript so far survives the failure, for the user to audit.
+    assert info.value.result.transcript[0]["error"].startswith("HTTP 503")
 
 
 def test_worker_environment_is_minimal(monkeypatch) -> None:
@@ -811,3 +757,40 @@ def test_worker_environment_is_minimal(monkeypatch) -> None:
     r = _run(ESCAPE + body, static_check=False)
     assert r.ok, r.error
     assert r.done.all()
+
+
+def test_frame_only_programs_get_the_frame_and_never_the_state() -> None:
+    # inputs "frame": programs define done(frame), as in VLM-CaR; an adapter appended to each source
+    # calls them with the frame alone, so the state (privileged simulator information) cannot leak in.
+    frames, states = _episode(12, seed=3)
+    ps = ProgramSet("t", ["bright pixel", "wants state"], [
+        "def done(frame):\n    return bool(frame[0, 0, 0] > 127)\n",
+        "def done(frame, state):\n    return True\n",
+    ], inputs="frame")
+    ep = Rollout(states, frames, np.zeros(11, bool))
+    done, errors = evaluate_programs(ps.worker_programs, [ep], FAST)
+    np.testing.assert_array_equal(done[0][:, 0], frames[:, 0, 0, 0] > 127)
+    assert errors[0] == [None]
+    assert errors[1][0] is not None and "TypeError" in errors[1][0][1]
+    # The file keeps what the VLM wrote; the adapter is added only to run it.
+    assert ProgramSet.from_dict(ps.to_dict()) == ps and "frame_only_done" not in ps.programs[0]
+    with pytest.raises(ValueError, match="inputs"):
+        ProgramSet.from_dict({**ps.to_dict(), "inputs": "pixels"})
+
+
+def test_program_set_files_are_checked_before_they_are_parsed(tmp_path) -> None:
+    from furl_fast.rewards.code import load_program_set
+
+    big = tmp_path / "big.json"
+    big.write_text('{"subtasks": []}' + " " * 2**20)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)  # past json's recursion limit
+    text = tmp_path / "text.json"
+    text.write_text('{"subtasks": [{"description": "[[[[[[[[[[{{{{", "program": "x"}]}')
+    with pytest.raises(ValueError, match=r"big\.json.*more than the 1048576"):
+        load_program_set("t", str(big), None)
+    with pytest.raises(ValueError, match=r"deep\.json.*nests deeper"):
+        load_program_set("t", str(deep), None)
+    assert load_program_set("t", str(text), None).programs == ("x",)  # brackets in strings count not
+    with pytest.raises(ValueError, match="cannot parse"):
+        parse_program_set("```json\n" + "[" * 100_000 + "\n```", "t")

@@ -97,3 +97,12 @@ def test_help_documents_every_option(capsys):
     assert out.startswith("usage: python -m furl_fast.plot")
     assert "--out OUT" in out and "image file to write" in out
     assert "--metrics NAME [NAME ...]" in out and "as named in metrics.csv" in out
+
+
+def test_code_reward_curves_are_named_by_their_programs(tmp_path):
+    # The built-in programs were written by hand, not by a VLM: never labelled as a VLM reward.
+    ref = config_run(tmp_path, "ref", 0, [(0, 0.0)], algo="vlm", reward={"name": "code", "programs": None})
+    gen = config_run(tmp_path, "gen", 0, [(0, 0.0)], algo="vlm",
+                     reward={"name": "code", "programs": "drawer.json"})
+    labels = sorted(plot.group_runs([ref, gen]))
+    assert labels == ["sac+code sac reach fixed", "sac+code-ref sac reach fixed"], labels

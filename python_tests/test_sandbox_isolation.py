@@ -415,3 +415,10 @@ def test_a_program_file_is_refused_where_isolation_is_missing_unless_trusted(tmp
     assert trusted.returncode == 0, trusted.stderr[-3000:]
     assert "--reward.trust-programs" in trusted.stderr
     assert '"trust_programs": true' in (tmp_path / "run" / "config.json").read_text()
+
+
+def test_a_set_is_capped_at_ten_sub_tasks() -> None:
+    program = "def done(frame, state):\n    return True\n"
+    ProgramSet("reach", ("s",) * 10, (program,) * 10)
+    with pytest.raises(ValueError, match="at most 10 sub-tasks"):
+        ProgramSet("reach", ("s",) * 40, (program,) * 40)

@@ -326,12 +326,17 @@ def test_dense_env_reward_and_chosen_rewards_get_their_own_runs_and_columns(tmp_
     results = tmp_path / "results"
     write_run(results / "oracle", "sac", 0, 1.0, step=100, env_reward="dense")
     write_run(results / "sparse", "sac", 0, 0.0, step=100, env_reward="sparse")
+    # The built-in hand-written reference programs are no VLM reward: sac+code-ref; a program-set
+    # file (written by a VLM through furl_fast.generate_programs) is sac+code.
     write_run(results / "code", "vlm", 0, 0.5, step=100, reward={"name": "code", "programs": None})
+    write_run(results / "code-vlm", "vlm", 0, 0.25, step=100,
+              reward={"name": "code", "programs": "drawer.json"})
     md, _, _ = sweep.write_report(results)
     rows = read_csv(results / "results.csv")
-    assert [(r["method"], float(r["success_mean"])) for r in rows] == \
-        [("sac", 0.0), ("sac+dense", 1.0), ("vlm+code", 0.5)]
-    assert "| task | goal | sac | sac+dense | vlm+code |" in md.read_text()
+    assert sorted((r["method"], float(r["success_mean"])) for r in rows) == \
+        [("sac", 0.0), ("sac+code", 0.25), ("sac+code-ref", 0.5), ("sac+dense", 1.0)]
+    assert "vlm+code" not in md.read_text()
+    assert "sac+code-ref" in md.read_text()
 
 
 def test_without_ray_says_how_to_install(tmp_path, monkeypatch, capsys):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from furl_fast import ReplayBuffer
+from furl_fast.rewards.code import ProgramSet
 from furl_fast.runs import CHECKPOINT_DIR, STATE_FILE, load_state, save_state
 from furl_fast.train import nstep_vlm_reward, updates_due
 
@@ -369,7 +370,8 @@ def test_cli_code_reward_stores_each_episodes_progress(tmp_path, agent):
     steps = 1500 if agent == "sac" else SETTINGS[agent][0]
     args = train_args(run_dir, "vlm", "not-loaded", agent, steps=steps) + [
         "--reward", "code", "--reward.programs", str(tmp_path / "programs.json"), "--num-envs", "2",
-        "--warmup-steps", str(steps - 100)]
+        "--warmup-steps", str(steps - 100), "--reward.allow-unverified", "--reward.verify-expert", "1",
+        "--reward.verify-random", "2"]  # random actions move the hand too: a set made to fail
     result = run_cli(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     values = [float(line.split(",")[2]) for line in (run_dir / "metrics.csv").read_text().splitlines()
@@ -402,10 +404,29 @@ def test_cli_code_reward_stores_each_episodes_progress(tmp_path, agent):
     assert checked > steps // 2
 
 
+def test_code_reward_sets_that_fail_verification_or_all_rejected_stop_with_one_line(tmp_path):
+    programs = tmp_path / "moved.json"
+    ProgramSet.from_dict(MOVED_PROGRAMS).save(programs)
+    fast = ["--reward.verify-expert", "1", "--reward.verify-random", "2", "--run-dir", str(tmp_path / "r")]
+    result = run_cli(["--algo", "vlm", "--reward", "code", "--reward.programs", str(programs),
+                      "--task", "reach", *fast], tmp_path, timeout=300)
+    error = result.stderr.strip().splitlines()[-1]  # one line, after the log lines
+    assert result.returncode == 2 and error.startswith("furl_fast.train:"), result.stderr
+    assert "failed verification" in error and "100%/100%" in error and "--reward.allow-unverified" in error
+    assert not (tmp_path / "r").exists()
+    hostile = tmp_path / "hostile.json"
+    ProgramSet("reach-v3", ["a"], ["import os\ndef done(frame, state):\n    return True\n"]).save(hostile)
+    result = run_cli(["--algo", "vlm", "--reward", "code", "--reward.programs", str(hostile),
+                      "--task", "reach", "--reward.allow-unverified", *fast], tmp_path, timeout=300)
+    assert result.returncode == 2 and "every program" in result.stderr, result.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_code_reward_without_a_program_set_is_refused_with_advice(tmp_path):
     result = run_cli(["--algo", "vlm", "--reward", "code", "--task", "assembly",
                       "--run-dir", str(tmp_path / "r")], tmp_path, timeout=300)
-    assert result.returncode == 2 and "no reference program set" in result.stderr, result.stderr
+    assert result.returncode == 2 and "no hand-written reference program set" in result.stderr, \
+        result.stderr
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     result = run_cli(["--algo", "vlm", "--reward", "code", "--reward.programs", str(bad),

@@ -212,14 +212,27 @@ class FuRLRewardConfig(_Reward):
 @dataclass(frozen=True)
 class CodeRewardConfig(_Reward):
     """code: code-as-reward, the fraction of a task's verified checker programs completed in order
-    so far in the episode; needs no VLM."""
+    so far in the episode; needs no VLM at training time. The programs are a set a VLM wrote
+    (python -m furl_fast.generate_programs) or, without --reward.programs, the task's hand-written
+    reference programs (no VLM wrote those; they read the simulator's privileged state). Every run
+    first verifies its set on the suite's expert and full-length random rollouts (cached) and stops
+    if the set fails."""
 
     name: ClassVar[str] = "code"
     needs_encoder: ClassVar[bool] = False
     programs: str | None = None
-    """A program-set JSON file (ProgramSet.save's format, e.g. a set that
-    furl_fast.rewards.code.generate_program_set verified); None takes the task's hand-written
-    reference set (drawer-open, button-press-topdown, reach, ...)."""
+    """A program-set JSON file written by python -m furl_fast.generate_programs (or ProgramSet.save);
+    None takes the task's hand-written reference programs (drawer-open, button-press-topdown, reach,
+    ...)."""
+    verify_expert: int = 10
+    """Scripted-expert episodes the set is verified on before the run (every sub-task must complete
+    in order on all of them)."""
+    verify_random: int = 20
+    """Full-length random-action episodes the set is verified on before the run (all sub-tasks may
+    complete on at most 10% of them)."""
+    allow_unverified: bool = False
+    """Train even if the set fails verification (or the suite has no scripted expert to verify it
+    on); the failure is logged and this flag is kept in config.json."""
     trust_programs: bool = False
     """Run the --reward.programs file even where the sandbox's OS-level isolation (Landlock,
     seccomp, namespaces: Linux only) cannot be set up, behind the Python-level barriers alone. Only

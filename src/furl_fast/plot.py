@@ -47,8 +47,17 @@ def group_runs(run_dirs: list[Path]) -> dict[str, list[Path]]:
         if "run" in cfg:
             label = Path(cfg["run"]).name
         else:
-            label = " ".join(str(cfg[k]) for k in LABEL_KEYS if k in cfg)
-            label += "".join(f" {k}={cfg[k]}" for k in varying if k in cfg)
+            words = [str(cfg[k]) for k in LABEL_KEYS if k in cfg]
+            shown = varying
+            if cfg.get("algo") == "vlm" and cfg.get("reward.name") == "code":
+                # Named as in the sweep's table: sac+code-ref (hand-written reference programs) or
+                # sac+code (a set from a file); the code reward calls no VLM while training.
+                from furl_fast.sweep import method
+
+                words[0] = method({"algo": "vlm", "reward": {"name": "code",
+                                                              "programs": cfg.get("reward.programs")}})
+                shown = [k for k in varying if not k.startswith("reward.")]
+            label = " ".join(words) + "".join(f" {k}={cfg[k]}" for k in shown if k in cfg)
         labels[key] = label
     return {labels[key]: groups[key] for key in keys}
 

@@ -415,13 +415,19 @@ def find_run_dirs(results: Path) -> list[Path]:
 
 
 def method(config: dict[str, Any]) -> str:
-    """A run's column in the table: its algo, the reward when one was chosen (vlm+code), and +dense
-    for Meta-World's shaped env reward (sac+dense is the oracle)."""
+    """A run's column in the table: its algo, the reward when one was chosen, and +dense for
+    Meta-World's shaped env reward (sac+dense is the oracle). The code reward calls no VLM while it
+    trains, so its runs are plain RL plus a reward: `sac+code` with a program set from a file (one
+    python -m furl_fast.generate_programs wrote with a VLM), `sac+code-ref` with the built-in
+    hand-written reference programs, which no VLM wrote."""
     name = config["algo"]
     reward = config.get("reward")
-    reward = reward["name"] if isinstance(reward, dict) else reward
-    if reward not in (None, "auto") and config["algo"] != "sac":
-        name += f"+{reward}"
+    reward_name = reward["name"] if isinstance(reward, dict) else reward
+    if reward_name == "code" and config["algo"] == "vlm":
+        programs = reward.get("programs") if isinstance(reward, dict) else None
+        name = "sac+code" if programs else "sac+code-ref"
+    elif reward_name not in (None, "auto") and config["algo"] != "sac":
+        name += f"+{reward_name}"
     if config.get("env_reward", "sparse") == "dense":
         name += "+dense"
     return name

@@ -149,10 +149,8 @@ def check_config(cfg: Config) -> None:
                          "success looks like).")
     if cfg.resolved_reward == "code":
         from furl_fast.rewards.code import SandboxLimits, SandboxUnavailable, check_isolation
-        from furl_fast.rewards.code import load_program_set
 
         code = cfg.reward_config
-        load_program_set(cfg.task, code.programs, suite.reference_programs(cfg.task))
         if code.programs is not None and code.trust_programs:
             logger.warning("--reward.trust-programs: the programs in %s are trusted; where the "
                            "sandbox's OS-level isolation cannot be set up they run without it",
@@ -162,6 +160,44 @@ def check_config(cfg: Config) -> None:
         except SandboxUnavailable as exc:
             raise ValueError(f"--reward.programs {code.programs}: {exc}; only for a file you trust, "
                              "--reward.trust-programs runs it without that isolation.") from None
+        verify_code_reward(cfg, suite)
+
+
+def verify_code_reward(cfg: Config, suite) -> None:
+    """--reward code: load the program set and verify it on the suite's expert and full-length random
+    rollouts (the report cached by set content, task, seed and settings, so a resume or a sweep reuses
+    it). ValueError with the report's numbers when it fails, unless --reward.allow-unverified."""
+    from furl_fast.rewards.code import (RolloutSettings, SandboxLimits, VerifierConfig,
+                                        load_program_set, verify_on_suite)
+    from furl_fast.vlm.encoder import default_cache_dir
+
+    rc = cfg.reward_config
+    programs = load_program_set(cfg.task, rc.programs, suite.reference_programs(cfg.task))
+    if rc.verify_expert < 1 or rc.verify_random < 1:
+        raise ValueError("--reward.verify-expert and --reward.verify-random must be >= 1.")
+    source = f"--reward.programs {rc.programs}" if rc.programs else \
+        f"the hand-written reference programs of {cfg.task}"
+    settings = RolloutSettings(num_expert=rc.verify_expert, num_random=rc.verify_random, seed=cfg.seed,
+                               goal=cfg.goal, fast_render=cfg.render_quality == "fast",
+                               options=tuple(sorted(cfg.suite_options.items())))
+    try:
+        report = verify_on_suite(programs, suite, suite.canonical_task(cfg.task), settings,
+                                 VerifierConfig(limits=SandboxLimits(isolation=rc.isolation)),
+                                 cache_dir=default_cache_dir())
+    except ValueError as exc:
+        if not rc.allow_unverified:
+            raise ValueError(f"{source}: cannot verify the set ({exc}); --reward.allow-unverified "
+                             "trains on it unverified.") from None
+        logger.warning("%s: not verified (%s); training anyway (--reward.allow-unverified)", source, exc)
+        return
+    if report.accepted:
+        logger.info("%s: verified: %s", source, report.one_line())
+    elif rc.allow_unverified:
+        logger.warning("%s failed verification, training anyway (--reward.allow-unverified): %s",
+                       source, report.one_line())
+    else:
+        raise ValueError(f"{source} failed verification: {report.one_line()}; fix the set "
+                         "(python -m furl_fast.generate_programs) or pass --reward.allow-unverified.")
 
 
 # ---- the trainer -----------------------------------------------------------------------------

@@ -99,8 +99,17 @@ class Suite:
         raise ValueError(f"the {self.name} suite has no goal image for {task!r}.")
 
     def reference_programs(self, task: str) -> ProgramSet | None:
-        """A hand-written code-reward program set for `task`, or None."""
+        """A hand-written reference program set for the code reward of `task`, or None."""
         return None
+
+    def rollout(self, task: str, seed: int, policy: Literal["expert", "random"], *, goal: str,
+                max_steps: int, render: bool, fast_render: bool = True, **options: Any):
+        """One episode of the suite's scripted expert or of uniform random actions, with states
+        (T + 1, S) and frames (T + 1, H, W, 3) uint8 or None (render=False), as code-reward
+        programs see them; the code reward verifies program sets on these. ValueError where the
+        suite has no scripted expert."""
+        raise ValueError(f"the {self.name} suite has no scripted expert to verify code-reward "
+                         "programs on")
 
     def negative_prompts(self, task: str) -> list[str] | None:
         """Texts of other goals in the same scenes (the binary reward's default negatives), or None:

@@ -364,7 +364,7 @@ class FuRLRewardModel(RewardModel):
 class CodeRewardModel(RewardModel):
     """Code-as-reward: (sub-tasks completed so far, in order) / (number of sub-tasks), per episode.
 
-    program_set: default the task's hand-written reference set. num_envs: the batch size every call
+    program_set: default the task's hand-written reference programs. num_envs: the batch size every call
     must have (one episode state per slot). Needs states: (num_envs, S) float, the env's state.
     Stateful: reset(env_ids) at each episode start, then score every observation of the episode,
     the reset one included (see furl_fast.rewards.code.reward). The encoder is not used.
@@ -389,9 +389,18 @@ class CodeRewardModel(RewardModel):
     def __init__(self, encoder: Encoder | None, task: str, *, program_set: Any = None,
                  num_envs: int = 1, limits: Any = None, device: torch.device | str = "cpu") -> None:
         super().__init__(encoder)
+        import dataclasses
+
         from furl_fast.rewards.code import CodeReward, reference_program_set
 
-        self.code = CodeReward(program_set or reference_program_set(task), num_envs, limits)
+        program_set = program_set or reference_program_set(task)
+        # The sandbox calls done(frame, state): frame-only programs run behind their adapter.
+        runnable = dataclasses.replace(program_set, programs=program_set.worker_programs, inputs="state")
+        self.code = CodeReward(runnable, num_envs, limits)
+        if all(reason is not None for reason in self.code.disabled):
+            self.code.close()
+            raise ValueError(f"--reward code: every program of the {task} set was rejected (sub-task 1: "
+                             f"{self.code.disabled[0]}); the reward would be 0 throughout.")
         self.num_envs = num_envs
         self._device = torch.device(device)
 

@@ -29,6 +29,9 @@ class Rollout:
     """(T + 1, H, W, 3) uint8 upright VLM frames matching states (None when rendered without frames)."""
     successes: np.ndarray
     """(T,) bool."""
+    env_states: np.ndarray | None = None
+    """(T + 1, 39) float32 info["state"]: the full state with the goal xyz filled in, what the code
+    reward's programs read in training (states hide the goal under a fixed goal)."""
 
     def first_success(self) -> int | None:
         """Index into states/frames of the first successful state (FuRL's goal image), or None."""
@@ -40,12 +43,14 @@ def _rollout(env: gym.Env, act: Callable[[np.ndarray], np.ndarray], max_steps: i
              stop_on_success: bool) -> Rollout:
     state, info = env.reset()
     states, actions, frames, successes = [state], [], [info.get("vlm_frame")], []
+    env_states = [info["state"]]
     for _ in range(max_steps):
         action = np.clip(np.asarray(act(state), dtype=np.float32), -1.0, 1.0)
         state, _, _, truncated, info = env.step(action)
         states.append(state)
         actions.append(action)
         frames.append(info.get("vlm_frame"))
+        env_states.append(info["state"])
         successes.append(info["success"])
         if truncated or (stop_on_success and info["success"]):
             break
@@ -54,6 +59,7 @@ def _rollout(env: gym.Env, act: Callable[[np.ndarray], np.ndarray], max_steps: i
         actions=np.stack(actions).astype(np.float32).reshape(len(actions), -1),
         frames=None if frames[0] is None else np.stack(frames),
         successes=np.asarray(successes, dtype=bool),
+        env_states=np.stack(env_states).astype(np.float32),
     )
 
 

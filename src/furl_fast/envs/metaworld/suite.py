@@ -4,6 +4,7 @@ reference code-reward programs)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import gymnasium as gym
@@ -67,6 +68,17 @@ class MetaWorldSuite(Suite):
         from furl_fast.envs.metaworld.programs import REFERENCE_PROGRAM_SETS
 
         return REFERENCE_PROGRAM_SETS.get(metaworld_name(task))
+
+    def rollout(self, task: str, seed: int, policy: Literal["expert", "random"], *, goal: str,
+                max_steps: int, render: bool, fast_render: bool = True, **options: Any):
+        from furl_fast.envs.metaworld import rollout
+
+        self.check_options(options)
+        run = {"expert": rollout.expert_rollout, "random": rollout.random_rollout}[policy]
+        episode = run(task, seed, goal=goal, max_steps=max_steps, render=render,
+                      fast_render=fast_render, **options)
+        # Programs read info["state"] in training (the goal filled in), not the observation.
+        return dataclasses.replace(episode, states=episode.env_states)
 
     def negative_prompts(self, task: str) -> list[str]:
         """The other MT10 tasks' prompts."""

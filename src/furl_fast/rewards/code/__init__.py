@@ -1,11 +1,13 @@
 """Code as reward (VLM-CaR, Venuto et al., ICML 2024).
 
-A VLM writes one checker program `done(frame, state) -> bool` per sub-task of a task (client.py);
-the programs run in a sandboxed worker process (sandbox.py); a program set is accepted only if it
-completes on all expert rollouts and not on random ones (verifier.py); the accepted set gives a dense,
-per-episode stateful reward (reward.py). Reference sets for a few Meta-World tasks
-(furl_fast.envs.metaworld.programs, also importable from here) make the whole path usable without any
-VLM service.
+A VLM writes one checker program per sub-task of a task, `done(frame) -> bool` (the camera image
+alone, as in the paper) or `done(frame, state) -> bool` (also the simulator's privileged state)
+(client.py; the command python -m furl_fast.generate_programs); the programs run in a sandboxed
+worker process (sandbox.py); a program set is accepted only if it completes on all expert rollouts
+and not on random ones (verifier.py); the accepted set gives a dense, per-episode stateful reward
+(reward.py). Hand-written reference sets for a few Meta-World tasks
+(furl_fast.envs.metaworld.programs, also importable from here; no VLM wrote them, and they read the
+privileged state) make the path usable and testable without any VLM service.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from furl_fast.rewards.code.client import (
     generate_program_set,
     parse_program_set,
 )
-from furl_fast.rewards.code.program_set import ProgramSet, load_program_set, progress_from_done
+from furl_fast.rewards.code.program_set import (
+    INPUTS,
+    ProgramSet,
+    load_program_set,
+    progress_from_done,
+)
 from furl_fast.rewards.code.reward import CodeReward
 from furl_fast.rewards.code.sandbox import (
     RunResult,
@@ -32,10 +39,12 @@ from furl_fast.rewards.code.sandbox import (
 )
 from furl_fast.rewards.code.verifier import (
     ProgramReport,
+    RolloutSettings,
     VerificationReport,
     VerifierConfig,
     evaluate_programs,
     verify,
+    verify_on_suite,
 )
 
 
@@ -50,12 +59,14 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "INPUTS",
     "REFERENCE_PROGRAM_SETS",
     "CodeReward",
     "GenerationError",
     "GenerationResult",
     "ProgramReport",
     "ProgramSet",
+    "RolloutSettings",
     "RunResult",
     "Sandbox",
     "SandboxLimits",
@@ -75,4 +86,5 @@ __all__ = [
     "reference_program_set",
     "sanitize_error",
     "verify",
+    "verify_on_suite",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -10,23 +11,58 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ProgramSet", "progress_from_done"]
+__all__ = ["INPUTS", "MAX_FILE_BYTES", "ProgramSet", "progress_from_done", "read_json_file"]
+
+INPUTS = ("frame", "state")
+"""What a set's programs read: "frame", `done(frame)` (the camera image alone, as in VLM-CaR), or
+"state", `done(frame, state)` (the image and the simulator's state vector, which holds privileged
+information such as exact object positions and hidden goals that a real robot may not have)."""
+
+MAX_FILE_BYTES = 2**20
+"""Largest program-set file read (1 MiB); a set of a few small programs is a few kB."""
+
+_MAX_JSON_DEPTH = 8  # a program set nests 3 deep ({"subtasks": [{...}]}); more is not a program set
+
+# Frame-only programs define done(frame); the sandbox calls done(frame, state). This adapter, appended
+# to each program, calls the program's own done with the frame alone, so the state never reaches it.
+_FRAME_ONLY_ADAPTER = """
+
+# Added by furl_fast: this set's programs read the frame only.
+frame_only_done = done
+
+
+def done(frame, state):
+    return frame_only_done(frame)
+"""
+
+
+MAX_SUBTASKS = 10
+"""Most sub-tasks a set may have: each runs in a worker process of its own (~30 MB)."""
 
 
 @dataclass(frozen=True)
 class ProgramSet:
-    """Ordered sub-tasks of one task; programs[k] is the source of sub-task k's checker, which
-    defines `done(frame: (H, W, 3) uint8, state: (D,) float) -> bool`."""
+    """Ordered sub-tasks of one task; programs[k] is the source of sub-task k's checker. inputs
+    "frame": each defines `done(frame: (H, W, 3) uint8) -> bool`; inputs "state": each defines
+    `done(frame: (H, W, 3) uint8, state: (D,) float) -> bool` (see INPUTS)."""
 
     task: str
     subtasks: tuple[str, ...]
     programs: tuple[str, ...]
+    inputs: str = "state"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "subtasks", tuple(self.subtasks))
         object.__setattr__(self, "programs", tuple(self.programs))
+        if self.inputs not in INPUTS:
+            raise ValueError(f'"inputs" must be one of {", ".join(INPUTS)}, got {self.inputs!r}')
         if not self.programs:
             raise ValueError("a program set needs at least one sub-task")
+        if len(self.programs) > MAX_SUBTASKS:
+            raise ValueError(
+                f"a program set may have at most {MAX_SUBTASKS} sub-tasks (each runs in a worker "
+                f"process of its own), this one has {len(self.programs)}"
+            )
         if len(self.subtasks) != len(self.programs):
             raise ValueError(
                 f"{len(self.subtasks)} sub-task descriptions but {len(self.programs)} programs"
@@ -38,9 +74,22 @@ class ProgramSet:
     def __len__(self) -> int:
         return len(self.programs)
 
+    @property
+    def worker_programs(self) -> tuple[str, ...]:
+        """The sources as the sandbox runs them, `done(frame, state)`: frame-only programs with an
+        adapter appended that passes them the frame alone."""
+        if self.inputs == "frame":
+            return tuple(p + _FRAME_ONLY_ADAPTER for p in self.programs)
+        return self.programs
+
+    def content_hash(self) -> str:
+        """sha256 of the set's canonical JSON (task, inputs, sub-tasks, programs)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
     def to_dict(self) -> dict:
         return {
             "task": self.task,
+            "inputs": self.inputs,
             "subtasks": [
                 {"description": d, "program": p} for d, p in zip(self.subtasks, self.programs)
             ],
@@ -57,7 +106,11 @@ class ProgramSet:
                 raise TypeError(f'sub-task {i} must be an object with a "program" string')
             subtasks.append(str(item.get("description", f"sub-task {i}")))
             programs.append(item["program"])
-        return cls(str(task if task is not None else data.get("task", "")), subtasks, programs)
+        inputs = data.get("inputs", "state")
+        if not isinstance(inputs, str) or inputs not in INPUTS:
+            raise ValueError(f'"inputs" must be one of {", ".join(INPUTS)}, got {inputs!r}')
+        return cls(str(task if task is not None else data.get("task", "")), subtasks, programs,
+                   inputs)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as JSON atomically (temp file in the same folder + os.replace)."""
@@ -73,8 +126,51 @@ class ProgramSet:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ProgramSet:
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        """Read a set written by save(); ValueError (or OSError) saying why it cannot be read."""
+        return cls.from_dict(read_json_file(path))
+
+
+def read_json_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> object:
+    """A small JSON file: size checked before it is read, nesting checked before it is parsed (so no
+    input reaches the parser's recursion limit). ValueError naming the file otherwise."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{path} is {size} bytes, more than the {max_bytes} a program set may have")
+    with open(path, "rb") as f:
+        raw = f.read(max_bytes + 1)
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    if json_depth(text) > _MAX_JSON_DEPTH:
+        raise ValueError(f"{path} nests deeper than {_MAX_JSON_DEPTH} levels; it is not a program set")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+
+
+def json_depth(text: str) -> int:
+    """Deepest nesting of [ and { in JSON text, outside strings (a cheap scan, no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def progress_from_done(done: np.ndarray) -> np.ndarray:
@@ -102,15 +198,15 @@ def progress_from_done(done: np.ndarray) -> np.ndarray:
 
 def load_program_set(task: str, path: str | None, reference: ProgramSet | None) -> ProgramSet:
     """A training run's programs: the set in the JSON file `path` (ProgramSet.save's format), or for
-    path None the task's reference set (its suite's, or None when it has none). Raises ValueError
-    naming the flag to change."""
+    path None the task's hand-written reference set (its suite's, or None when it has none). Raises
+    ValueError naming the flag to change."""
     if path is None:
         if reference is None:
-            raise ValueError(f"--reward code: {task} has no reference program set; pass "
-                             "--reward.programs FILE with a verified set "
-                             "(furl_fast.rewards.code.generate_program_set).")
+            raise ValueError(f"--reward code: {task} has no hand-written reference program set; pass "
+                             "--reward.programs FILE with a set generated by a VLM (python -m "
+                             "furl_fast.generate_programs --task TASK --out FILE).")
         return reference
     try:
         return ProgramSet.load(path)
-    except (OSError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        raise ValueError(f"--reward.programs {path}: cannot read a program set there ({exc}).") from exc
+    except (OSError, TypeError, ValueError) as exc:
+        raise ValueError(f"--reward.programs {path}: cannot read a program set there ({exc}).") from None

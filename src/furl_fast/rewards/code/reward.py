@@ -18,12 +18,10 @@ import numpy as np
 from furl_fast.rewards.code.program_set import ProgramSet
 from furl_fast.rewards.code.sandbox import Sandbox, SandboxLimits
 
-__all__ = ["MAX_SUBTASKS", "CodeReward"]
+__all__ = ["CodeReward"]
 
 log = logging.getLogger(__name__)
 
-MAX_SUBTASKS = 10
-"""Most sub-tasks a set may have: each runs in a worker process of its own (~30 MB)."""
 COST_WARNING_SHARE = 0.2
 
 
@@ -45,11 +43,6 @@ class CodeReward:
     ):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-        if len(program_set) > MAX_SUBTASKS:
-            raise ValueError(
-                f"a program set may have at most {MAX_SUBTASKS} sub-tasks (one worker process "
-                f"each), this one has {len(program_set)}"
-            )
         self.program_set = program_set
         self.num_envs = num_envs
         self._boxes = [
