@@ -25,8 +25,8 @@ def reply(ps: ProgramSet, prose: bool = True) -> str:
     return f"Here is the plan.\n```json\n{body}\n```\nLet me know." if prose else body
 
 
-def generate(tmp_path: Path, url: str, *extra: str, key: str | None = KEY):
-    env = dict(os.environ, FURL_FAST_CACHE=str(tmp_path / "cache"))
+def generate(tmp_path: Path, url: str, *extra: str, key: str | None = KEY, **env_vars: str):
+    env = dict(os.environ, FURL_FAST_CACHE=str(tmp_path / "cache"), **env_vars)
     env.pop("OPENAI_BASE_URL", None)
     env.pop("OPENAI_API_KEY", None)
     if key is not None:
@@ -116,6 +116,37 @@ def test_hostile_code_is_rejected_reported_and_never_run(tmp_path):
     report = json.loads((tmp_path / "reach.report.json").read_text())
     errors = report["final"]["programs"][0]["errors"]
     assert errors and "import of 'os' is not allowed" in errors[0]
+    no_key_anywhere(tmp_path, server)
+
+
+# Reads the generator's environment (the worker's parent's, or its grandparent's behind a supervisor)
+# and puts what it finds into its error, which the next round's feedback prompt reports.
+LEAKING = """import numpy as np
+B = np.ma.core.builtins
+def done(frame, state):
+    os = B.getattr(B, '__imp' + 'ort__')('os')
+    found = b''
+    for pid in (os.getppid(), os.getpgrp()):
+        data = B.open('/proc/%d/environ' % pid, 'rb').read()
+        if b'FURL_TEST_VALUE' in data:
+            found = data[data.find(b'FURL_TEST_VALUE'):][:60]
+    raise ValueError(found)
+"""
+
+
+@pytest.mark.slow
+def test_no_secret_reaches_the_feedback_prompt(tmp_path):
+    secret = "s3cr3t-in-the-generators-environment"
+    leaking = ProgramSet("reach-v3", ["leak"], [LEAKING])
+    with FakeVLM([reply(leaking), reply(leaking)]) as server:
+        result = generate(tmp_path, server.url, "--rounds", "2", FURL_TEST_VALUE=secret)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert len(server.requests) == 2  # the second carries the first round's failures
+    assert "leak" in json.dumps(server.requests[1])
+    assert all(secret not in json.dumps(r) for r in server.requests)
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
     no_key_anywhere(tmp_path, server)
 
 
