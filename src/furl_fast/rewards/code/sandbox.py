@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from furl_fast.rewards.code._worker import CODE_CHARS, HEADER, check_source, reads_frame
+from furl_fast.rewards.code.program_set import json_depth
 
 __all__ = [
     "ISOLATION_MODES",
@@ -460,12 +461,15 @@ class Sandbox:
         json_len, payload_len = HEADER.unpack(self._read_exact(HEADER.size, deadline))
         if payload_len != 0 or json_len > max_bytes:
             raise WorkerFailure(f"malformed reply from the worker ({json_len} bytes)")
-        data = self._read_exact(json_len, deadline)
-        if _nesting_depth(data) > 3:
+        try:
+            text = self._read_exact(json_len, deadline).decode()
+        except UnicodeDecodeError:
+            raise WorkerFailure("malformed reply from the worker (not UTF-8)") from None
+        if json_depth(text) > 3:
             raise WorkerFailure("malformed reply from the worker (nested too deeply)")
         try:
-            msg = json.loads(data)
-        except (ValueError, UnicodeDecodeError, RecursionError):
+            msg = json.loads(text)
+        except (ValueError, RecursionError):
             raise WorkerFailure("malformed reply from the worker") from None
         if not isinstance(msg, dict):
             raise WorkerFailure("malformed reply from the worker")
@@ -492,28 +496,6 @@ def _wait(fd: int, event: int, timeout_s: float) -> bool:
     poller = select.poll()
     poller.register(fd, event)
     return bool(poller.poll(max(1, int(timeout_s * 1000))))
-
-
-def _nesting_depth(data: bytes) -> int:
-    """Deepest nesting of JSON arrays/objects in data (brackets inside strings do not count)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for byte in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            deepest = max(deepest, depth)
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return deepest
 
 
 def _parse_result(reply: dict, n: int) -> tuple[np.ndarray, str | None, int | None]:
