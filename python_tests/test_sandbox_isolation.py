@@ -404,7 +404,9 @@ def test_a_program_file_is_refused_where_isolation_is_missing_unless_trusted(tmp
     args = ["--algo", "vlm", "--reward", "code", "--reward.programs", str(tmp_path / "programs.json"),
             "--task", "reach", "--total-steps", "200", "--warmup-steps", "100", "--batch-size", "16",
             "--eval-every", "200", "--eval-episodes", "1", "--no-eval-video", "--device", "cpu",
-            "--sac.hidden-dims", "16", "16", "--run-dir", str(tmp_path / "run")]
+            "--sac.hidden-dims", "16", "16", "--run-dir", str(tmp_path / "run"),
+            # A set that never completes: verified on one episode each, and trained on anyway.
+            "--reward.verify-expert", "1", "--reward.verify-random", "1", "--reward.allow-unverified"]
     refused = _train_without_landlock(args, tmp_path)
     assert refused.returncode == 2, refused.stderr[-3000:]
     lines = refused.stderr.strip().splitlines()
