@@ -837,16 +837,17 @@ def cli_message(exc: BaseException) -> str:
         return (f"--vlm.model liv: LIV's weights ({LIV_HUB_FILE} of the Hugging Face hub repo "
                 f"{LIV_HUB_REPO}) are not in the local cache and cannot be downloaded "
                 f"({exc.reason}). "
-                f"Download https://huggingface.co/{LIV_HUB_REPO}/resolve/main/{LIV_HUB_FILE} on a "
-                "machine with network access and pass it with --vlm.pretrained /path/to/model.pt; "
+                f"Download {exc.url} on a machine with network access and pass it with "
+                "--vlm.pretrained /path/to/model.pt; "
                 "--vlm.model RN50 runs OpenAI's CLIP instead (set --furl.phase-a-gap for its "
                 "embeddings); --vlm.pretrained none runs with random weights, whose rewards mean "
                 "nothing.")
     if isinstance(exc, WeightsUnavailableError):
+        name = exc.url.rsplit("/", 1)[-1]
+        model = "" if exc.file_model == exc.model else f"--vlm.model {exc.file_model} "
         return (f"--vlm.pretrained {exc.tag}: the weights of {exc.model} are not in the local cache and "
-                f"cannot be downloaded ({exc.reason}). A download is cached in {exc.cache}: copy it there "
-                "from a machine with network access, or pass a checkpoint file with --vlm.pretrained "
-                "PATH (OpenAI's original .pt archives with --vlm.model RN50-quickgelu or the like); "
+                f"cannot be downloaded ({exc.reason}). Download {exc.url} on a machine with network "
+                f"access and pass it with {model}--vlm.pretrained /path/to/{name}; "
                 "--vlm.pretrained none runs with random weights, whose rewards mean nothing.")
     return " ".join(line.strip() for line in str(exc).splitlines())
 
