@@ -30,7 +30,7 @@ from torch import nn
 from furl_fast.agents.sac import _adam
 from furl_fast.config import DrQConfig
 
-__all__ = ["PixelEncoder", "DrQV2", "exploration_std"]
+__all__ = ["DrQV2", "PixelEncoder", "exploration_std"]
 
 
 def _orthogonal_init(module: nn.Module) -> None:
