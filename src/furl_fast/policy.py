@@ -2,10 +2,12 @@
 
     agent = furl_fast.load_agent("runs/sac-reach-s0-20261121-101500")
     action = agent.act(obs)                     # the deterministic policy (evaluation)
-    agent.export_actor("reach-actor.pt")        # the actor alone, a few hundred kilobytes
+    agent.export_actor("reach-actor.pt")        # the actor alone
     policy = furl_fast.load_actor("reach-actor.pt")   # no run directory needed
 
 Only the networks that choose actions are loaded: never the replay buffer, critics or optimisers.
+An exported actor of the default networks takes 317 kB (state SAC) or 12 MB (DrQ-v2, its pixel
+encoder included).
 """
 
 from __future__ import annotations
