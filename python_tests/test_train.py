@@ -231,6 +231,26 @@ def test_paper_preset_runs_liv_and_offline_stops_at_start_up(tmp_path):
 
 
 @pytest.mark.slow
+def test_open_clip_weights_offline_say_which_file_to_download_and_the_flag(tmp_path):
+    """--vlm.model RN50 with an empty weights cache and no network: exit 2 and our one line alone
+    (not open_clip's own ERROR line before it), naming the file to download and the flags that take
+    it (OpenAI's weights need the QuickGELU model name when given as a file)."""
+    env = dict(os.environ, FURL_FAST_CACHE=str(tmp_path / "cache"), HF_HOME=str(tmp_path / "hf"))
+    env.pop("HF_HUB_OFFLINE", None)
+    result = subprocess.run([sys.executable, "-m", "furl_fast.train", "--algo", "vlm", "--task", "reach",
+                             "--vlm.model", "RN50", "--device", "cpu", "--run-dir", str(tmp_path / "run")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("\n") == 1, result.stderr[-3000:]
+    assert result.stderr.startswith("furl_fast.train: --vlm.pretrained openai: the weights of RN50 ")
+    assert "Download https://huggingface.co/timm/resnet50_clip.openai/resolve/main/" \
+        "open_clip_pytorch_model.bin on a machine with network access" in result.stderr
+    assert "--vlm.model RN50-quickgelu --vlm.pretrained /path/to/open_clip_pytorch_model.bin" \
+        in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.0, 1.5, 4.0])
 def test_ctrl_c_while_starting_exits_130_with_one_line(tmp_path, tiny_model, delay):
     """Ctrl-C at any moment of start-up (the VLM load, two env worker processes starting, the

@@ -199,7 +199,9 @@ def test_unfetchable_tag_fails_fast_when_host_unreachable(fake_tag, monkeypatch)
     probed = []
     monkeypatch.setattr(encoder_module, "_host_reachable", lambda host: probed.append(host) or False)
     monkeypatch.setattr(open_clip, "create_model", _only_offline(open_clip.create_model))
-    with pytest.raises(RuntimeError, match="unreachable.*pretrained='/path/to/checkpoint.bin'"):
+    with pytest.raises(RuntimeError, match=r"unreachable.*download https://huggingface.co/furl-fast-test/"
+                       r"never-published/resolve/main/open_clip_pytorch_model.bin .*"
+                       r"pretrained='/path/to/open_clip_pytorch_model.bin'"):
         load_encoder("furl-test-tiny-vit", pretrained=fake_tag, device="cpu")
     assert probed == ["huggingface.co"]
     assert hub.HF_HUB_OFFLINE is False  # the cache-only attempt restores the flag

@@ -34,6 +34,7 @@ import tyro
 
 from furl_fast.config import PRESETS, REWARD_CONFIG_CLASSES, REWARDS, Config, config_to_dict, resolve_device
 from furl_fast.envs.steps import Transition, env_states, split_obs, vector_step
+from furl_fast.evaluate import env_options, evaluate_policy, make_eval_env, summarize
 from furl_fast.runs import (
     CHECKPOINT_DIR,
     atomic_write_text,
@@ -241,18 +242,13 @@ class Trainer:
         # Steps (self.step, total/warm-up/eval/log/checkpoint intervals) count simulator steps; an
         # agent step (one action, one transition) is `repeat` of them.
         self.repeat = cfg.drq.action_repeat if self.pixels else 1
-        env_kwargs = dict(obs="pixels", pixel_size=cfg.drq.image_size, frame_stack=cfg.drq.frame_stack,
-                          action_repeat=cfg.drq.action_repeat) if self.pixels else {}
         # Rewards that never read frames (code programs that read only states) spare the render.
         self.vlm_frames = self.reward is not None and self.reward.reads_frames
-        env_kwargs.update(reward=cfg.env_reward, fast_render=cfg.render_quality == "fast",
-                          **cfg.suite_options)
         self.envs = self.suite.make_vector_env(
             self.task, cfg.num_envs, seed=cfg.seed, goal=cfg.goal, vlm_frames=self.vlm_frames,
             asynchronous=cfg.num_envs > 1, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-            **env_kwargs)
-        self.eval_env = self.suite.make_env(self.task, seed=cfg.seed, goal=cfg.goal, vlm_frames=False,
-                                            **env_kwargs)
+            **env_options(cfg))
+        self.eval_env = make_eval_env(cfg)
         space = self.envs.single_observation_space
         obs_shape = (space["obs"] if self.vlm_frames else space).shape
         act_dim = self.envs.single_action_space.shape[0]
@@ -576,38 +572,21 @@ class Trainer:
     # -- evaluation ----------------------------------------------------------------------------
 
     def evaluate(self, writer=None) -> dict[str, float]:
-        """Deterministic policy (tanh of the mean): success at the last step (the paper's measure) and
-        whether it ever succeeded; the first episode is recorded as a video (also to writer's
-        TensorBoard, every 4th frame at half size)."""
-        cfg = self.cfg
-        last, ever, returns = [], [], []
-        for k in range(cfg.resolved_eval_episodes):
-            env = self.eval_env
-            seed = cfg.seed if cfg.goal == "fixed" else cfg.seed + 100_000 + self.step + k
-            state, _ = env.reset(seed=seed)
-            frames = [env.render()] if k == 0 and cfg.eval_video else None
-            total, successes = 0.0, []
-            for _ in range(self.max_episode_steps):
-                obs = torch.as_tensor(state, device=self.device).unsqueeze(0)
-                action = self.agent.act(obs, deterministic=True).cpu().numpy()[0]
-                state, reward, terminated, truncated, info = env.step(action)
-                total += float(reward)
-                successes.append(bool(info["success"]))
-                if frames is not None:
-                    frames.append(env.render())
-                if terminated or truncated:
-                    break
-            last.append(float(successes[-1]))
-            ever.append(float(any(successes)))
-            returns.append(total)
-            if frames is not None:
-                write_video(self.run_dir / "videos" / f"eval_step{self.step:08d}", frames)
-                if writer is not None:
-                    writer.log_video("eval/video", [f[::2, ::2] for f in frames[::4]], self.step,
-                                     fps=30 // 4)
+        """The deterministic policy's evaluation (furl_fast.evaluate.evaluate_policy) at this step,
+        written to eval.json; the first episode is recorded as a video (also to writer's TensorBoard,
+        every 4th frame at half size)."""
+        def video(_k: int, frames: list[np.ndarray]) -> None:
+            write_video(self.run_dir / "videos" / f"eval_step{self.step:08d}", frames)
+            if writer is not None:
+                writer.log_video("eval/video", [f[::2, ::2] for f in frames[::4]], self.step, fps=30 // 4)
+
+        def act(obs: np.ndarray) -> np.ndarray:
+            return self.agent.act(obs, deterministic=True).cpu().numpy()
+
+        episodes = evaluate_policy(act, self.eval_env, self.cfg, self.step,
+                                   videos=int(self.cfg.eval_video), on_video=video)
         self.last_eval_step = self.step
-        result = {"eval/success": float(np.mean(last)), "eval/ever_success": float(np.mean(ever)),
-                  "eval/return": float(np.mean(returns)), "eval/episodes": float(len(last))}
+        result = summarize(episodes)
         atomic_write_text(self.run_dir / "eval.json", json.dumps({"step": self.step, **result}, indent=2))
         return result
 
@@ -837,16 +816,17 @@ def cli_message(exc: BaseException) -> str:
         return (f"--vlm.model liv: LIV's weights ({LIV_HUB_FILE} of the Hugging Face hub repo "
                 f"{LIV_HUB_REPO}) are not in the local cache and cannot be downloaded "
                 f"({exc.reason}). "
-                f"Download https://huggingface.co/{LIV_HUB_REPO}/resolve/main/{LIV_HUB_FILE} on a "
-                "machine with network access and pass it with --vlm.pretrained /path/to/model.pt; "
+                f"Download {exc.url} on a machine with network access and pass it with "
+                "--vlm.pretrained /path/to/model.pt; "
                 "--vlm.model RN50 runs OpenAI's CLIP instead (set --furl.phase-a-gap for its "
                 "embeddings); --vlm.pretrained none runs with random weights, whose rewards mean "
                 "nothing.")
     if isinstance(exc, WeightsUnavailableError):
+        name = exc.url.rsplit("/", 1)[-1]
+        model = "" if exc.file_model == exc.model else f"--vlm.model {exc.file_model} "
         return (f"--vlm.pretrained {exc.tag}: the weights of {exc.model} are not in the local cache and "
-                f"cannot be downloaded ({exc.reason}). A download is cached in {exc.cache}: copy it there "
-                "from a machine with network access, or pass a checkpoint file with --vlm.pretrained "
-                "PATH (OpenAI's original .pt archives with --vlm.model RN50-quickgelu or the like); "
+                f"cannot be downloaded ({exc.reason}). Download {exc.url} on a machine with network "
+                f"access and pass it with {model}--vlm.pretrained /path/to/{name}; "
                 "--vlm.pretrained none runs with random weights, whose rewards mean nothing.")
     return " ".join(line.strip() for line in str(exc).splitlines())
 

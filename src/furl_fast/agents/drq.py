@@ -30,7 +30,7 @@ from torch import nn
 from furl_fast.agents.sac import _adam
 from furl_fast.config import DrQConfig
 
-__all__ = ["PixelEncoder", "DrQV2"]
+__all__ = ["DrQV2", "PixelEncoder", "exploration_std"]
 
 
 def _orthogonal_init(module: nn.Module) -> None:
@@ -83,6 +83,13 @@ class PixelEncoder(nn.Module):
         with torch.autocast(x.device.type, dtype=self.conv_dtype):
             h = self.convs(x)
         return h.float()
+
+
+def exploration_std(config: DrQConfig, step: int) -> float:
+    """Exploration std at agent step `step`: linear from stddev_init to stddev_final over
+    stddev_steps agent steps, then constant (DrQ-v2's linear schedule)."""
+    mix = min(max(step / config.stddev_steps, 0.0), 1.0)
+    return (1.0 - mix) * config.stddev_init + mix * config.stddev_final
 
 
 def _trunk(repr_dim: int, feature_dim: int) -> nn.Sequential:
@@ -172,11 +179,8 @@ class DrQV2:
         self._target_params = list(self.critic_target.parameters())
 
     def stddev(self, step: int | None = None) -> float:
-        """Exploration std at agent step `step` (default: self.step): linear from stddev_init to
-        stddev_final over stddev_steps agent steps, then constant (DrQ-v2's linear schedule)."""
-        c = self.config
-        mix = min(max((self.step if step is None else step) / c.stddev_steps, 0.0), 1.0)
-        return (1.0 - mix) * c.stddev_init + mix * c.stddev_final
+        """Exploration std at agent step `step` (default: self.step): exploration_std."""
+        return exploration_std(self.config, self.step if step is None else step)
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor | np.ndarray, deterministic: bool = False) -> torch.Tensor:

@@ -32,6 +32,7 @@ LIV = "liv"
 """load_encoder's name for LIV (Ma et al. 2023), the VLM of the FuRL paper: OpenAI's CLIP RN50
 fine-tuned by LIV's authors, run here as open_clip's RN50 with QuickGELU."""
 LIV_HUB_REPO, LIV_HUB_FILE = "jasonyma/LIV", "model.pt"  # the release's weights on the Hugging Face hub
+LIV_HUB_URL = f"https://huggingface.co/{LIV_HUB_REPO}/resolve/main/{LIV_HUB_FILE}"
 _LIV_ARCH = "RN50-quickgelu"  # OpenAI's CLIP architecture: LIV fine-tunes it, QuickGELU included
 _LIV_PREFIX = "module.model."  # LIV saves the state dict of DataParallel(LIV), whose .model is the CLIP
 _LIV_LAYOUT = ("LIV's release layout: a dict whose 'liv' entry is the state dict of "
@@ -200,38 +201,42 @@ def _as_uint8_tensor(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
 # --- loading ------------------------------------------------------------------------------------
 class WeightsUnavailableError(RuntimeError):
     """The pretrained weights `tag` of `model` could not be had (not in the local cache, and no
-    download possible); `cache` is where a download would be stored, `reason` what failed. For LIV
-    (model "liv") tag is None: its default weights, the release's model.pt."""
+    download possible); `reason` says what failed. `url` is the one file that holds them and
+    `file_model` the model name that loads that file as pretrained=PATH. For LIV (model "liv") tag
+    is None: its default weights, the release's model.pt."""
 
     def __init__(self, model: str, tag: str | None, reason: str) -> None:
         self.model, self.tag, self.reason = model, tag, reason
         if model == LIV:
-            import huggingface_hub.constants as hub
-
-            repo_dir = "models--" + LIV_HUB_REPO.replace("/", "--")
-            self.cache = f"{hub.HF_HUB_CACHE}/{repo_dir} (Hugging Face Hub repo {LIV_HUB_REPO})"
+            self.url, self.file_model = LIV_HUB_URL, LIV
             super().__init__(_no_liv_weights_message(reason))
             return
-        self.cache = _download_cache(model, tag)
+        self.url, self.file_model = pretrained_file(model, tag)
+        name = self.url.rsplit("/", 1)[-1]
         super().__init__(
             f"load_encoder: could not obtain the pretrained weights {tag!r} for {model!r}: {reason}. "
-            f"A download is cached in {self.cache}: copy it there from a machine with network "
-            f"access, or pass the file: load_encoder({model!r}, "
-            "pretrained='/path/to/checkpoint.bin') (OpenAI's original TorchScript archives need the "
-            "'-quickgelu' model names, e.g. 'RN50-quickgelu'). pretrained='none' runs with random "
-            "weights, whose rewards mean nothing."
+            f"Without network access, download {self.url} on a machine that has it and pass the "
+            f"file: load_encoder({self.file_model!r}, pretrained='/path/to/{name}') "
+            f"(furl_fast.train: --vlm.model {self.file_model} --vlm.pretrained /path/to/{name}). "
+            "pretrained='none' runs with random weights, whose rewards mean nothing."
         )
 
 
-def _download_cache(model: str, tag: str) -> str:
-    """Where open_clip stores the download of a pretrained tag (it prefers the Hugging Face Hub)."""
-    cfg = open_clip.get_pretrained_cfg(model, tag)
-    if cfg.get("hf_hub"):
-        import huggingface_hub.constants as hub
+def pretrained_file(model: str, tag: str) -> tuple[str, str]:
+    """(the URL of the file open_clip downloads for `tag` of `model`, the model name that loads that
+    file as pretrained=PATH). open_clip prefers the Hugging Face Hub copy; OpenAI-trained tags need
+    QuickGELU, which only the "-quickgelu" model names set for a file."""
+    import huggingface_hub.constants as hub
+    from open_clip.constants import HF_WEIGHTS_NAME
 
-        repo = os.path.dirname(cfg["hf_hub"]) if not cfg["hf_hub"].endswith("/") else cfg["hf_hub"][:-1]
-        return f"{hub.HF_HUB_CACHE}/models--{repo.replace('/', '--')} (Hugging Face Hub repo {repo})"
-    return os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(cfg.get("url", "")))
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    file_model = model
+    if cfg.get("quick_gelu") and not model.endswith("-quickgelu"):
+        file_model = model + "-quickgelu"
+    if not cfg.get("hf_hub"):
+        return cfg["url"], file_model
+    repo, filename = os.path.split(cfg["hf_hub"])  # "org/repo/" names the repo's default file
+    return f"{hub.ENDPOINT}/{repo}/resolve/main/{filename or HF_WEIGHTS_NAME}", file_model
 
 
 def _unreadable_checkpoint(model: str, path: str, exc: Exception) -> ValueError:
@@ -290,7 +295,8 @@ def _create_from_tag(model: str, tag: str, **kwargs) -> torch.nn.Module:
     # OpenAI-trained tags need QuickGELU; the plain config names (e.g. "RN50") do not set it.
     kwargs["force_quick_gelu"] = bool(cfg.get("quick_gelu", False))
     try:
-        with _hub_offline():
+        # open_clip logs an ERROR of its own before raising; WeightsUnavailableError says what to do.
+        with _hub_offline(), _without_root_log("Failed to download"):
             return open_clip.create_model(model, pretrained=tag, **kwargs)
     except Exception as exc:  # noqa: BLE001  (any failure here means: not usable from the cache)
         cache_error = exc
@@ -304,7 +310,8 @@ def _create_from_tag(model: str, tag: str, **kwargs) -> torch.nn.Module:
             model, tag, f"not in the local cache and {host} is unreachable (no network?)"
         ) from cache_error
     try:
-        return open_clip.create_model(model, pretrained=tag, **kwargs)
+        with _without_root_log("Failed to download"):
+            return open_clip.create_model(model, pretrained=tag, **kwargs)
     except Exception as exc:
         raise WeightsUnavailableError(model, tag, f"download failed ({exc})") from exc
 
@@ -320,8 +327,8 @@ def _file_digest(path: Path) -> str:
 def _no_liv_weights_message(reason: str) -> str:
     return (
         f"load_encoder: could not obtain LIV's weights ({LIV_HUB_FILE} of the Hugging Face hub repo "
-        f"{LIV_HUB_REPO}): {reason}. Without network access, download "
-        f"https://huggingface.co/{LIV_HUB_REPO}/resolve/main/{LIV_HUB_FILE} on a machine that has it "
+        f"{LIV_HUB_REPO}): {reason}. Without network access, download {LIV_HUB_URL} on a machine "
+        "that has it "
         "and pass the file: load_encoder('liv', pretrained='/path/to/model.pt') (furl_fast.train: "
         "--vlm.model liv --vlm.pretrained /path/to/model.pt). pretrained='none' runs with random "
         "weights, whose rewards mean nothing."
@@ -372,10 +379,11 @@ def _liv_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _no_random_init_notice(active: bool) -> Iterator[None]:
-    """Drops open_clip's "initialized randomly" log line while active: LIV's weights come right after."""
+def _without_root_log(prefix: str, active: bool = True) -> Iterator[None]:
+    """Drops the root logger's records (open_clip logs through it) that start with prefix while
+    active: notices that furl_fast's own message replaces or makes moot."""
     def keep(record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("No pretrained weights loaded")
+        return not record.getMessage().startswith(prefix)
 
     root = logging.getLogger()
     if active:
@@ -402,7 +410,8 @@ def _load_liv(pretrained: str | None, **kwargs) -> tuple[torch.nn.Module, str | 
                                 "'liv', pretrained must be None for the release's weights from the "
                                 "Hugging Face hub, a local model.pt, or 'none').")
     state = None if path is None else _liv_state_dict(path)
-    with _no_random_init_notice(state is not None):
+    # open_clip's "initialized randomly" notice: LIV's weights come right after.
+    with _without_root_log("No pretrained weights loaded", active=state is not None):
         net = open_clip.create_model(_LIV_ARCH, pretrained=None, **kwargs)
     if state is not None:
         try:
