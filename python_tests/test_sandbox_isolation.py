@@ -247,7 +247,8 @@ import numpy as np
 from furl_fast.rewards.code import Sandbox, SandboxLimits
 box = Sandbox(sys.argv[1], SandboxLimits(time_limit_s=0.5, grace_s=0.5, episode_time_s=1e6),
               static_check=False)
-print("started", flush=True)
+box._ensure_started()
+print(box._workdir, flush=True)
 while True:
     box.run_episode(np.zeros((1, 4, 4, 3), np.uint8), np.zeros((1, 3)))
 """
@@ -272,7 +273,8 @@ def test_no_worker_survives_a_trainer_killed_with_sigkill() -> None:
     trainer = subprocess.Popen([sys.executable, "-c", TRAINER, hostile(body)],
                                stdout=subprocess.PIPE, env=os.environ.copy())
     try:
-        assert trainer.stdout.readline() == b"started\n"
+        workdir = Path(trainer.stdout.readline().decode().strip())
+        assert workdir.is_dir()
         deadline = time.monotonic() + 30
         while not worker_pids() - before and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -285,6 +287,7 @@ def test_no_worker_survives_a_trainer_killed_with_sigkill() -> None:
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"workers left after the trainer was killed: {sorted(left)}"
+    assert not workdir.exists()  # the supervisor removed the worker's empty working folder
 
 
 def test_the_caller_cannot_be_signalled() -> None:

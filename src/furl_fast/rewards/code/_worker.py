@@ -245,13 +245,17 @@ def _worker_main() -> None:
         watch.register(in_fd, 0)  # POLLHUP and POLLERR are always reported
         while True:
             pid, status = os.waitpid(child, os.WNOHANG)
+            if not pid and watch.poll(250):
+                os.kill(child, signal.SIGKILL)
+                pid, status = os.waitpid(child, 0)
             if pid:
+                # The caller removes the empty working folder too; this covers a killed caller.
+                try:
+                    os.rmdir(os.getcwd())
+                except OSError:
+                    pass
                 code = os.waitstatus_to_exitcode(status)
                 os._exit(code if code >= 0 else 128 - code)
-            if watch.poll(250):
-                os.kill(child, signal.SIGKILL)
-                os.waitpid(child, 0)
-                os._exit(0)
     # Had the supervisor died before this line, the worker still ends: the caller has closed or
     # lost its end of the request pipe, so the worker reads EOF before it runs anything.
     _isolation.kill_with_parent()
