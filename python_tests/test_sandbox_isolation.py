@@ -427,3 +427,13 @@ def test_a_set_is_capped_at_ten_sub_tasks() -> None:
     ProgramSet("reach", ("s",) * 10, (program,) * 10)
     with pytest.raises(ValueError, match="at most 10 sub-tasks"):
         ProgramSet("reach", ("s",) * 40, (program,) * 40)
+
+
+def test_a_warning_when_scoring_takes_a_large_share_of_the_run(caplog) -> None:
+    programs = ProgramSet("reach", ("s",), ("def done(frame, state):\n    return True\n",))
+    with CodeReward(programs, num_envs=1, limits=LIMITS) as reward:
+        reward._created -= 100.0  # as if the run had started 100 s ago
+        reward._account(5.0)  # 5% of the wall time: fine
+        assert "slow training down" not in caplog.text
+        reward._account(30.0)  # 35%
+        assert "scoring took 35% of the wall time" in caplog.text
