@@ -196,7 +196,7 @@ BAD_INPUT = {
     "run dir is a file": (["--run-dir", "TMP/file"], "file", "TMP/file is a file, not a directory"),
     "run dir under a file": (["--run-dir", "TMP/file/run"], "file",
                              "TMP/file is a file, not a directory"),
-    "cuda without a GPU": (["--device", "cuda"], "no gpu", "device='cuda' but torch sees no usable CUDA"),
+    "cuda without a GPU": (["--device", "cuda"], "no gpu", "--device cuda but torch sees no usable CUDA"),
     "no prompt": (["--task", "assembly"], None, '--task assembly has no built-in prompt'),
     "missing checkpoint": (["--vlm.pretrained", "TMP/weights.pt"], None, "checkpoint file not found"),
     "damaged checkpoint": (["--vlm.pretrained", "TMP/random.pt"], "random.pt",
