@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -207,6 +208,15 @@ BAD_INPUT = {
     "truncated replay": (["--resume", "RUN"], "replay", "is truncated or has trailing data"),
     "resume changes a setting": (["--resume", "RUN", "--seed", "3"], "ok",
                                  "--seed cannot change on a resume"),
+    "run dir in use": ([], "locked", "--run-dir RUN is in use: another furl_fast.train (process "),
+    "resume of a running run": (["--resume", "RUN"], "locked run", "--resume RUN is in use"),
+    "tb is a file": (["--resume", "RUN"], "tb file", "RUN/tb must be a directory"),
+    "empty prompt": (["--vlm.prompt", "  "], None, "--vlm.prompt is empty"),
+    "nothing to learn": (["--suite", "gymnasium", "--task", "CartPole-v1", "--algo", "sac"], None,
+                         "--suite gymnasium --algo sac without --gym.success-key: the sparse reward "
+                         "is 0 at every step"),
+    "too many envs": (["--num-envs", "100000"], None, "--num-envs 100000 is more than 4 env workers "
+                      "per CPU core"),
 }
 
 
@@ -270,8 +280,16 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path, case):
         (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(100_000))
     if setup == "offline":  # an empty weights cache and no network: what an offline user has
         env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    if setup in ("state", "replay", "ok"):
+    if setup in ("state", "replay", "ok", "locked run", "tb file"):
         fake_run(run_dir, setup)
+    if setup == "tb file":
+        (run_dir / "tb").write_text("not a directory")
+    if setup in ("locked", "locked run"):  # what a running furl_fast.train holds
+        run_dir.mkdir(exist_ok=True)
+        lock = open(run_dir / ".lock", "w")  # noqa: SIM115  (held until the test ends)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write("12345\n")
+        lock.flush()
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     argv = [a.replace("TMP", str(tmp_path)).replace("RUN", str(run_dir))
             for a in ["--algo", "furl", "--run-dir", "RUN", *args]]
@@ -284,9 +302,9 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path, case):
     assert "Traceback" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("furl_fast.train:")]
     assert len(lines) == 1, err[-3000:]
-    assert message.replace("TMP", str(tmp_path)) in lines[0], lines[0]
+    assert message.replace("TMP", str(tmp_path)).replace("RUN", str(run_dir)) in lines[0], lines[0]
     assert "weights_only" not in err
-    if setup in ("state", "replay", "ok"):
+    if setup in ("state", "replay", "ok", "locked", "locked run", "tb file"):
         assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     else:
         assert not run_dir.exists()
@@ -476,3 +494,84 @@ def test_nstep_vlm_reward_is_the_discounted_sum_of_per_step_rewards():
             assert float(per_step[i, 0]) == pytest.approx(float(reward_fn(ep[t + 1 : t + 2])))
             seen.add((e, t))
     assert len(seen) == sum(lengths)  # windows of every length (3, 2 and 1 steps) were checked
+
+
+def test_a_config_problem_is_found_before_torch_or_the_vlm_load(tmp_path):
+    """A mistake on the command line is refused by the flag's name without importing torch or
+    open_clip (which take seconds): parse and check as main() does, in a fresh interpreter."""
+    code = ("import sys\n"
+            "from furl_fast.train import check_config, parse_args\n"
+            "try:\n"
+            "    check_config(parse_args(['--seed', '-1', '--run-dir', 'run']).config)\n"
+            "except ValueError as exc:\n"
+            "    print(exc)\n"
+            "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    message, imported = result.stdout.splitlines()
+    assert message.startswith("invalid configuration: --seed -1 must be >= 0."), message
+    assert imported == "[]"
+
+
+@pytest.mark.slow
+def test_a_running_run_dir_is_locked_and_a_killed_runs_lock_is_taken_over(tmp_path):
+    """A second run into a running run's directory, or a resume of it, is refused with one line;
+    once the first is killed (-9: no clean-up at all) a resume takes over, removing the temporary
+    files a killed run can leave."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, FURL_FAST_CACHE=str(tmp_path / "cache"))
+    args = train_args(run_dir, "sac", "RN50", steps=100_000) + ["--eval-episodes", "1"]
+    first = subprocess.Popen([sys.executable, "-m", "furl_fast.train", *args], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / CHECKPOINT_DIR / STATE_FILE).exists():  # training, checkpointed
+            assert first.poll() is None and time.time() < deadline, first.stderr.read()[-3000:]
+            time.sleep(0.5)
+        for argv in (args, ["--resume", str(run_dir)]):
+            second = run_cli(argv, tmp_path, timeout=120)
+            assert second.returncode == 2, second.stderr[-3000:]
+            lines = [line for line in second.stderr.splitlines() if line.startswith("furl_fast.train:")]
+            assert len(lines) == 1 and f"{run_dir} is in use: another furl_fast.train (process " \
+                f"{first.pid})" in lines[0], second.stderr[-3000:]
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+    ckpt = run_dir / CHECKPOINT_DIR
+    step = load_state(ckpt / STATE_FILE)["step"]
+    leftovers = [ckpt / ".replay-0000000900.bin.tmp4242", ckpt / (STATE_FILE + ".tmp")]
+    for path in leftovers:
+        path.write_bytes(b"half written")
+    result = run_cli(["--resume", str(run_dir), "--total-steps", str(step)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not any(path.exists() for path in leftovers)
+
+
+def test_a_full_disk_during_training_ends_in_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    """No space left while the first checkpoint's replay file is written: the run stops with exit 1
+    and one line naming the file and the cause, and leaves no temporary file behind. (Simulated:
+    fsync fails with ENOSPC for files of the run directory.)"""
+    import errno
+
+    from furl_fast.train import parse_args, train
+
+    run_dir = tmp_path / "run"
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(run_dir)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setenv("FURL_FAST_CACHE", str(tmp_path / "cache"))
+    args = train_args(run_dir, "sac", "RN50", steps=400) + ["--checkpoint-every", "100",
+                                                           "--warmup-steps", "100",
+                                                           "--eval-episodes", "1"]
+    assert train(parse_args(args).config) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("furl_fast.train:")]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"furl_fast.train: cannot write {run_dir / CHECKPOINT_DIR}/replay-0000000100"
+                               ".bin: No space left on device (at step 100); the run stopped."), lines[0]
+    assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name]

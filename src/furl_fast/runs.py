@@ -177,8 +177,9 @@ def lock_run_dir(run_dir: Path, flag: str = "--run-dir") -> RunLock:
                 raise ValueError(f"{flag} {run_dir} is in use: another furl_fast.train (process "
                                  f"{holder}) is writing it; wait for it to end or stop it, then "
                                  "resume the run.") from None
-            if os.path.sameopenfile(fd, lock) if lock.exists() else False:
-                break
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                    break
             os.close(fd)  # the holder removed the file as it gave up: lock the new one
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
