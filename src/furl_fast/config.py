@@ -590,7 +590,8 @@ def _problems(cfg: Config, suite: Any) -> list[str]:
 
     s = cfg.sac
     if not s.hidden_dims or any(h <= 0 for h in s.hidden_dims):
-        p.append(f"--sac.hidden-dims {' '.join(map(str, s.hidden_dims)) or '(none)'} must be a non-empty list of positive widths.")
+        p.append(f"--sac.hidden-dims {' '.join(map(str, s.hidden_dims)) or '(none)'} must be a "
+                 "non-empty list of positive widths.")
     for name in ("actor_lr", "critic_lr", "alpha_lr", "init_alpha", "std_min", "n_step"):
         p += _positive(f"sac.{name}", getattr(s, name))
     if not 0 < s.gamma <= 1:
@@ -624,8 +625,8 @@ def _problems(cfg: Config, suite: Any) -> list[str]:
         if getattr(f, name) < 0:
             p.append(f"{_flag('furl.' + name)} {getattr(f, name)} must be >= 0.")
     if not f.relay_k_choices or any(k <= 0 for k in f.relay_k_choices):
-        p.append(f"--furl.relay-k-choices {' '.join(map(str, f.relay_k_choices)) or '(none)'} must be a non-empty list of positive "
-                 "segment lengths.")
+        p.append(f"--furl.relay-k-choices {' '.join(map(str, f.relay_k_choices)) or '(none)'} must "
+                 "be a non-empty list of positive segment lengths.")
     if f.lag >= f.positive_capacity > 0:
         p.append(f"--furl.lag {f.lag} must be smaller than --furl.positive-capacity {f.positive_capacity}.")
 

@@ -171,10 +171,10 @@ def check_config(cfg: Config, allow_many_envs: bool = False) -> None:
         verify_code_reward(cfg, suite)
 
 
-# Memory of one env worker process (its proportional set size, PSS) measured on Meta-World reach with
-# fast rendering: a state env, and a DrQ env rendering 84x84 frame stacks. A VLM-frame render adds
-# little; other suites' envs may take more.
-ENV_WORKER_BYTES = {"state": 500 << 20, "pixels": 700 << 20}
+# Memory of one env worker process (its proportional set size, PSS), measured on Meta-World reach
+# with fast rendering: a state env that renders VLM frames (~260 MiB; ~125 MiB without frames), and a
+# DrQ env rendering 84x84 frame stacks (~645 MiB). Other suites' envs may take more.
+ENV_WORKER_BYTES = {"state": 300 << 20, "pixels": 700 << 20}
 ENVS_PER_CORE = 4  # more workers than this only wait for a core: no faster, much more memory
 
 
@@ -471,11 +471,15 @@ class Trainer:
             self.buffer.start_episode(self.stored(obs[e]), embedding=None if embs is None else embs[k],
                                       env=int(e))
             # The embedding buffer labels the frame after each step with that step's success flag.
-            self.ep_return[e], self.ep_success[e], self.ep_embs[e] = 0.0, [], []
+            self.ep_return[e], self.ep_env_return[e] = 0.0, 0.0
+            self.ep_success[e], self.ep_embs[e] = [], []
         if self.schedule is not None:
             self.schedule.begin_episode(env_ids)
 
     def finish_episode(self, e: int) -> dict[str, float]:
+        """The episode's metrics: episode_return sums the task reward the critic learns from (before
+        the VLM term), episode_env_return the env's own reward (Meta-World's shaped one, whatever
+        --env-reward), episode_length counts agent steps."""
         success = np.asarray(self.ep_success[e], dtype=bool)
         self.episodes += 1
         self.recent_success.append(float(success[-1]))
@@ -486,7 +490,9 @@ class Trainer:
 
             self.relay_positives += relay_stop_count(self.cfg.algo, success)
             self.schedule.observe_positives(self.relay_positives)
-        return {"charts/episode_return": self.ep_return[e], "charts/episode_success": float(success[-1]),
+        return {"charts/episode_return": self.ep_return[e],
+                "charts/episode_env_return": self.ep_env_return[e],
+                "charts/episode_length": len(success), "charts/episode_success": float(success[-1]),
                 "charts/episode_ever_success": float(success.any()), "charts/episodes": self.episodes}
 
     # -- the loop ------------------------------------------------------------------------------
@@ -500,7 +506,7 @@ class Trainer:
         cfg, n = self.cfg, self.cfg.num_envs
         writer = MetricsWriter(self.run_dir, resume_step=self.step if self.step > 0 else None,
                                config=config_to_dict(cfg))
-        self.ep_return = [0.0] * n
+        self.ep_return, self.ep_env_return = [0.0] * n, [0.0] * n
         self.ep_success: list[list[bool]] = [[] for _ in range(n)]
         self.ep_embs: list[list[torch.Tensor]] = [[] for _ in range(n)]
         for e in range(n):  # a resumed run's interrupted episodes end where the checkpoint was
@@ -508,9 +514,9 @@ class Trainer:
         obs, info = self.envs.reset(seed=cfg.seed + self.episodes)
         states, frames = split_obs(obs)
         self.start_episodes(states, frames, env_states(states, info), np.arange(n))
+        print(self.expectation_line(), flush=True)  # before the bar: it would overwrite the bar
         bar = tqdm(total=cfg.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=None, desc=f"{cfg.algo} {cfg.task}")
-        print(self.expectation_line(), flush=True)
         stride = n * self.repeat  # simulator steps per vector step
         log_every = max(cfg.log_every, stride)
         log_updates = False  # the next update's losses go to the log (DrQ-v2 skips agent steps)
@@ -524,8 +530,8 @@ class Trainer:
             while self.step < cfg.total_steps:
                 if stop_flag:
                     self.save_checkpoint()
-                    print(f"\nstopped by signal {stop_flag[0]} at step {self.step}; checkpoint saved. "
-                          f"Resume with: python -m furl_fast.train --resume {self.run_dir}", flush=True)
+                    self.say(f"stopped by signal {stop_flag[0]} at step {self.step}; checkpoint saved. "
+                             f"Resume with: python -m furl_fast.train --resume {self.run_dir}")
                     return 128 + stop_flag[0]
                 self.sync_agent_steps()
                 with self.timed("act"):
@@ -562,7 +568,7 @@ class Trainer:
                             "charts/agent_steps": self.step // self.repeat}
                     if cfg.profile:
                         perf.update({f"perf/{k}_seconds": v for k, v in self.timings.items()})
-                        print(self.profile_line(), flush=True)
+                        self.say(self.profile_line())
                         self.timings.clear()
                     writer.log(self.step, perf)
                     # One rate on screen: the bar's own (a terminal), or the plain line's.
@@ -591,9 +597,18 @@ class Trainer:
                                   success=tr.success, embedding=embs)
         for e in range(self.cfg.num_envs):
             self.ep_return[e] += float(tr.reward[e])
+            self.ep_env_return[e] += float(tr.env_reward[e])
             self.ep_success[e].append(bool(tr.success[e]))
             if embs is not None:  # the reward sees whole episodes at their end
                 self.ep_embs[e].append(embs[e])
+
+    @staticmethod
+    def say(line: str) -> None:
+        """A line on stdout, above the progress bar while one shows (tqdm.write)."""
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
 
     def expectation_line(self) -> str:
         """What to expect, printed as a run starts: the steps to go and, on a CPU, the time they take
@@ -803,6 +818,8 @@ def train(cfg: Config, wandb_project: str | None = None, wandb_entity: str | Non
     written before). The run directory is locked while the run writes it (runs.lock_run_dir): a
     second run or resume of it is refused. wandb_project: track the run with Weights & Biases in that
     project (metrics.start_wandb). allow_many_envs: see too_many_envs."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from furl_fast.envs import get_suite
 
     # SIGINT / SIGTERM only set a flag: start-up looks at it between its phases (a KeyboardInterrupt
@@ -881,7 +898,8 @@ def train(cfg: Config, wandb_project: str | None = None, wandb_entity: str | Non
             tracker = start_wandb(run_dir, config_to_dict(cfg), project=wandb_project,
                                   entity=wandb_entity)
         try:
-            code = trainer.run(stop)
+            with logging_redirect_tqdm():  # log records above the progress bar, not through it
+                code = trainer.run(stop)
         except OSError as exc:  # a full disk, a read-only file system, a path of the wrong kind
             remove_temporaries(run_dir)
             print(f"furl_fast.train: {write_error_message(exc, run_dir, trainer.step)}", file=sys.stderr)
