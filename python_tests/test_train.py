@@ -78,7 +78,8 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_model, algo, agent):
     # Sparse returns are sums of -1/0 per agent step; dense ones sum Meta-World's positive reward.
     assert returns and (all(r > 0 for r in returns) if env_reward == "dense" else all(r <= 0 for r in returns))
     metrics = (run_dir / "metrics.csv").read_text()
-    for name in ["eval/success", "eval/ever_success", "charts/episode_return", "losses/critic"]:
+    for name in ["eval/success", "eval/ever_success", "charts/episode_return", "losses/critic",
+                 "charts/episode_env_return", "charts/episode_length"]:
         assert name in metrics, name
     if algo == "furl":
         assert "losses/heads_phase_a" in metrics
@@ -102,7 +103,7 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_model, algo, agent):
     assert len(progress) == steps // 100, result.stdout[-3000:]
     assert progress[-1].startswith(f"step {steps}/{steps} (100%) | ")
     assert " steps/s | " in progress[-1]
-    assert " episodes | success (last " in progress[-1] and progress[-1].endswith("ETA 0m00s")
+    assert " episodes | success (last " in progress[-1] and progress[-1].endswith("ETA 0s")
 
 
 @pytest.mark.slow
@@ -575,3 +576,10 @@ def test_a_full_disk_during_training_ends_in_one_line_naming_the_file(tmp_path, 
     assert lines[0].startswith(f"furl_fast.train: cannot write {run_dir / CHECKPOINT_DIR}/replay-0000000100"
                                ".bin: No space left on device (at step 100); the run stopped."), lines[0]
     assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name]
+
+
+def test_durations_read_well_for_short_and_long_runs():
+    from furl_fast._cli import format_seconds
+
+    assert [format_seconds(s) for s in (0, 45.9, 750, 3 * 3600 + 5 * 60 + 59, 2 * 86400 + 4 * 3600 + 1)] \
+        == ["0s", "45s", "12m30s", "3h05m", "2d04h"]

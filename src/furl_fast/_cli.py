@@ -34,6 +34,18 @@ def setup_logging(fmt: str = "%(levelname)s %(name)s: %(message)s", **kwargs: An
     warnings.filterwarnings("ignore", message=RANDOM_WEIGHTS_START, category=UserWarning)
 
 
+def format_seconds(seconds: float) -> str:
+    """A duration as a person reads it, two units at most: 45s, 12m30s, 3h05m, 2d04h."""
+    s = max(int(seconds), 0)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s // 60 % 60:02d}m"
+    return f"{s // 86400}d{s // 3600 % 24:02d}h"
+
+
 def _optional_literal_rule(info):
     """`Literal[...] | None` fields (None: chosen from other settings) offer only the literals as
     choices; None stays the default."""

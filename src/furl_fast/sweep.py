@@ -48,7 +48,7 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
-from furl_fast._cli import setup_logging, tyro_cli
+from furl_fast._cli import format_seconds, setup_logging, tyro_cli
 from furl_fast.config import AGENTS, ALGOS
 from furl_fast.metrics import CONFIG_FILE, mean_std, task_name
 
@@ -262,12 +262,6 @@ class Attempt:
     token: str  # in the run's lock file once the task holds the lock (it is running, not queued)
 
 
-def fmt_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def holds_lock(run_dir: Path, token: str) -> bool:
     try:
         return (run_dir / LOCK_FILE).read_text().split(" ", 1)[0] == token
@@ -382,7 +376,7 @@ def drive(cfg: SweepConfig, results: Path, todo: list[Run], done_before: int, ra
                 durations.append(result["seconds"])
                 resumed = "" if result["resumed_from"] is None else \
                     f", resumed from step {result['resumed_from']}"
-                logger.info("finished %s in %s%s", run.name, fmt_seconds(result["seconds"]), resumed)
+                logger.info("finished %s in %s%s", run.name, format_seconds(result["seconds"]), resumed)
                 continue
             failed_attempts += 1
             retry = attempt.number < attempts
@@ -397,10 +391,10 @@ def drive(cfg: SweepConfig, results: Path, todo: list[Run], done_before: int, ra
             done = total - len(in_flight) - len(failed)
             remaining = len(in_flight)
             eta = "?" if not durations else \
-                fmt_seconds(sum(durations) / len(durations) * remaining / max(running, 1))
+                format_seconds(sum(durations) / len(durations) * remaining / max(running, 1))
             logger.info("sweep: %d/%d done, %d running, %d pending, %d failed (%d failed attempts), "
                         "elapsed %s, ETA %s", done, total, running, remaining - running, len(failed),
-                        failed_attempts, fmt_seconds(time.time() - start), eta)
+                        failed_attempts, format_seconds(time.time() - start), eta)
             next_summary = time.time() + cfg.summary_every
     return failed
 

@@ -32,6 +32,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import tyro
 
+from furl_fast._cli import format_seconds
 from furl_fast.config import PRESETS, REWARD_CONFIG_CLASSES, REWARDS, Config, config_to_dict, resolve_device
 from furl_fast.envs.steps import Transition, env_states, split_obs, vector_step
 from furl_fast.runs import (
@@ -789,13 +790,6 @@ def nstep_vlm_reward(batch, reward_fn: Callable[[torch.Tensor], torch.Tensor]
 # expect"): state SAC without a VLM, state SAC with RN50 rewards (encoding is ~75% of it), DrQ
 # (0.6 agent steps/s at action repeat 2).
 CPU_STEPS_PER_SECOND = {"state": 60.0, "vlm": 7.0, "drq": 1.2}
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def load_vlm(cfg: Config):
