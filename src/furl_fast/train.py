@@ -108,7 +108,8 @@ def parse_args(argv: list[str] | None = None) -> _Args:
 def reward_subcommand(argv: list[str], default_reward: Any) -> list[str]:
     """`--reward NAME [--reward.OPTION VALUE ...]` anywhere on the command line, rewritten into
     tyro's form for the reward's config (a subcommand): the other flags, then `reward:NAME`, then
-    the reward's own options. With --reward, --help shows that reward's options."""
+    the reward's own options. NAME may be spelled with - or _ (goal-baseline, goal_baseline). With
+    --reward, --help shows that reward's options."""
     rest, options, name = [], [], None
     i = 0
     while i < len(argv):
@@ -132,6 +133,7 @@ def reward_subcommand(argv: list[str], default_reward: Any) -> list[str]:
         name = default_reward.name
     if name is None:
         return rest
+    name = name.replace("-", "_")
     if name not in REWARD_CONFIG_CLASSES:
         raise ValueError(f"--reward {name} is unknown; use one of auto, {', '.join(REWARDS)}.")
     helps = [a for a in rest if a in ("-h", "--help")]
