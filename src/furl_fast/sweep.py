@@ -148,7 +148,7 @@ def run_train_args(cfg: SweepConfig) -> list[str]:
 
 def check(cfg: SweepConfig) -> None:
     """Everything that can be checked before Ray starts; raises ValueError saying what to change."""
-    from furl_fast.train import check_config, parse_config
+    from furl_fast.train import check_config, parse_args
 
     problems = []
     clashes = sorted({a.split("=")[0] for a in cfg.train_args} & set(GRID_FLAGS))
@@ -172,10 +172,11 @@ def check(cfg: SweepConfig) -> None:
         raise ValueError("invalid sweep:\n  - " + "\n  - ".join(problems))
     # Parse the train flags once (tyro exits with its own message on an unknown flag), then check
     # every (task, goal, algo, agent) before any run starts, as the trainer itself would.
-    base = parse_config(run_train_args(cfg))
+    args = parse_args(run_train_args(cfg))
     for run in {dataclasses.replace(r, seed=0) for r in grid(cfg)}:
-        check_config(dataclasses.replace(base, task=run.task, goal=run.goal, algo=run.algo,
-                                         agent=run.agent, env_reward=run.env_reward))
+        check_config(dataclasses.replace(args.config, task=run.task, goal=run.goal, algo=run.algo,
+                                         agent=run.agent, env_reward=run.env_reward),
+                     args.allow_many_envs)
 
 
 # ---- one run (executes in a Ray worker) -----------------------------------------------------------
