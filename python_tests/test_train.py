@@ -216,8 +216,8 @@ BAD_INPUT = {
     "nothing to learn": (["--suite", "gymnasium", "--task", "CartPole-v1", "--algo", "sac"], None,
                          "--suite gymnasium --algo sac without --gym.success-key: the sparse reward "
                          "is 0 at every step"),
-    "too many envs": (["--num-envs", "100000"], None, "--num-envs 100000 is more than 4 env workers "
-                      "per CPU core"),
+    "too many envs": (["--num-envs", "100000"], None, "--num-envs 100000 is too many for this machine: "
+                      "more than 4 env workers per CPU core"),
 }
 
 
@@ -583,3 +583,18 @@ def test_durations_read_well_for_short_and_long_runs():
 
     assert [format_seconds(s) for s in (0, 45.9, 750, 3 * 3600 + 5 * 60 + 59, 2 * 86400 + 4 * 3600 + 1)] \
         == ["0s", "45s", "12m30s", "3h05m", "2d04h"]
+
+
+def test_num_envs_beyond_the_machines_memory_are_refused_unless_allowed(monkeypatch):
+    import furl_fast.train as train_module
+    from furl_fast.config import Config
+
+    monkeypatch.setattr(train_module, "_available_memory", lambda: 1 << 30)  # 1 GiB free
+    cfg = Config(algo="sac", agent="drq", task="reach", num_envs=2)  # ~1.4 GiB of pixel workers
+    with pytest.raises(ValueError, match=r"--num-envs 2 is too many for this machine: its env workers take "
+                                         r"about 1\.4 GiB "
+                                         r"\(~700 MiB each\), more than the 1\.0 GiB of memory "
+                                         r"available; lower --num-envs, or pass --allow-many-envs"):
+        train_module.check_config(cfg)
+    train_module.check_config(cfg, allow_many_envs=True)
+    train_module.check_config(Config(algo="sac", task="reach", num_envs=3))  # ~0.9 GiB of states

@@ -192,13 +192,13 @@ def too_many_envs(num_envs: int, pixels: bool) -> str | None:
     need = num_envs * worker
     available = _available_memory()
     if num_envs > ENVS_PER_CORE * cores:
-        why = f"more than {ENVS_PER_CORE} env workers per CPU core ({cores} here)"
+        why = f"more than {ENVS_PER_CORE} env workers per CPU core ({cores} cores here)"
     elif available is not None and need > available:
-        why = (f"{num_envs} env workers take about {need / 2**30:.1f} GiB (~{worker >> 20} MiB each), "
+        why = (f"its env workers take about {need / 2**30:.1f} GiB (~{worker >> 20} MiB each), "
                f"more than the {available / 2**30:.1f} GiB of memory available")
     else:
         return None
-    return (f"--num-envs {num_envs} is {why}; lower --num-envs, or pass --allow-many-envs to start "
+    return (f"--num-envs {num_envs} is too many for this machine: {why}; lower --num-envs, or pass --allow-many-envs to start "
             "anyway.")
 
 
