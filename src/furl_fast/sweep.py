@@ -391,7 +391,7 @@ def drive(cfg: SweepConfig, results: Path, todo: list[Run], done_before: int, ra
             running = sum(holds_lock(results / a.run.name, a.token) for a in in_flight.values())
             done = total - len(in_flight) - len(failed)
             remaining = len(in_flight)
-            eta = "?" if not durations else \
+            eta = "known once a run has finished" if not durations else \
                 format_seconds(sum(durations) / len(durations) * remaining / max(running, 1))
             logger.info("sweep: %d/%d done, %d running, %d pending, %d failed (%d failed attempts), "
                         "elapsed %s, ETA %s", done, total, running, remaining - running, len(failed),
