@@ -198,8 +198,8 @@ def too_many_envs(num_envs: int, pixels: bool) -> str | None:
                f"more than the {available / 2**30:.1f} GiB of memory available")
     else:
         return None
-    return (f"--num-envs {num_envs} is too many for this machine: {why}; lower --num-envs, or pass --allow-many-envs to start "
-            "anyway.")
+    return (f"--num-envs {num_envs} is too many for this machine: {why}; lower --num-envs, or pass "
+            "--allow-many-envs to start anyway.")
 
 
 def _available_memory() -> int | None:
@@ -898,7 +898,8 @@ def train(cfg: Config, wandb_project: str | None = None, wandb_entity: str | Non
                 code = trainer.run(stop)
         except OSError as exc:  # a full disk, a read-only file system, a path of the wrong kind
             remove_temporaries(run_dir)
-            print(f"furl_fast.train: {write_error_message(exc, run_dir, trainer.step)}", file=sys.stderr)
+            print(f"furl_fast.train: {write_error_message(exc, run_dir, trainer.step)}",
+                  file=sys.stderr)
             code = 1
         finally:
             trainer.close()
