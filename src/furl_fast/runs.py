@@ -172,17 +172,14 @@ def lock_run_dir(run_dir: Path, flag: str = "--run-dir") -> RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
                 os.close(fd)
-                raise ValueError(f"{flag} {run_dir} is in use: another furl_fast.train (process "
-                                 f"{holder}) is writing it; wait for it to end or stop it, then "
-                                 "resume the run.") from None
+                raise ValueError(f"{flag} {run_dir} is in use: another furl_fast.train is writing it "
+                                 f"(it holds {lock}); wait for it to end or stop it, then resume the "
+                                 "run.") from None
             with contextlib.suppress(FileNotFoundError):
                 if os.path.samestat(os.fstat(fd), os.stat(lock)):
                     break
             os.close(fd)  # the holder removed the file as it gave up: lock the new one
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
     except OSError as exc:
         for path in made:
             with contextlib.suppress(OSError):
