@@ -549,9 +549,6 @@ def _problems(cfg: Config, suite: Any) -> list[str]:
                  "every step, so nothing can be learned; name the env's success flag with "
                  "--gym.success-key KEY, train on its own reward with --env-reward dense, or add a VLM "
                  "reward with --algo vlm.")
-    if cfg.algo == "sac" and name not in ("auto", None):
-        p.append(f"--reward {name} with --algo sac: sac trains on the environment's reward alone; "
-                 "use --algo vlm or --algo relay for a VLM reward.")
     if cfg.suite != "gymnasium" and cfg.gym != GymnasiumConfig():
         p.append("--gym.* options are read only with --suite gymnasium.")
     if cfg.seed < 0:
