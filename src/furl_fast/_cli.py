@@ -82,7 +82,9 @@ def join_lines(text: str) -> str:
 def _joined_docstring_lines():
     """tyro (1.0) starts a new help line wherever a docstring's source line does not start with a
     letter, and it looks before removing the indentation, so every continuation line of a field
-    docstring became a line break of its own in --help. Joining the lines first avoids that."""
+    docstring became a line break of its own in --help. Joining the lines first avoids that. tyro
+    offers no public option for it; without the join, train's --help breaks dozens of sentences in
+    mid-line (python_tests/test_cli_help.py counts them)."""
     from tyro import _strings
 
     original = getattr(_strings, "remove_single_line_breaks", None)
