@@ -2,7 +2,9 @@
 
 A run directory holds config.json, metrics.csv, TensorBoard events (tb/), evaluation videos
 (videos/), eval.json and checkpoints/ (state.pt, which names its replay file). Every file is written
-atomically (a temporary file, then os.replace), so a crash leaves the previous complete version.
+atomically (a temporary file, then os.replace), so a crash leaves the previous complete version; the
+next start removes the temporary files. A run holds RUN_DIR/.lock while it writes the directory
+(lock_run_dir), so no second process writes it at the same time.
 
 Nothing read back from a run directory can run code: config.json is checked field by field, and
 state.pt is checksummed and holds only tensors and plain values (see save_state).
