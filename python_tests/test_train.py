@@ -77,6 +77,14 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_model, algo, agent):
                if ",charts/episode_return," in line]
     # Sparse returns are sums of -1/0 per agent step; dense ones sum Meta-World's positive reward.
     assert returns and (all(r > 0 for r in returns) if env_reward == "dense" else all(r <= 0 for r in returns))
+    def logged(name: str) -> list[float]:
+        return [float(line.split(",")[2]) for line in (run_dir / "metrics.csv").read_text().splitlines()
+                if f",{name}," in line]
+
+    # The env's own (shaped) return whatever the critic's reward, and episodes of 500 simulator steps.
+    assert len(logged("charts/episode_env_return")) == len(returns)
+    assert all(r > 0 for r in logged("charts/episode_env_return"))
+    assert set(logged("charts/episode_length")) == {500 / REPEAT[agent]}
     metrics = (run_dir / "metrics.csv").read_text()
     for name in ["eval/success", "eval/ever_success", "charts/episode_return", "losses/critic",
                  "charts/episode_env_return", "charts/episode_length"]:
