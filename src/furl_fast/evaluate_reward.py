@@ -64,7 +64,7 @@ COLUMNS = ("task", "model", "weights", "reward", "frames", "positives", "thresho
 class EvalConfig:
     tasks: tuple[str, ...] = ("drawer-open",)
     """Meta-World tasks (MT10 tasks have built-in prompts)."""
-    vlm: VLMConfig = VLMConfig()
+    vlm: VLMConfig = dataclasses.field(default_factory=VLMConfig)
     """The VLM, as train's --vlm.* flags; --vlm.prompt (when given) describes every task."""
     models: tuple[str, ...] | None = None
     """Several VLMs to compare, each in --vlm.model's place (liv, open_clip names, local-dir:/path,
