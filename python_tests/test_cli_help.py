@@ -75,8 +75,11 @@ def test_reward_options_parse_anywhere_on_the_line():
                               "--reward.negatives", "a cup", "a door", "--seed", "4"])
     assert cfg.reward == BinaryRewardConfig(threshold=0.3, negatives=("a cup", "a door"))
     assert (cfg.algo, cfg.seed) == ("vlm", 4)
-    cfg = train.parse_config(["--algo", "relay", "--reward=goal_baseline", "--reward.alpha", "1"])
-    assert cfg.reward == GoalBaselineRewardConfig(alpha=1.0)
+    for spelling in ("goal_baseline", "goal-baseline"):
+        cfg = train.parse_config(["--algo", "relay", f"--reward={spelling}", "--reward.alpha", "1"])
+        assert cfg.reward == GoalBaselineRewardConfig(alpha=1.0)
+        assert train.parse_config(["--algo", "relay", "--reward", spelling]).reward == \
+            GoalBaselineRewardConfig()
     with pytest.raises(ValueError, match="--reward nope is unknown; use one of auto, furl, cosine"):
         train.parse_config(["--reward", "nope"])
     with pytest.raises(ValueError, match="--reward.threshold needs --reward NAME"):

@@ -76,7 +76,7 @@ def test_warmup_is_the_agents_published_one_unless_given():
             given = parse_config(["--preset", preset, "--agent", agent, "--warmup-steps", "300"])
             assert given.resolved_warmup_steps == 300
     with pytest.raises(ValueError, match=r"the warm-up of agent drq \(default 4000 steps\) must be "
-                                         r"< total_steps=3000.*--warmup-steps"):
+                                         r"< --total-steps 3000.*--warmup-steps"):
         Config(agent="drq", total_steps=3000).validate()
 
 
@@ -96,22 +96,22 @@ def test_resolved_reward_per_algo():
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"algo": "ppo"}, "algo='ppo' is unknown; use one of 'sac', 'vlm', 'relay', 'furl'"),
-        ({"agent": "td3"}, "agent='td3' is unknown"),
-        ({"goal": "moving"}, "goal='moving' is unknown"),
-        ({"rho": -0.1}, "rho=-0.1 must be >= 0"),
+        ({"algo": "ppo"}, "--algo ppo is unknown; use one of sac, vlm, relay, furl"),
+        ({"agent": "td3"}, "--agent td3 is unknown"),
+        ({"goal": "moving"}, "--goal moving is unknown"),
+        ({"rho": -0.1}, "--rho -0.1 must be >= 0"),
         ({"batch_size": 512, "buffer_size": 100}, "lower --batch-size or raise --buffer-size"),
-        ({"warmup_steps": 5000, "total_steps": 5000}, "warmup_steps=5000 must be < total_steps=5000"),
-        ({"device": "tpu"}, "device='tpu' is unknown; use auto, cpu, cuda or cuda:N"),
-        ({"num_envs": 0}, "num_envs=0 must be > 0"),
+        ({"warmup_steps": 5000, "total_steps": 5000}, "--warmup-steps 5000 must be < --total-steps 5000"),
+        ({"device": "tpu"}, "--device tpu is unknown; use auto, cpu, cuda or cuda:N"),
+        ({"num_envs": 0}, "--num-envs 0 must be > 0"),
         ({"algo": "vlm", "reward": "furl"}, "use --algo furl"),
         ({"algo": "furl", "reward": "cosine"}, "use --algo vlm or --algo relay"),
-        ({"sac": SACConfig(tau=0.0)}, "sac.tau=0.0 must be in (0, 1]"),
-        ({"sac": SACConfig(gamma=1.5)}, "sac.gamma=1.5 must be in (0, 1]"),
-        ({"furl": FuRLConfig(relay_k_choices=())}, "furl.relay_k_choices=() must be a non-empty"),
-        ({"furl": FuRLConfig(phase_b_margin=-1.0)}, "furl.phase_b_margin=-1.0 must be >= 0"),
-        ({"vlm": VLMConfig(precision="fp8")}, "vlm.precision='fp8' is unknown"),
-        ({"render_quality": "ultra"}, "render_quality='ultra' is unknown; use one of 'paper', 'fast'"),
+        ({"sac": SACConfig(tau=0.0)}, "--sac.tau 0.0 must be in (0, 1]"),
+        ({"sac": SACConfig(gamma=1.5)}, "--sac.gamma 1.5 must be in (0, 1]"),
+        ({"furl": FuRLConfig(relay_k_choices=())}, "--furl.relay-k-choices (none) must be a non-empty"),
+        ({"furl": FuRLConfig(phase_b_margin=-1.0)}, "--furl.phase-b-margin -1.0 must be >= 0"),
+        ({"vlm": VLMConfig(precision="fp8")}, "--vlm.precision fp8 is unknown"),
+        ({"render_quality": "ultra"}, "--render-quality ultra is unknown; use one of paper, fast"),
         ({"algo": "relay", "furl": FuRLConfig(relay=False)}, "--furl.no-relay is an ablation of FuRL"),
         ({"algo": "vlm", "furl": FuRLConfig(phase_a=False)}, "--furl.no-phase-a is an ablation of FuRL"),
     ],
@@ -129,7 +129,7 @@ def test_unknown_task_through_the_suite_and_all_problems_at_once():
         cfg.validate(get_suite("metaworld"))
     text = str(err.value)
     assert "task='fly-v3' is unknown; the 50 Meta-World tasks (each also as NAME-v3): assembly," in text
-    assert "rho=-1.0" in text
+    assert "--rho -1.0" in text
     with pytest.raises(ValueError, match=r"^invalid configuration: task='drawr-open' is unknown "
                                          r"\(did you mean 'drawer-open'\?\); the 50 Meta-World"):
         _replace(Config(), task="drawr-open").validate(get_suite("metaworld"))
@@ -152,7 +152,7 @@ def test_suite_checks_goal_randomisation_and_its_options():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without a GPU")
 def test_cuda_device_without_a_gpu_is_refused_by_validate():
     for device in ("cuda", "cuda:1"):
-        with pytest.raises(ValueError, match=rf"device='{device}' but torch sees no usable CUDA"):
+        with pytest.raises(ValueError, match=rf"--device {device} but torch sees no usable CUDA"):
             _replace(Config(), device=device).validate()
     Config(device="cpu").validate()
 

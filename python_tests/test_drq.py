@@ -194,7 +194,7 @@ def test_precision_is_fp32_unless_bf16_is_asked_for():
     from furl_fast.config import Config
 
     assert DrQConfig().precision == "fp32"
-    with pytest.raises(ValueError, match="drq.precision='auto' is unknown; use one of 'fp32'"):
+    with pytest.raises(ValueError, match="--drq.precision auto is unknown; use one of fp32"):
         Config(agent="drq", drq=DrQConfig(precision="auto")).validate()
 
 
@@ -214,6 +214,6 @@ def test_bad_drq_settings_are_refused_by_name():
     bad = DrQConfig(n_step=0, update_every_steps=0, stddev_clip=-0.1, critic_target_tau=0.0)
     with pytest.raises(ValueError) as err:
         Config(agent="drq", drq=bad).validate()
-    for name in ("drq.n_step=0", "drq.update_every_steps=0", "drq.stddev_clip=-0.1",
-                 "drq.critic_target_tau=0.0"):
+    for name in ("--drq.n-step 0", "--drq.update-every-steps 0", "--drq.stddev-clip -0.1",
+                 "--drq.critic-target-tau 0.0"):
         assert name in str(err.value), name

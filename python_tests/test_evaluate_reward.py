@@ -77,7 +77,7 @@ def test_one_class_is_nan():
 
 def run_eval(tmp_path, tiny_model, *extra):
     args = [sys.executable, "-m", "furl_fast.evaluate_reward", "--tasks", "reach",
-            "--models", tiny_model, "--pretrained", "none", "--rewards", "cosine", "goal_baseline",
+            "--vlm.model", tiny_model, "--vlm.pretrained", "none", "--rewards", "cosine", "goal_baseline",
             "binary", "--episodes", "1", "--max-steps", "60", "--device", "cpu",
             "--out", str(tmp_path / "out"), *extra]
     env = dict(os.environ, FURL_FAST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
@@ -158,3 +158,15 @@ def test_output_files_follow_the_umask(tmp_path):
     assert (tmp_path / "metrics.csv").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "metrics.png").stat().st_mode & 0o777 == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "metrics.png"]  # no temp files
+
+
+def test_models_replace_the_vlm_flag_and_take_their_weights():
+    """--vlm.* picks one VLM as train does; --models compares several, with one --pretrained for all
+    or one per model. Mistakes stop before anything is loaded."""
+    from furl_fast.config import VLMConfig
+    from furl_fast.evaluate_reward import EvalConfig, evaluate
+
+    with pytest.raises(ValueError, match="--models replaces --vlm.model; give one of them"):
+        evaluate(EvalConfig(models=("RN50", "ViT-B-32"), vlm=VLMConfig(model="liv")))
+    with pytest.raises(ValueError, match="give one --pretrained for all models or one per model"):
+        evaluate(EvalConfig(models=("RN50", "ViT-B-32", "RN101"), pretrained=("openai", "none")))

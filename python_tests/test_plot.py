@@ -106,3 +106,18 @@ def test_code_reward_curves_are_named_by_their_programs(tmp_path):
                      reward={"name": "code", "programs": "drawer.json"})
     labels = sorted(plot.group_runs([ref, gen]))
     assert labels == ["sac+code sac reach fixed", "sac+code-ref sac reach fixed"], labels
+
+
+def test_labels_name_what_matters_and_other_settings_only_to_tell_curves_apart(tmp_path):
+    """Runs of different methods differ in many settings; their labels name the method (algo, agent,
+    reward, env reward), not every setting, so the legend stays inside the figure."""
+    furl = config_run(tmp_path, "furl", 0, [(0, 0.0)], reward={"name": "furl"}, env_reward="sparse",
+                      eval_every=50)
+    vlm = config_run(tmp_path, "vlm", 0, [(0, 0.0)], algo="vlm", reward={"name": "cosine"},
+                     env_reward="sparse", total_steps=500)
+    oracle = config_run(tmp_path, "oracle", 0, [(0, 0.0)], algo="sac", reward={"name": "auto"},
+                        env_reward="dense")
+    assert sorted(plot.group_runs([furl, vlm, oracle])) == [
+        "furl sac reach fixed reward.name=furl env_reward=sparse",
+        "sac sac reach fixed reward.name=auto env_reward=dense",
+        "vlm sac reach fixed reward.name=cosine env_reward=sparse"]

@@ -96,7 +96,8 @@ def test_trainer_counts_positives_for_furl_and_success_steps_for_relay(tmp_path)
                  furl=FuRLConfig(relay_stop_positives=5))
     trainer = Trainer(cfg, tmp_path)
     try:
-        trainer.ep_return, trainer.ep_embs = [0.0], [[torch.zeros(1)] * 5]
+        trainer.ep_return, trainer.ep_env_return = [0.0], [0.0]
+        trainer.ep_embs = [[torch.zeros(1)] * 5]
         trainer.schedule.begin_episode()
         trainer.ep_success = [success.tolist()]
         trainer.finish_episode(0)

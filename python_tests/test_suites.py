@@ -55,25 +55,26 @@ def trace(env, steps: int, reset_seeds=(None,), seed: int = 0) -> list:
 
 # Recorded with this very trace() from the single-class Meta-World env (sparse reward, action repeat,
 # pixels and stack in one class), the reference the wrapper stack must match exactly. Frames come from
-# Mesa's llvmpipe, which renders the same bits for the same scene on every run.
+# Mesa's llvmpipe, which renders the same bits for the same scene on every run. A trace holds info's
+# key set too (the sparse reward's info["env_reward"] included).
 GOLDEN = {
     "state_sparse": ({"task": "reach", "seed": 0, "vlm_frames": False}, 12, (None, 3),
-                     "9dca10dd3439676b", "cf6c98396fd3e834"),
+                     "537e39899e9006cc", "cf6c98396fd3e834"),
     "state_dense_frames": ({"task": "drawer-open", "seed": 1, "reward": "dense", "frame_size": 64}, 4,
-                           (None,), "810b0a69dc2dac0e", "9ae7039809905b11"),
+                           (None,), "835dab512924ad03", "9ae7039809905b11"),
     "state_repeat3_truncated": ({"task": "push", "seed": 2, "goal": "random", "reward": "dense",
                                  "vlm_frames": False, "action_repeat": 3, "max_episode_steps": 10}, 6,
-                                (None, 7), "03e7b6f79420d54a", "e9dc5f8134fb5ea1"),
+                                (None, 7), "46aac4add4a0ca99", "e9dc5f8134fb5ea1"),
     # Re-recorded when the sparse reward came to be summed over the repeated steps: the trace
     # differs from the single-class env's only in its rewards, -2.0 where that one gave -1.0.
     "pixels_sparse_frames": ({"task": "pick-place", "seed": 2, "goal": "random", "obs": "pixels",
                               "frame_size": 64, "pixel_size": 32}, 4, (None, 5),
-                             "118cf63372de74bb", "7085b114d3e5ecca"),
+                             "8eadda194d459c4e", "7085b114d3e5ecca"),
     "pixels_dense_no_frames_truncated": ({"task": "reach", "seed": 0, "obs": "pixels",
                                           "reward": "dense", "vlm_frames": False, "frame_size": 64,
                                           "pixel_size": 24, "frame_stack": 2, "max_episode_steps": 8,
                                           "fast_render": False},
-                                         5, (None,), "dc7d2b30c1cc8fcf", "e1706daa4fbf3f8c"),
+                                         5, (None,), "f093e7eb9093f13e", "e1706daa4fbf3f8c"),
 }
 
 

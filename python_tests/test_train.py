@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -78,8 +79,17 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_model, algo, agent):
                if ",charts/episode_return," in line]
     # Sparse returns are sums of -1/0 per agent step; dense ones sum Meta-World's positive reward.
     assert returns and (all(r > 0 for r in returns) if env_reward == "dense" else all(r <= 0 for r in returns))
+    def logged(name: str) -> list[float]:
+        return [float(line.split(",")[2]) for line in (run_dir / "metrics.csv").read_text().splitlines()
+                if f",{name}," in line]
+
+    # The env's own (shaped) return whatever the critic's reward, and episodes of 500 simulator steps.
+    assert len(logged("charts/episode_env_return")) == len(returns)
+    assert all(r > 0 for r in logged("charts/episode_env_return"))
+    assert set(logged("charts/episode_length")) == {500 / REPEAT[agent]}
     metrics = (run_dir / "metrics.csv").read_text()
-    for name in ["eval/success", "eval/ever_success", "charts/episode_return", "losses/critic"]:
+    for name in ["eval/success", "eval/ever_success", "charts/episode_return", "losses/critic",
+                 "charts/episode_env_return", "charts/episode_length"]:
         assert name in metrics, name
     if algo == "furl":
         assert "losses/heads_phase_a" in metrics
@@ -103,7 +113,7 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_model, algo, agent):
     assert len(progress) == steps // 100, result.stdout[-3000:]
     assert progress[-1].startswith(f"step {steps}/{steps} (100%) | ")
     assert " steps/s | " in progress[-1]
-    assert " episodes | success (last " in progress[-1] and progress[-1].endswith("ETA 0m00s")
+    assert " episodes | success (last " in progress[-1] and progress[-1].endswith("ETA 0s")
 
 
 @pytest.mark.slow
@@ -198,7 +208,7 @@ BAD_INPUT = {
     "run dir is a file": (["--run-dir", "TMP/file"], "file", "TMP/file is a file, not a directory"),
     "run dir under a file": (["--run-dir", "TMP/file/run"], "file",
                              "TMP/file is a file, not a directory"),
-    "cuda without a GPU": (["--device", "cuda"], "no gpu", "device='cuda' but torch sees no usable CUDA"),
+    "cuda without a GPU": (["--device", "cuda"], "no gpu", "--device cuda but torch sees no usable CUDA"),
     "no prompt": (["--task", "assembly"], None, '--task assembly has no built-in prompt'),
     "missing checkpoint": (["--vlm.pretrained", "TMP/weights.pt"], None, "checkpoint file not found"),
     "damaged checkpoint": (["--vlm.pretrained", "TMP/random.pt"], "random.pt",
@@ -209,6 +219,16 @@ BAD_INPUT = {
     "truncated replay": (["--resume", "RUN"], "replay", "is truncated or has trailing data"),
     "resume changes a setting": (["--resume", "RUN", "--seed", "3"], "ok",
                                  "--seed cannot change on a resume"),
+    "run dir in use": ([], "locked", ("--run-dir RUN is in use: another furl_fast.train is writing "
+                                      "it (it holds RUN/.lock)")),
+    "resume of a running run": (["--resume", "RUN"], "locked run", "--resume RUN is in use"),
+    "tb is a file": (["--resume", "RUN"], "tb file", "RUN/tb must be a directory"),
+    "empty prompt": (["--vlm.prompt", "  "], None, "--vlm.prompt is empty"),
+    "nothing to learn": (["--suite", "gymnasium", "--task", "CartPole-v1", "--algo", "sac"], None,
+                         ("--suite gymnasium --algo sac without --gym.success-key: the sparse "
+                          "reward is 0 at every step")),
+    "too many envs": (["--num-envs", "100000"], None, ("--num-envs 100000 is too many for this "
+                                                      "machine: more than 4 env workers per CPU core")),
 }
 
 
@@ -292,8 +312,14 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path, case):
         (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(100_000))
     if setup == "offline":  # an empty weights cache and no network: what an offline user has
         env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    if setup in ("state", "replay", "ok"):
+    if setup in ("state", "replay", "ok", "locked run", "tb file"):
         fake_run(run_dir, setup)
+    if setup == "tb file":
+        (run_dir / "tb").write_text("not a directory")
+    if setup in ("locked", "locked run"):  # what a running furl_fast.train holds
+        run_dir.mkdir(exist_ok=True)
+        lock = open(run_dir / ".lock", "w")  # noqa: SIM115  (held until the test ends)
+        fcntl.flock(lock, fcntl.LOCK_EX)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     argv = [a.replace("TMP", str(tmp_path)).replace("RUN", str(run_dir))
             for a in ["--algo", "furl", "--run-dir", "RUN", *args]]
@@ -306,9 +332,9 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path, case):
     assert "Traceback" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("furl_fast.train:")]
     assert len(lines) == 1, err[-3000:]
-    assert message.replace("TMP", str(tmp_path)) in lines[0], lines[0]
+    assert message.replace("TMP", str(tmp_path)).replace("RUN", str(run_dir)) in lines[0], lines[0]
     assert "weights_only" not in err
-    if setup in ("state", "replay", "ok"):
+    if setup in ("state", "replay", "ok", "locked", "locked run", "tb file"):
         assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     else:
         assert not run_dir.exists()
@@ -498,3 +524,106 @@ def test_nstep_vlm_reward_is_the_discounted_sum_of_per_step_rewards():
             assert float(per_step[i, 0]) == pytest.approx(float(reward_fn(ep[t + 1 : t + 2])))
             seen.add((e, t))
     assert len(seen) == sum(lengths)  # windows of every length (3, 2 and 1 steps) were checked
+
+
+def test_a_config_problem_is_found_before_torch_or_the_vlm_load(tmp_path):
+    """A mistake on the command line is refused by the flag's name without importing torch or
+    open_clip (which take seconds): parse and check as main() does, in a fresh interpreter."""
+    code = ("import sys\n"
+            "from furl_fast.train import check_config, parse_args\n"
+            "try:\n"
+            "    check_config(parse_args(['--seed', '-1', '--run-dir', 'run']).config)\n"
+            "except ValueError as exc:\n"
+            "    print(exc)\n"
+            "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    message, imported = result.stdout.splitlines()
+    assert message.startswith("invalid configuration: --seed -1 must be >= 0."), message
+    assert imported == "[]"
+
+
+@pytest.mark.slow
+def test_a_running_run_dir_is_locked_and_a_killed_runs_lock_is_taken_over(tmp_path):
+    """A second run into a running run's directory, or a resume of it, is refused with one line;
+    once the first is killed (-9: no clean-up at all) a resume takes over, removing the temporary
+    files a killed run can leave."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, FURL_FAST_CACHE=str(tmp_path / "cache"))
+    args = train_args(run_dir, "sac", "RN50", steps=100_000) + ["--eval-episodes", "1"]
+    first = subprocess.Popen([sys.executable, "-m", "furl_fast.train", *args], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / CHECKPOINT_DIR / STATE_FILE).exists():  # training, checkpointed
+            assert first.poll() is None and time.time() < deadline, first.stderr.read()[-3000:]
+            time.sleep(0.5)
+        for argv in (args, ["--resume", str(run_dir)]):
+            second = run_cli(argv, tmp_path, timeout=120)
+            assert second.returncode == 2, second.stderr[-3000:]
+            lines = [line for line in second.stderr.splitlines() if line.startswith("furl_fast.train:")]
+            assert len(lines) == 1 and f"{run_dir} is in use: another furl_fast.train is writing " \
+                "it" in lines[0], second.stderr[-3000:]
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+    ckpt = run_dir / CHECKPOINT_DIR
+    step = load_state(ckpt / STATE_FILE)["step"]
+    leftovers = [ckpt / ".replay-0000000900.bin.tmp4242", ckpt / (STATE_FILE + ".tmp")]
+    for path in leftovers:
+        path.write_bytes(b"half written")
+    result = run_cli(["--resume", str(run_dir), "--total-steps", str(step)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not any(path.exists() for path in leftovers)
+
+
+def test_a_full_disk_during_training_ends_in_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    """No space left while the first checkpoint's replay file is written: the run stops with exit 1
+    and one line naming the file and the cause, and leaves no temporary file behind. (Simulated:
+    fsync fails with ENOSPC for files of the run directory.)"""
+    import errno
+
+    from furl_fast.train import parse_args, train
+
+    run_dir = tmp_path / "run"
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(run_dir)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setenv("FURL_FAST_CACHE", str(tmp_path / "cache"))
+    args = train_args(run_dir, "sac", "RN50", steps=400) + ["--checkpoint-every", "100",
+                                                           "--warmup-steps", "100",
+                                                           "--eval-episodes", "1"]
+    assert train(parse_args(args).config) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("furl_fast.train:")]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"furl_fast.train: cannot write {run_dir / CHECKPOINT_DIR}/replay-0000000100"
+                               ".bin: No space left on device (at step 100); the run stopped."), lines[0]
+    assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name]
+
+
+def test_durations_read_well_for_short_and_long_runs():
+    from furl_fast._cli import format_seconds
+
+    assert [format_seconds(s) for s in (0, 45.9, 750, 3 * 3600 + 5 * 60 + 59, 2 * 86400 + 4 * 3600 + 1)] \
+        == ["0s", "45s", "12m30s", "3h05m", "2d04h"]
+
+
+def test_num_envs_beyond_the_machines_memory_are_refused_unless_allowed(monkeypatch):
+    import furl_fast.train as train_module
+    from furl_fast.config import Config
+
+    monkeypatch.setattr(train_module, "_available_memory", lambda: 1 << 30)  # 1 GiB free
+    cfg = Config(algo="sac", agent="drq", task="reach", num_envs=2)  # ~1.4 GiB of pixel workers
+    with pytest.raises(ValueError, match=r"--num-envs 2 is too many for this machine: its env workers take "
+                                         r"about 1\.4 GiB "
+                                         r"\(~700 MiB each\), more than the 1\.0 GiB of memory "
+                                         r"available; lower --num-envs, or pass --allow-many-envs"):
+        train_module.check_config(cfg)
+    train_module.check_config(cfg, allow_many_envs=True)
+    train_module.check_config(Config(algo="sac", task="reach", num_envs=3))  # ~0.9 GiB of states

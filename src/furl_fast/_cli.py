@@ -34,6 +34,18 @@ def setup_logging(fmt: str = "%(levelname)s %(name)s: %(message)s", **kwargs: An
     warnings.filterwarnings("ignore", message=RANDOM_WEIGHTS_START, category=UserWarning)
 
 
+def format_seconds(seconds: float) -> str:
+    """A duration as a person reads it, two units at most: 45s, 12m30s, 3h05m, 2d04h."""
+    s = max(int(seconds), 0)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s // 60 % 60:02d}m"
+    return f"{s // 86400}d{s // 3600 % 24:02d}h"
+
+
 def _optional_literal_rule(info):
     """`Literal[...] | None` fields (None: chosen from other settings) offer only the literals as
     choices; None stays the default."""
@@ -70,7 +82,9 @@ def join_lines(text: str) -> str:
 def _joined_docstring_lines():
     """tyro (1.0) starts a new help line wherever a docstring's source line does not start with a
     letter, and it looks before removing the indentation, so every continuation line of a field
-    docstring became a line break of its own in --help. Joining the lines first avoids that."""
+    docstring became a line break of its own in --help. Joining the lines first avoids that. tyro
+    offers no public option for it; without the join, train's --help breaks dozens of sentences in
+    mid-line (python_tests/test_cli_help.py counts them)."""
     from tyro import _strings
 
     original = getattr(_strings, "remove_single_line_breaks", None)

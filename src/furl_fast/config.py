@@ -487,23 +487,28 @@ def _cuda_problems(device: str) -> list[str]:
     import torch  # kept local: the config module stays importable (and fast) without torch
 
     if not torch.cuda.is_available():
-        return [f"device={device!r} but torch sees no usable CUDA GPU here (no GPU or driver, or a "
+        return [f"--device {device} but torch sees no usable CUDA GPU here (no GPU or driver, or a "
                 "CPU-only torch build); use --device cpu (or auto)."]
     index = int(device[5:]) if device.startswith("cuda:") else 0
     if index >= torch.cuda.device_count():
-        return [f"device={device!r} but torch sees only {torch.cuda.device_count()} GPU(s); use "
+        return [f"--device {device} but torch sees only {torch.cuda.device_count()} GPU(s); use "
                 f"cuda:0 to cuda:{torch.cuda.device_count() - 1}."]
     return []
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of a Config field: "sac.n_step" -> "--sac.n-step"."""
+    return "--" + name.replace("_", "-")
 
 
 def _one_of(name: str, value: object, allowed: Collection[object]) -> list[str]:
     if value in allowed:
         return []
-    return [f"{name}={value!r} is unknown; use one of {', '.join(map(repr, allowed))}."]
+    return [f"{_flag(name)} {value} is unknown; use one of {', '.join(map(str, allowed))}."]
 
 
 def _positive(name: str, value: float) -> list[str]:
-    return [] if value > 0 else [f"{name}={value!r} must be > 0."]
+    return [] if value > 0 else [f"{_flag(name)} {value!r} must be > 0."]
 
 
 def _problems(cfg: Config, suite: Any) -> list[str]:
@@ -511,16 +516,16 @@ def _problems(cfg: Config, suite: Any) -> list[str]:
     p += _one_of("algo", cfg.algo, ALGOS)
     p += _one_of("agent", cfg.agent, AGENTS)
     if not isinstance(cfg.reward, (AutoRewardConfig, *REWARD_CONFIGS)):
-        p.append(f"reward={cfg.reward!r} is unknown; use one of auto, {', '.join(REWARDS)}.")
+        p.append(f"--reward {cfg.reward!r} is unknown; use one of auto, {', '.join(REWARDS)}.")
     p += _one_of("goal", cfg.goal, GOALS)
     p += _one_of("env_reward", cfg.env_reward, ENV_REWARDS)
     p += _one_of("render_quality", cfg.render_quality, RENDER_QUALITIES)
     name = getattr(cfg.reward, "name", None)
     if cfg.algo == "furl" and name not in ("auto", "furl"):
-        p.append(f"algo=furl trains the aligned heads, so reward must be 'furl' (got {name!r}); "
+        p.append(f"--algo furl trains the aligned heads, so --reward must be furl (got {name}); "
                  "for a raw VLM reward use --algo vlm or --algo relay.")
     if cfg.algo in ("vlm", "relay") and name == "furl":
-        p.append(f"reward='furl' needs the aligned heads, which only algo=furl trains; use --algo furl "
+        p.append(f"--reward furl needs the aligned heads, which only --algo furl trains; use --algo furl "
                  f"or a raw reward (cosine, goal_baseline, binary, code) with --algo {cfg.algo}.")
     for flag, on in (("relay", cfg.furl.relay), ("phase-a", cfg.furl.phase_a)):
         if not on and cfg.algo != "furl":
@@ -533,29 +538,38 @@ def _problems(cfg: Config, suite: Any) -> list[str]:
         except ValueError as exc:  # the suite's message names the task and the known ones
             p.append(str(exc))
         if cfg.goal == "random" and not suite.random_goals:
-            p.append(f"goal='random': the {cfg.suite} suite has no goal randomisation; use --goal "
+            p.append(f"--goal random: the {cfg.suite} suite has no goal randomisation; use --goal "
                      "fixed.")
+    if cfg.vlm.prompt is not None and not cfg.vlm.prompt.strip():
+        p.append("--vlm.prompt is empty; describe what success looks like in a short sentence, or "
+                 "leave the flag out for the task's own prompt.")
+    if cfg.suite == "gymnasium" and cfg.algo == "sac" and cfg.env_reward == "sparse" \
+            and cfg.gym.success_key is None:
+        p.append("--suite gymnasium --algo sac without --gym.success-key: the sparse reward is 0 at "
+                 "every step, so nothing can be learned; name the env's success flag with "
+                 "--gym.success-key KEY, train on its own reward with --env-reward dense, or add a VLM "
+                 "reward with --algo vlm.")
     if cfg.suite != "gymnasium" and cfg.gym != GymnasiumConfig():
         p.append("--gym.* options are read only with --suite gymnasium.")
     if cfg.seed < 0:
-        p.append(f"seed={cfg.seed} must be >= 0.")
+        p.append(f"--seed {cfg.seed} must be >= 0.")
     p += _positive("total_steps", cfg.total_steps)
     warmup = cfg.resolved_warmup_steps
     if warmup < 0:
-        p.append(f"warmup_steps={warmup} must be >= 0.")
+        p.append(f"--warmup-steps {warmup} must be >= 0.")
     elif warmup >= cfg.total_steps > 0:
-        given = f"warmup_steps={warmup}" if cfg.warmup_steps is not None else \
+        given = f"--warmup-steps {warmup}" if cfg.warmup_steps is not None else \
             f"the warm-up of agent {cfg.agent} (default {warmup} steps)"
-        p.append(f"{given} must be < total_steps={cfg.total_steps}, or no learning would happen; "
+        p.append(f"{given} must be < --total-steps {cfg.total_steps}, or no learning would happen; "
                  "lower --warmup-steps or raise --total-steps.")
     p += _positive("batch_size", cfg.batch_size)
     if cfg.buffer_size is not None:
         p += _positive("buffer_size", cfg.buffer_size)
     if cfg.batch_size > cfg.resolved_buffer_size > 0:
-        p.append(f"batch_size={cfg.batch_size} is larger than the replay buffer "
+        p.append(f"--batch-size {cfg.batch_size} is larger than the replay buffer "
                  f"({cfg.resolved_buffer_size}); lower --batch-size or raise --buffer-size.")
     if cfg.rho is not None and cfg.rho < 0:
-        p.append(f"rho={cfg.rho} must be >= 0 (it weighs the VLM reward; 0 turns it off).")
+        p.append(f"--rho {cfg.rho} must be >= 0 (it weighs the VLM reward; 0 turns it off).")
     p += _positive("eval_every", cfg.eval_every)
     if cfg.eval_episodes is not None:
         p += _positive("eval_episodes", cfg.eval_episodes)
@@ -567,35 +581,36 @@ def _problems(cfg: Config, suite: Any) -> list[str]:
         p += _positive("torch_threads", cfg.torch_threads)
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        p.append(f"device={dev!r} is unknown; use auto, cpu, cuda or cuda:N.")
+        p.append(f"--device {dev} is unknown; use auto, cpu, cuda or cuda:N.")
     elif dev.startswith("cuda"):
         p += _cuda_problems(dev)
 
     s = cfg.sac
     if not s.hidden_dims or any(h <= 0 for h in s.hidden_dims):
-        p.append(f"sac.hidden_dims={s.hidden_dims} must be a non-empty list of positive widths.")
+        p.append(f"--sac.hidden-dims {' '.join(map(str, s.hidden_dims)) or '(none)'} must be a "
+                 "non-empty list of positive widths.")
     for name in ("actor_lr", "critic_lr", "alpha_lr", "init_alpha", "std_min", "n_step"):
         p += _positive(f"sac.{name}", getattr(s, name))
     if not 0 < s.gamma <= 1:
-        p.append(f"sac.gamma={s.gamma} must be in (0, 1].")
+        p.append(f"--sac.gamma {s.gamma} must be in (0, 1].")
     if not 0 < s.tau <= 1:
-        p.append(f"sac.tau={s.tau} must be in (0, 1].")
+        p.append(f"--sac.tau {s.tau} must be in (0, 1].")
 
     d = cfg.drq
     for name in ("frame_stack", "action_repeat", "feature_dim", "hidden_dim", "lr", "n_step",
                  "update_every_steps", "stddev_steps"):
         p += _positive(f"drq.{name}", getattr(d, name))
     if not 0 < d.gamma <= 1:
-        p.append(f"drq.gamma={d.gamma} must be in (0, 1].")
+        p.append(f"--drq.gamma {d.gamma} must be in (0, 1].")
     if not 0 < d.critic_target_tau <= 1:
-        p.append(f"drq.critic_target_tau={d.critic_target_tau} must be in (0, 1].")
+        p.append(f"--drq.critic-target-tau {d.critic_target_tau} must be in (0, 1].")
     for name in ("stddev_init", "stddev_final", "stddev_clip"):
         if getattr(d, name) < 0:
-            p.append(f"drq.{name}={getattr(d, name)} must be >= 0.")
+            p.append(f"{_flag('drq.' + name)} {getattr(d, name)} must be >= 0.")
     if d.image_size < 16:
-        p.append(f"drq.image_size={d.image_size} must be >= 16 (the encoder's convolutions need room).")
+        p.append(f"--drq.image-size {d.image_size} must be >= 16 (the encoder's convolutions need room).")
     if d.shift_pad < 0:
-        p.append(f"drq.shift_pad={d.shift_pad} must be >= 0.")
+        p.append(f"--drq.shift-pad {d.shift_pad} must be >= 0.")
     p += _one_of("drq.precision", d.precision, ("fp32", "bf16"))
 
     f = cfg.furl
@@ -605,18 +620,18 @@ def _problems(cfg: Config, suite: Any) -> list[str]:
     for name in ("phase_a_gap", "phase_a_margin", "phase_b_margin", "relay_noise_std",
                  "relay_stop_positives"):
         if getattr(f, name) < 0:
-            p.append(f"furl.{name}={getattr(f, name)} must be >= 0.")
+            p.append(f"{_flag('furl.' + name)} {getattr(f, name)} must be >= 0.")
     if not f.relay_k_choices or any(k <= 0 for k in f.relay_k_choices):
-        p.append(f"furl.relay_k_choices={f.relay_k_choices} must be a non-empty list of positive "
-                 "segment lengths.")
+        p.append(f"--furl.relay-k-choices {' '.join(map(str, f.relay_k_choices)) or '(none)'} must "
+                 "be a non-empty list of positive segment lengths.")
     if f.lag >= f.positive_capacity > 0:
-        p.append(f"furl.lag={f.lag} must be smaller than furl.positive_capacity={f.positive_capacity}.")
+        p.append(f"--furl.lag {f.lag} must be smaller than --furl.positive-capacity {f.positive_capacity}.")
 
     p += _one_of("vlm.precision", cfg.vlm.precision, PRECISIONS)
     if not cfg.vlm.model:
-        p.append("vlm.model must be liv or name an open_clip architecture, e.g. RN50 or ViT-B-32.")
+        p.append("--vlm.model must be liv or name an open_clip architecture, e.g. RN50 or ViT-B-32.")
     if cfg.vlm.pretrained == "":
-        p.append("vlm.pretrained must be a pretrained tag, a checkpoint path, 'none', or unset (the "
+        p.append("--vlm.pretrained must be a pretrained tag, a checkpoint path, 'none', or unset (the "
                  "model's default weights).")
     return p
 
@@ -625,18 +640,18 @@ def _reward_problems(r: Any) -> list[str]:
     p: list[str] = []
     if isinstance(r, GoalBaselineRewardConfig):
         if not 0.0 <= r.alpha <= 1.0:
-            p.append(f"reward.alpha={r.alpha} must be in [0, 1].")
+            p.append(f"--reward.alpha {r.alpha} must be in [0, 1].")
         for name in ("goal_prompts", "baseline_prompts"):
             prompts = getattr(r, name)
             if prompts is not None and (not prompts or not all(t.strip() for t in prompts)):
-                p.append(f"reward.{name}={prompts!r} must be non-empty texts.")
+                p.append(f"{_flag('reward.' + name)} {prompts!r} must be non-empty texts.")
     if isinstance(r, BinaryRewardConfig):
         if not 0.0 <= r.threshold < 1.0:
-            p.append(f"reward.threshold={r.threshold} must be in [0, 1).")
+            p.append(f"--reward.threshold {r.threshold} must be in [0, 1).")
         if r.temperature is not None and not r.temperature > 0:
-            p.append(f"reward.temperature={r.temperature} must be > 0.")
+            p.append(f"--reward.temperature {r.temperature} must be > 0.")
         if r.negatives is not None and (not r.negatives or not all(t.strip() for t in r.negatives)):
-            p.append(f"reward.negatives={r.negatives!r} must be non-empty texts.")
+            p.append(f"--reward.negatives {r.negatives!r} must be non-empty texts.")
     return p
 
 

@@ -1,7 +1,12 @@
 """Offline reward evaluation (Baumli et al.'s question: do larger VLMs give more accurate rewards?).
 
-    python -m furl_fast.evaluate_reward --tasks drawer-open reach --models RN50 ViT-B-32 \
+    python -m furl_fast.evaluate_reward --tasks drawer-open reach --vlm.model liv \
         --rewards cosine binary --episodes 5 --out reward_eval
+    python -m furl_fast.evaluate_reward --tasks reach --models RN50 ViT-B-32 --pretrained openai
+
+The VLM takes train's --vlm.* flags (model, pretrained, precision, bgr, prompt, cache-dir), so a
+training run's VLM is evaluated with the same flags; --models A B ... (with --pretrained, one value
+for all or one per model) compares several VLMs, each in --vlm.model's place.
 
 Collects frames labelled with Meta-World's own success flag (scripted expert rollouts: positives
 where the task is solved, negatives before that; random rollouts: negatives unless they happen to
@@ -14,8 +19,7 @@ the goal probability; the AUC and correlation use p itself); continuous rewards 
 goal_baseline) have none, so they are reported at the threshold that maximises F1 on these very
 frames (an optimistic number: column threshold_kind says "best-F1").
 
-Read the numbers against a random-weight baseline on the same frames (--models RN50 --pretrained
-none): the positives (the arm holding the solved state) differ from the negatives mostly in arm
+Read the numbers against a random-weight baseline on the same frames (--vlm.pretrained none): the positives (the arm holding the solved state) differ from the negatives mostly in arm
 position, which even random features pick up, in either direction. With 1 episode of 100 steps on
 reach and button-press-topdown, a random-weight RN50 scored ROC-AUC 0.99-1.0 for cosine and
 goal_baseline, and the tiny random test model 0.0-0.85: far from 0.5 both ways.
@@ -40,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from furl_fast.config import VLMConfig
 from furl_fast.rewards.metrics import best_f1_threshold, pearson, precision_recall_f1, roc_auc
 
 logger = logging.getLogger("furl_fast")
@@ -59,10 +64,14 @@ COLUMNS = ("task", "model", "weights", "reward", "frames", "positives", "thresho
 class EvalConfig:
     tasks: tuple[str, ...] = ("drawer-open",)
     """Meta-World tasks (MT10 tasks have built-in prompts)."""
-    models: tuple[str, ...] = ("RN50",)
-    """open_clip model names (or local-dir:/path, hf-hub:org/repo)."""
-    pretrained: tuple[str, ...] = ("openai",)
-    """Weights per model: one value for all models, or one per model (tag, checkpoint file, none)."""
+    vlm: VLMConfig = dataclasses.field(default_factory=VLMConfig)
+    """The VLM, as train's --vlm.* flags; --vlm.prompt (when given) describes every task."""
+    models: tuple[str, ...] | None = None
+    """Several VLMs to compare, each in --vlm.model's place (liv, open_clip names, local-dir:/path,
+    hf-hub:org/repo); None: --vlm.model alone."""
+    pretrained: tuple[str, ...] | None = None
+    """Weights of --models: one value for all models, or one per model (tag, checkpoint file, none);
+    None: --vlm.pretrained."""
     rewards: tuple[str, ...] = ("cosine", "binary")
     """Reward models to evaluate: cosine, goal_baseline, binary."""
     episodes: int = 5
@@ -162,9 +171,9 @@ def score_reward(name: str, encoder, task: str, emb: torch.Tensor, labels: np.nd
     config = dataclasses.replace(config, **{k: v for k, v in (("alpha", cfg.alpha),
                                                                ("threshold", cfg.threshold)) if k in fields})
     suite = get_suite("metaworld")
-    model = build_reward(config, RewardContext(encoder=encoder, task=task, prompt=suite.prompt(task),
-                                               num_envs=1, device=encoder.device, seed=cfg.seed,
-                                               suite=suite))
+    prompt = cfg.vlm.prompt or suite.prompt(task)
+    model = build_reward(config, RewardContext(encoder=encoder, task=task, prompt=prompt, num_envs=1,
+                                               device=encoder.device, seed=cfg.seed, suite=suite))
     scores = model.score(emb).cpu().numpy()
     if model.decision_threshold is not None:
         threshold, kind = model.decision_threshold, "reward"
@@ -253,17 +262,22 @@ def evaluate(cfg: EvalConfig) -> list[dict[str, object]]:
     if bad:
         raise ValueError(f"evaluate_reward: cannot evaluate {bad}; choose from {', '.join(eval_rewards())} "
                          "(furl needs trained heads, code needs whole episodes of states).")
-    if len(cfg.pretrained) not in (1, len(cfg.models)):
+    models = cfg.models or (cfg.vlm.model,)
+    pretrained = cfg.pretrained or (cfg.vlm.pretrained,)
+    if cfg.models is not None and cfg.vlm.model != VLMConfig.model:
+        raise ValueError("evaluate_reward: --models replaces --vlm.model; give one of them.")
+    if len(pretrained) not in (1, len(models)):
         raise ValueError(f"evaluate_reward: give one --pretrained for all models or one per model "
-                         f"({len(cfg.models)}), got {len(cfg.pretrained)}.")
+                         f"({len(models)}), got {len(pretrained)}.")
     if cfg.episodes < 1 or cfg.max_steps < 1:
         raise ValueError("evaluate_reward: --episodes and --max-steps must be >= 1.")
     data = {task: load_or_collect(cfg, task) for task in cfg.tasks}
-    pretrained = cfg.pretrained * len(cfg.models) if len(cfg.pretrained) == 1 else cfg.pretrained
+    pretrained = pretrained * len(models) if len(pretrained) == 1 else pretrained
     rows: list[dict[str, object]] = []
     random_weights = False
-    for model_name, weights in zip(cfg.models, pretrained):
-        encoder = load_encoder(model_name, weights, cfg.device)
+    for model_name, weights in zip(models, pretrained):
+        encoder = load_encoder(model_name, weights, cfg.device, cfg.vlm.precision, bgr=cfg.vlm.bgr,
+                               cache_dir=cfg.vlm.cache_dir)
         random_weights |= encoder.weights_id is None
         for task in cfg.tasks:
             key, frames = data[task]

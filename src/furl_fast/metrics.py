@@ -51,12 +51,15 @@ class MetricsWriter:
                 self._log_config(config)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        for name, value in metrics.items():
-            value = float(value)
-            self._csv.writerow((step, name, repr(value)))
-            if self._tb is not None:
+        from furl_fast.runs import writing
+
+        values = {name: float(value) for name, value in metrics.items()}
+        with writing(self.run_dir / METRICS_FILE):
+            self._csv.writerows((step, name, repr(value)) for name, value in values.items())
+            self._file.flush()
+        if self._tb is not None:
+            for name, value in values.items():
                 self._tb.add_scalar(name, value, step)
-        self._file.flush()
 
     def _log_config(self, config: dict[str, Any]) -> None:
         from torch.utils.tensorboard.summary import hparams

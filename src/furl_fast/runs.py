@@ -2,7 +2,9 @@
 
 A run directory holds config.json, metrics.csv, TensorBoard events (tb/), evaluation videos
 (videos/), eval.json and checkpoints/ (state.pt, which names its replay file). Every file is written
-atomically (a temporary file, then os.replace), so a crash leaves the previous complete version.
+atomically (a temporary file, then os.replace), so a crash leaves the previous complete version; the
+next start removes the temporary files. A run holds RUN_DIR/.lock while it writes the directory
+(lock_run_dir), so no second process writes it at the same time.
 
 Nothing read back from a run directory can run code: config.json is checked field by field, and
 state.pt is checksummed and holds only tensors and plain values (see save_state).
@@ -13,7 +15,9 @@ state.pt is checksummed and holds only tensors and plain values (see save_state)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
@@ -30,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from furl_fast.config import Config, changed_fields, config_from_dict
 
@@ -38,6 +41,14 @@ logger = logging.getLogger("furl_fast.train")
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.pt"
+LOCK_FILE = ".lock"
+# What a run writes: directories, then files. A path of the wrong kind is refused before start-up.
+OUTPUT_DIRS = (CHECKPOINT_DIR, "tb", "videos")
+OUTPUT_FILES = ("config.json", "metrics.csv", "eval.json")
+# Temporary files of an atomic write (runs.save_state, atomic_write_text, the replay file's save);
+# a killed run leaves them behind, the next start removes them.
+TEMPORARY_FILES = (f"{CHECKPOINT_DIR}/{STATE_FILE}.tmp", f"{CHECKPOINT_DIR}/.replay-*.bin.tmp*",
+                   "config.json.tmp", "eval.json.tmp", "metrics.tmp")
 
 # What `--resume RUN` may change; every other flag keeps the run's saved value (changing one is
 # refused: the networks, buffers and schedules in the checkpoint were built for those values).
@@ -91,11 +102,11 @@ def default_run_dir(cfg: Config, task_name: str) -> Path:
     return Path("runs") / f"{cfg.algo}-{task_name}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare(cfg: Config, task_name: str) -> tuple[Config, Path, dict[str, Any] | None]:
-    """Resolves and checks the run directory. A resume returns the checkpoint's state too (read now,
-    so that a damaged file is reported before any start-up work), and its configuration: the saved
-    one with the changes of RESUMABLE applied (cfg must be the saved configuration plus changes, as
-    the command line makes it)."""
+def prepare(cfg: Config, task_name: str) -> tuple[Config, Path, dict[str, Any] | None, RunLock]:
+    """Resolves, checks and locks the run directory (lock_run_dir: the caller releases the lock). A
+    resume returns the checkpoint's state too (read now, so that a damaged file is reported before
+    any start-up work), and its configuration: the saved one with the changes of RESUMABLE applied
+    (cfg must be the saved configuration plus changes, as the command line makes it)."""
     if cfg.resume:
         run_dir = Path(cfg.resume)
         saved = saved_config(run_dir)
@@ -107,20 +118,121 @@ def prepare(cfg: Config, task_name: str) -> tuple[Config, Path, dict[str, Any] |
             raise ValueError(f"--resume {run_dir}: {flags} cannot change on a resume (the checkpoint "
                              f"was made with the saved values); a resume may change only "
                              f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)}.")
-        state = read_checkpoint(run_dir)
-        if cfg.total_steps < state["step"]:
-            raise ValueError(f"--resume {run_dir}: --total-steps {cfg.total_steps} is below the "
-                             f"checkpoint's step {state['step']}; a resume can only extend a run.")
-        return dataclasses.replace(cfg, resume=str(run_dir), run_dir=str(run_dir)), run_dir, state
+        lock = lock_run_dir(run_dir, "--resume")
+        try:
+            state = read_checkpoint(run_dir)
+            if cfg.total_steps < state["step"]:
+                raise ValueError(f"--resume {run_dir}: --total-steps {cfg.total_steps} is below the "
+                                 f"checkpoint's step {state['step']}; a resume can only extend a run.")
+        except ValueError:
+            lock.release(discard=True)
+            raise
+        return dataclasses.replace(cfg, resume=str(run_dir), run_dir=str(run_dir)), run_dir, state, lock
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, task_name)
     for path in (run_dir, *run_dir.parents):
         if path.exists() and not path.is_dir():
             raise ValueError(f"--run-dir {run_dir}: {path} is a file, not a directory; choose another "
                              "path.")
+    lock = lock_run_dir(run_dir)
     if (run_dir / CHECKPOINT_DIR / STATE_FILE).exists():
+        lock.release(discard=True)
         raise ValueError(f"--run-dir {run_dir} already holds a run; continue it with --resume {run_dir} "
                          "or choose another directory.")
-    return dataclasses.replace(cfg, run_dir=str(run_dir)), run_dir, None
+    return dataclasses.replace(cfg, run_dir=str(run_dir)), run_dir, None, lock
+
+
+@dataclasses.dataclass
+class RunLock:
+    """A run directory held by this process: an exclusive flock on RUN_DIR/.lock. The kernel drops
+    it when the process ends, however it ends, so a killed run never leaves a stale lock behind."""
+
+    run_dir: Path
+    fd: int
+    made: list[Path]  # what lock_run_dir created: the directories (deepest first), the lock file
+
+    def release(self, discard: bool = False) -> None:
+        """Unlocks; discard (a run that did not start) also removes what lock_run_dir created."""
+        if discard:
+            for path in self.made:
+                with contextlib.suppress(OSError):  # a directory that is not empty stays
+                    path.rmdir() if path.is_dir() else path.unlink()
+        os.close(self.fd)
+
+
+def lock_run_dir(run_dir: Path, flag: str = "--run-dir") -> RunLock:
+    """Creates run_dir if needed and locks it for this process; ValueError (one line naming flag)
+    when another process holds it or it cannot be written. Then checks that every output path is of
+    the kind the run writes and writable, and removes the temporary files a killed run left."""
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    lock = run_dir / LOCK_FILE
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not lock.exists():
+            made.insert(0, lock)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ValueError(f"{flag} {run_dir} is in use: another furl_fast.train is writing it "
+                                 f"(it holds {lock}); wait for it to end or stop it, then resume the "
+                                 "run.") from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                    break
+            os.close(fd)  # the holder removed the file as it gave up: lock the new one
+    except OSError as exc:
+        for path in made:
+            with contextlib.suppress(OSError):
+                path.rmdir() if path.is_dir() else path.unlink()
+        raise ValueError(f"{flag} {run_dir}: cannot write there ({exc.strerror or exc}); choose "
+                         "another directory.") from None
+    held = RunLock(run_dir, fd, made)
+    try:
+        check_outputs(run_dir, flag)
+        remove_temporaries(run_dir)
+    except (OSError, ValueError) as exc:
+        held.release(discard=True)
+        raise ValueError(str(exc) if isinstance(exc, ValueError) else
+                         f"{flag} {run_dir}: {exc.filename}: {exc.strerror}.") from None
+    return held
+
+
+def check_outputs(run_dir: Path, flag: str = "--run-dir") -> None:
+    """ValueError naming the first output path that is of the wrong kind or not writable."""
+    for name in (*OUTPUT_DIRS, *OUTPUT_FILES):
+        path = run_dir / name
+        if not (path.exists() or path.is_symlink()):
+            continue
+        kind = "directory" if name in OUTPUT_DIRS else "file"
+        if path.is_dir() != (kind == "directory"):
+            raise ValueError(f"{flag} {run_dir}: {path} must be a {kind} (the run writes its "
+                             f"{'files in it' if kind == 'directory' else 'data to it'}); move it "
+                             "away or choose another directory.")
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{flag} {run_dir}: {path} is not writable; fix its permissions or "
+                             "choose another directory.")
+
+
+def remove_temporaries(run_dir: Path) -> list[Path]:
+    """Removes the temporary files (TEMPORARY_FILES) a killed run left in run_dir; returns them. Only
+    for a directory this process holds (lock_run_dir): a running run's are in use."""
+    removed = [p for pattern in TEMPORARY_FILES for p in run_dir.glob(pattern) if p.is_file()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """An OSError raised while writing path names path (a failed write() names no file)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
 
 
 def read_checkpoint(run_dir: Path) -> dict[str, Any]:
@@ -146,7 +258,8 @@ def write_checkpoint(run_dir: Path, state: dict[str, Any], buffer=None, step: in
     ckpt.mkdir(parents=True, exist_ok=True)
     replay_name = f"replay-{step:010d}.bin" if buffer is not None else None
     if replay_name is not None:
-        buffer.save(ckpt / replay_name)
+        with writing(ckpt / replay_name):
+            buffer.save(ckpt / replay_name)
     save_state(ckpt / STATE_FILE, {**state, "replay": replay_name})
     for old in ckpt.glob("replay-*.bin"):
         if old.name != replay_name:
@@ -169,20 +282,27 @@ _REPLAY_NAME = re.compile(r"replay-[0-9]+\.bin")
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """Writes state atomically in state.pt's format. state: tensors, numpy arrays (numeric or bool),
     numbers, strings, None, and lists, tuples and dicts of them (as load_state gives them back)."""
+    import torch
+
     buf = io.BytesIO()
     torch.save(_to_payload(state), buf)
     payload = buf.getbuffer()
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(_STATE_HEADER.pack(STATE_MAGIC, STATE_VERSION, len(payload),
-                                   hashlib.sha256(payload).digest()))
-        f.write(payload)
-    os.replace(tmp, path)
+    try:
+        with writing(tmp), open(tmp, "wb") as f:
+            f.write(_STATE_HEADER.pack(STATE_MAGIC, STATE_VERSION, len(payload),
+                                       hashlib.sha256(payload).digest()))
+            f.write(payload)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_state(path: Path) -> dict[str, Any]:
     """save_state's state back, on the CPU. ValueError (one line naming path) for a file that is not
     a complete, unaltered furl_fast checkpoint of this format; nothing in it is run."""
+    import torch
+
     with open(path, "rb") as f:
         data = f.read()
     if data[:4] == b"PK\x03\x04":  # a plain torch.save archive: what earlier versions wrote
@@ -220,6 +340,8 @@ def load_state(path: Path) -> dict[str, Any]:
 
 
 def _to_payload(x: Any) -> Any:
+    import torch
+
     if type(x) in (dict, OrderedDict):
         return _same_dict(x, {k: _to_payload(v) for k, v in x.items()})
     if isinstance(x, (list, tuple)):
@@ -259,6 +381,8 @@ def convert_checkpoint(run_dir: Path) -> int:
     RNG states hold pickled numpy arrays) in save_state's format; returns its step. Reading it still
     runs no code: torch.load's weights_only unpickler, allowed numpy's array constructor and its
     numeric dtypes. The old file has no checksum: damage in it is carried over unnoticed."""
+    import torch
+
     path = run_dir / CHECKPOINT_DIR / STATE_FILE
     with open(path, "rb") as f:
         if f.read(len(STATE_MAGIC)) == STATE_MAGIC:
@@ -299,12 +423,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:
+    import torch
+
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -312,6 +440,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -321,8 +451,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with writing(tmp):
+            tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_video(stem: Path, frames: list[np.ndarray], fps: int = 30) -> Path:

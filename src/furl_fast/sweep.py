@@ -48,7 +48,7 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
-from furl_fast._cli import setup_logging, tyro_cli
+from furl_fast._cli import format_seconds, setup_logging, tyro_cli
 from furl_fast.config import AGENTS, ALGOS
 from furl_fast.metrics import CONFIG_FILE, mean_std, task_name
 
@@ -148,7 +148,7 @@ def run_train_args(cfg: SweepConfig) -> list[str]:
 
 def check(cfg: SweepConfig) -> None:
     """Everything that can be checked before Ray starts; raises ValueError saying what to change."""
-    from furl_fast.train import check_config, parse_config
+    from furl_fast.train import check_config, parse_args
 
     problems = []
     clashes = sorted({a.split("=")[0] for a in cfg.train_args} & set(GRID_FLAGS))
@@ -172,10 +172,11 @@ def check(cfg: SweepConfig) -> None:
         raise ValueError("invalid sweep:\n  - " + "\n  - ".join(problems))
     # Parse the train flags once (tyro exits with its own message on an unknown flag), then check
     # every (task, goal, algo, agent) before any run starts, as the trainer itself would.
-    base = parse_config(run_train_args(cfg))
+    args = parse_args(run_train_args(cfg))
     for run in {dataclasses.replace(r, seed=0) for r in grid(cfg)}:
-        check_config(dataclasses.replace(base, task=run.task, goal=run.goal, algo=run.algo,
-                                         agent=run.agent, env_reward=run.env_reward))
+        check_config(dataclasses.replace(args.config, task=run.task, goal=run.goal, algo=run.algo,
+                                         agent=run.agent, env_reward=run.env_reward),
+                     args.allow_many_envs)
 
 
 # ---- one run (executes in a Ray worker) -----------------------------------------------------------
@@ -260,12 +261,6 @@ class Attempt:
     run: Run
     number: int
     token: str  # in the run's lock file once the task holds the lock (it is running, not queued)
-
-
-def fmt_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def holds_lock(run_dir: Path, token: str) -> bool:
@@ -382,7 +377,7 @@ def drive(cfg: SweepConfig, results: Path, todo: list[Run], done_before: int, ra
                 durations.append(result["seconds"])
                 resumed = "" if result["resumed_from"] is None else \
                     f", resumed from step {result['resumed_from']}"
-                logger.info("finished %s in %s%s", run.name, fmt_seconds(result["seconds"]), resumed)
+                logger.info("finished %s in %s%s", run.name, format_seconds(result["seconds"]), resumed)
                 continue
             failed_attempts += 1
             retry = attempt.number < attempts
@@ -396,11 +391,11 @@ def drive(cfg: SweepConfig, results: Path, todo: list[Run], done_before: int, ra
             running = sum(holds_lock(results / a.run.name, a.token) for a in in_flight.values())
             done = total - len(in_flight) - len(failed)
             remaining = len(in_flight)
-            eta = "?" if not durations else \
-                fmt_seconds(sum(durations) / len(durations) * remaining / max(running, 1))
+            eta = "known once a run has finished" if not durations else \
+                format_seconds(sum(durations) / len(durations) * remaining / max(running, 1))
             logger.info("sweep: %d/%d done, %d running, %d pending, %d failed (%d failed attempts), "
                         "elapsed %s, ETA %s", done, total, running, remaining - running, len(failed),
-                        failed_attempts, fmt_seconds(time.time() - start), eta)
+                        failed_attempts, format_seconds(time.time() - start), eta)
             next_summary = time.time() + cfg.summary_every
     return failed
 

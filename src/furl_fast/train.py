@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -29,9 +30,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-import torch
 import tyro
 
+from furl_fast._cli import format_seconds
 from furl_fast.config import PRESETS, REWARD_CONFIG_CLASSES, REWARDS, Config, config_to_dict, resolve_device
 from furl_fast.envs.steps import Transition, env_states, split_obs, vector_step
 from furl_fast.evaluate import env_options, evaluate_policy, make_eval_env, summarize
@@ -39,6 +40,7 @@ from furl_fast.runs import (
     CHECKPOINT_DIR,
     atomic_write_text,
     prepare,
+    remove_temporaries,
     rng_state,
     saved_config,
     seed_everything,
@@ -69,6 +71,9 @@ class _Args:
     """The W&B project of --track."""
     wandb_entity: str | None = None
     """The W&B team or user of --track; None: your default entity."""
+    allow_many_envs: bool = False
+    """Start even with more --num-envs than this machine holds (more than 4 env workers per CPU core,
+    or more than its available memory at the measured size of one worker)."""
     config: Annotated[Config, tyro.conf.arg(name="")] = Config()
 
 
@@ -104,7 +109,8 @@ def parse_args(argv: list[str] | None = None) -> _Args:
 def reward_subcommand(argv: list[str], default_reward: Any) -> list[str]:
     """`--reward NAME [--reward.OPTION VALUE ...]` anywhere on the command line, rewritten into
     tyro's form for the reward's config (a subcommand): the other flags, then `reward:NAME`, then
-    the reward's own options. With --reward, --help shows that reward's options."""
+    the reward's own options. NAME may be spelled with - or _ (goal-baseline, goal_baseline). With
+    --reward, --help shows that reward's options."""
     rest, options, name = [], [], None
     i = 0
     while i < len(argv):
@@ -128,6 +134,7 @@ def reward_subcommand(argv: list[str], default_reward: Any) -> list[str]:
         name = default_reward.name
     if name is None:
         return rest
+    name = name.replace("-", "_")
     if name not in REWARD_CONFIG_CLASSES:
         raise ValueError(f"--reward {name} is unknown; use one of auto, {', '.join(REWARDS)}.")
     helps = [a for a in rest if a in ("-h", "--help")]
@@ -135,8 +142,9 @@ def reward_subcommand(argv: list[str], default_reward: Any) -> list[str]:
     return [*rest, "reward:" + name.replace("_", "-"), *options, *helps]
 
 
-def check_config(cfg: Config) -> None:
-    """Everything that can be checked before any work starts; raises ValueError saying what to change."""
+def check_config(cfg: Config, allow_many_envs: bool = False) -> None:
+    """Everything that can be checked before any work starts (and before torch or the VLM load);
+    raises ValueError saying what to change. allow_many_envs: skip too_many_envs."""
     from furl_fast.envs import get_suite
 
     suite = get_suite(cfg.suite)
@@ -144,6 +152,9 @@ def check_config(cfg: Config) -> None:
         cfg.validate(suite)
     except ValueError as exc:
         raise ValueError(f"{exc} (python -m furl_fast.train --help lists every flag)") from None
+    problem = None if allow_many_envs else too_many_envs(cfg.num_envs, pixels=cfg.agent == "drq")
+    if problem is not None:
+        raise ValueError(problem)
     if cfg.loads_encoder and cfg.vlm.prompt is None and suite.prompt(cfg.task) is None:
         raise ValueError(f"--task {cfg.task} has no built-in prompt in the {cfg.suite} suite; describe "
                          'its goal for the VLM with --vlm.prompt "..." (a short sentence saying what '
@@ -162,6 +173,46 @@ def check_config(cfg: Config) -> None:
             raise ValueError(f"--reward.programs {code.programs}: {exc}; only for a file you trust, "
                              "--reward.trust-programs runs it without that isolation.") from None
         verify_code_reward(cfg, suite)
+
+
+# Memory of one env worker process (its proportional set size, PSS), measured on Meta-World reach
+# with fast rendering: a state env that renders VLM frames (~260 MiB; ~125 MiB without frames), and a
+# DrQ env rendering 84x84 frame stacks (~645 MiB). Other suites' envs may take more.
+ENV_WORKER_BYTES = {"state": 300 << 20, "pixels": 700 << 20}
+ENVS_PER_CORE = 4  # more workers than this only wait for a core: no faster, much more memory
+
+
+def too_many_envs(num_envs: int, pixels: bool) -> str | None:
+    """Why this machine cannot hold num_envs env worker processes (one per env when num_envs > 1),
+    or None: at most ENVS_PER_CORE per usable CPU core, and num_envs workers of ENV_WORKER_BYTES
+    within the memory available now (Linux; elsewhere only the core rule)."""
+    if num_envs <= 1:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    worker = ENV_WORKER_BYTES["pixels" if pixels else "state"]
+    need = num_envs * worker
+    available = _available_memory()
+    if num_envs > ENVS_PER_CORE * cores:
+        why = f"more than {ENVS_PER_CORE} env workers per CPU core ({cores} cores here)"
+    elif available is not None and need > available:
+        why = (f"its env workers take about {need / 2**30:.1f} GiB (~{worker >> 20} MiB each), "
+               f"more than the {available / 2**30:.1f} GiB of memory available")
+    else:
+        return None
+    return (f"--num-envs {num_envs} is too many for this machine: {why}; lower --num-envs, or pass "
+            "--allow-many-envs to start anyway.")
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new processes (MemAvailable of /proc/meminfo), None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def verify_code_reward(cfg: Config, suite) -> None:
@@ -208,6 +259,11 @@ class Trainer:
     """Owns everything a run needs and the loop that drives it; see the module docstring."""
 
     def __init__(self, cfg: Config, run_dir: Path, encoder=None):
+        # torch is imported here, not with the module: a command line with a mistake is refused
+        # without the seconds torch takes to load.
+        global torch
+        import torch
+
         from furl_fast.agents.drq import DrQV2
         from furl_fast.agents.ensemble import SACEnsemble
         from furl_fast.agents.relay import RelaySchedule
@@ -414,11 +470,15 @@ class Trainer:
             self.buffer.start_episode(self.stored(obs[e]), embedding=None if embs is None else embs[k],
                                       env=int(e))
             # The embedding buffer labels the frame after each step with that step's success flag.
-            self.ep_return[e], self.ep_success[e], self.ep_embs[e] = 0.0, [], []
+            self.ep_return[e], self.ep_env_return[e] = 0.0, 0.0
+            self.ep_success[e], self.ep_embs[e] = [], []
         if self.schedule is not None:
             self.schedule.begin_episode(env_ids)
 
     def finish_episode(self, e: int) -> dict[str, float]:
+        """The episode's metrics: episode_return sums the task reward the critic learns from (before
+        the VLM term), episode_env_return the env's own reward (Meta-World's shaped one, whatever
+        --env-reward), episode_length counts agent steps."""
         success = np.asarray(self.ep_success[e], dtype=bool)
         self.episodes += 1
         self.recent_success.append(float(success[-1]))
@@ -429,7 +489,9 @@ class Trainer:
 
             self.relay_positives += relay_stop_count(self.cfg.algo, success)
             self.schedule.observe_positives(self.relay_positives)
-        return {"charts/episode_return": self.ep_return[e], "charts/episode_success": float(success[-1]),
+        return {"charts/episode_return": self.ep_return[e],
+                "charts/episode_env_return": self.ep_env_return[e],
+                "charts/episode_length": len(success), "charts/episode_success": float(success[-1]),
                 "charts/episode_ever_success": float(success.any()), "charts/episodes": self.episodes}
 
     # -- the loop ------------------------------------------------------------------------------
@@ -443,7 +505,7 @@ class Trainer:
         cfg, n = self.cfg, self.cfg.num_envs
         writer = MetricsWriter(self.run_dir, resume_step=self.step if self.step > 0 else None,
                                config=config_to_dict(cfg))
-        self.ep_return = [0.0] * n
+        self.ep_return, self.ep_env_return = [0.0] * n, [0.0] * n
         self.ep_success: list[list[bool]] = [[] for _ in range(n)]
         self.ep_embs: list[list[torch.Tensor]] = [[] for _ in range(n)]
         for e in range(n):  # a resumed run's interrupted episodes end where the checkpoint was
@@ -451,9 +513,9 @@ class Trainer:
         obs, info = self.envs.reset(seed=cfg.seed + self.episodes)
         states, frames = split_obs(obs)
         self.start_episodes(states, frames, env_states(states, info), np.arange(n))
+        print(self.expectation_line(), flush=True)  # before the bar: it would overwrite the bar
         bar = tqdm(total=cfg.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=None, desc=f"{cfg.algo} {cfg.task}")
-        print(self.expectation_line(), flush=True)
         stride = n * self.repeat  # simulator steps per vector step
         log_every = max(cfg.log_every, stride)
         log_updates = False  # the next update's losses go to the log (DrQ-v2 skips agent steps)
@@ -467,8 +529,8 @@ class Trainer:
             while self.step < cfg.total_steps:
                 if stop_flag:
                     self.save_checkpoint()
-                    print(f"\nstopped by signal {stop_flag[0]} at step {self.step}; checkpoint saved. "
-                          f"Resume with: python -m furl_fast.train --resume {self.run_dir}", flush=True)
+                    self.say(f"stopped by signal {stop_flag[0]} at step {self.step}; checkpoint saved. "
+                             f"Resume with: python -m furl_fast.train --resume {self.run_dir}")
                     return 128 + stop_flag[0]
                 self.sync_agent_steps()
                 with self.timed("act"):
@@ -505,7 +567,7 @@ class Trainer:
                             "charts/agent_steps": self.step // self.repeat}
                     if cfg.profile:
                         perf.update({f"perf/{k}_seconds": v for k, v in self.timings.items()})
-                        print(self.profile_line(), flush=True)
+                        self.say(self.profile_line())
                         self.timings.clear()
                     writer.log(self.step, perf)
                     # One rate on screen: the bar's own (a terminal), or the plain line's.
@@ -534,9 +596,18 @@ class Trainer:
                                   success=tr.success, embedding=embs)
         for e in range(self.cfg.num_envs):
             self.ep_return[e] += float(tr.reward[e])
+            self.ep_env_return[e] += float(tr.env_reward[e])
             self.ep_success[e].append(bool(tr.success[e]))
             if embs is not None:  # the reward sees whole episodes at their end
                 self.ep_embs[e].append(embs[e])
+
+    @staticmethod
+    def say(line: str) -> None:
+        """A line on stdout, above the progress bar while one shows (tqdm.write)."""
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
 
     def expectation_line(self) -> str:
         """What to expect, printed as a run starts: the steps to go and, on a CPU, the time they take
@@ -702,13 +773,6 @@ def nstep_vlm_reward(batch, reward_fn: Callable[[torch.Tensor], torch.Tensor]
 CPU_STEPS_PER_SECOND = {"state": 60.0, "vlm": 7.0, "drq": 1.2}
 
 
-def format_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def load_vlm(cfg: Config):
     """The frozen VLM, cropping frames as the suite's VLM frames need; fails fast (RuntimeError /
     FileNotFoundError / ValueError) without weights."""
@@ -720,13 +784,18 @@ def load_vlm(cfg: Config):
                         crop=get_suite(cfg.suite).crop)
 
 
-def train(cfg: Config, wandb_project: str | None = None, wandb_entity: str | None = None) -> int:
+def train(cfg: Config, wandb_project: str | None = None, wandb_entity: str | None = None,
+          allow_many_envs: bool = False) -> int:
     """Runs (or resumes) one training run; returns the process exit code (2: it could not start,
-    with a one-line message on stderr and no run directory made; 128 + signal number: stopped by
-    SIGINT or SIGTERM, with a checkpoint once training has started, with nothing written before).
-    wandb_project: track the run with Weights & Biases in that project (metrics.start_wandb)."""
+    with a one-line message on stderr and no run directory made; 1: a file of the run could not be
+    written (a full disk, a path of the wrong kind), with a one-line message naming it; 128 + signal
+    number: stopped by SIGINT or SIGTERM, with a checkpoint once training has started, with nothing
+    written before). The run directory is locked while the run writes it (runs.lock_run_dir): a
+    second run or resume of it is refused. wandb_project: track the run with Weights & Biases in that
+    project (metrics.start_wandb). allow_many_envs: see too_many_envs."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from furl_fast.envs import get_suite
-    from furl_fast.vlm.encoder import WeightsUnavailableError
 
     # SIGINT / SIGTERM only set a flag: start-up looks at it between its phases (a KeyboardInterrupt
     # raised inside MuJoCo's renderer, a worker start or a weights load could leave a half-built
@@ -745,15 +814,17 @@ def train(cfg: Config, wandb_project: str | None = None, wandb_entity: str | Non
             raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    trainer = None
+    trainer = lock = None
     try:
         try:
-            check_config(cfg)
-            cfg, run_dir, state = prepare(cfg, get_suite(cfg.suite).short_name(cfg.task))
+            check_config(cfg, allow_many_envs)
+            cfg, run_dir, state, lock = prepare(cfg, get_suite(cfg.suite).short_name(cfg.task))
             if wandb_project is not None:
                 from furl_fast.metrics import require_wandb
 
                 require_wandb()
+            import torch
+
             if cfg.torch_threads is not None:
                 torch.set_num_threads(cfg.torch_threads)
             loading = "the VLM and the environments" if cfg.loads_encoder else "the environments"
@@ -764,20 +835,27 @@ def train(cfg: Config, wandb_project: str | None = None, wandb_entity: str | Non
                   f"quality {cfg.render_quality}, env reward {cfg.env_reward}; loading {loading})",
                   flush=True)
             interrupted()
-            encoder = load_vlm(cfg) if cfg.loads_encoder else None
+            encoder = None
+            if cfg.loads_encoder:
+                from furl_fast.vlm.encoder import WeightsUnavailableError
+
+                try:
+                    encoder = load_vlm(cfg)
+                except WeightsUnavailableError as exc:
+                    raise ValueError(cli_message(exc)) from exc
             interrupted()
             trainer = Trainer(cfg, run_dir, encoder)
             interrupted()
             if state is not None:
                 trainer.load_checkpoint(state)
             interrupted()
-            # Only now, with everything ready: a run that cannot start leaves no directory behind.
-            # (A resume rewrites it with the changes it made: total_steps, cadences, device.)
-            run_dir.mkdir(parents=True, exist_ok=True)
+            # Only now, with everything ready: a run that cannot start leaves no directory behind
+            # (the lock's release removes what it made). A resume rewrites config.json with the
+            # changes it made: total_steps, cadences, device.
             resolved = config_to_dict(dataclasses.replace(cfg, resume=None))
             atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=2))
             starting = False
-        except (KeyboardInterrupt, ValueError, OSError, WeightsUnavailableError) as exc:
+        except (KeyboardInterrupt, ValueError, OSError) as exc:
             if trainer is not None:
                 trainer.close()
             if isinstance(exc, KeyboardInterrupt):
@@ -795,7 +873,13 @@ def train(cfg: Config, wandb_project: str | None = None, wandb_entity: str | Non
             tracker = start_wandb(run_dir, config_to_dict(cfg), project=wandb_project,
                                   entity=wandb_entity)
         try:
-            code = trainer.run(stop)
+            with logging_redirect_tqdm():  # log records above the progress bar, not through it
+                code = trainer.run(stop)
+        except OSError as exc:  # a full disk, a read-only file system, a path of the wrong kind
+            remove_temporaries(run_dir)
+            print(f"furl_fast.train: {write_error_message(exc, run_dir, trainer.step)}",
+                  file=sys.stderr)
+            code = 1
         finally:
             trainer.close()
             if tracker is not None:
@@ -803,13 +887,29 @@ def train(cfg: Config, wandb_project: str | None = None, wandb_entity: str | Non
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if lock is not None:
+            lock.release(discard=starting)
     if code == 0:
         print(f"done: {trainer.step} steps, run directory {run_dir}")
     return code
 
 
+def write_error_message(exc: OSError, run_dir: Path, step: int) -> str:
+    """One line for a write that failed during training: the path, the cause, what to do."""
+    from furl_fast.runs import STATE_FILE
+
+    path = exc.filename or f"a file in {run_dir}"
+    checkpoint = run_dir / CHECKPOINT_DIR / STATE_FILE
+    after = f"--resume {run_dir} continues from its last checkpoint" if checkpoint.exists() else \
+        "start it again (it has no checkpoint yet)"
+    return (f"cannot write {path}: {exc.strerror or exc} (at step {step}); the run stopped. Fix that "
+            f"(free disk space, make the path writable), then {after}.")
+
+
 def cli_message(exc: BaseException) -> str:
     """One line saying what to change, in terms of the command line's flags."""
+    if not isinstance(exc, RuntimeError):  # the VLM's WeightsUnavailableError is a RuntimeError
+        return " ".join(line.strip() for line in str(exc).splitlines())
     from furl_fast.vlm.encoder import LIV, LIV_HUB_FILE, LIV_HUB_REPO, WeightsUnavailableError
 
     if isinstance(exc, WeightsUnavailableError) and exc.model == LIV:
@@ -844,7 +944,7 @@ def main(argv: list[str] | None = None) -> None:
         print("furl_fast.train: interrupted while starting; nothing was written.", file=sys.stderr)
         sys.exit(130)
     sys.exit(train(args.config, wandb_project=args.wandb_project_name if args.track else None,
-                   wandb_entity=args.wandb_entity))
+                   wandb_entity=args.wandb_entity, allow_many_envs=args.allow_many_envs))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ class Transition:
     reset_frames: np.ndarray | None
     next_states: np.ndarray  # (N, S) info["state"] of next_obs (the env contract's full state)
     reset_states: np.ndarray  # (N, S) info["state"] of reset_obs
+    env_reward: np.ndarray  # (N,) the env's own reward (info["env_reward"]; reward when dense)
 
 
 def env_states(obs: np.ndarray, info: dict[str, Any]) -> np.ndarray:
@@ -45,6 +46,7 @@ def vector_step(envs, actions: np.ndarray) -> Transition:
     states, frames = split_obs(obs)
     done = np.logical_or(terminated, truncated)
     success = np.asarray(info["success"], dtype=bool).copy()
+    env_reward = np.array(info.get("env_reward", reward), np.float32)
     reset_env_states = env_states(states, info)
     next_obs, next_frames = states.copy(), None if frames is None else frames.copy()
     next_env_states = reset_env_states.copy()
@@ -56,6 +58,8 @@ def vector_step(envs, actions: np.ndarray) -> Transition:
         final_info = info["final_info"]
         next_env_states[i] = final_info["state"][i] if "state" in final_info else final_states
         success[i] = bool(final_info["success"][i])
+        if "env_reward" in final_info:
+            env_reward[i] = final_info["env_reward"][i]
     return Transition(next_obs, next_frames, np.asarray(reward, np.float32), np.asarray(terminated),
                       np.asarray(truncated), success, done, states, frames, next_env_states,
-                      reset_env_states)
+                      reset_env_states, env_reward)

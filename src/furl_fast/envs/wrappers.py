@@ -42,22 +42,24 @@ class Wrapper(gym.Wrapper):
 class ActionRepeat(Wrapper):
     """Each action is applied `action_repeat` times (fewer when the episode ends first): the rewards
     are summed (dense or sparse, as DrQ-v2's action repeat sums them), info["success"] is whether
-    any of the steps succeeded, the observation and the rest of the info are those of the last
-    step."""
+    any of the steps succeeded, info["env_reward"] the sum of the env's own rewards (see
+    SparseSuccessReward), the observation and the rest of the info are those of the last step."""
 
     def __init__(self, env: gym.Env, action_repeat: int) -> None:
         super().__init__(env)
         self.action_repeat = positive_int("action_repeat", action_repeat)
 
     def step(self, action):
-        total, success = 0.0, False
+        total, env_total, success = 0.0, 0.0, False
         for _ in range(self.action_repeat):
             obs, reward, terminated, truncated, info = self.env.step(action)
             total += float(reward)
+            env_total += float(info.get("env_reward", reward))
             success = success or bool(info["success"])
             if terminated or truncated:
                 break
-        return obs, total, terminated, truncated, {**info, "success": success}
+        info = {**info, "success": success, "env_reward": env_total}
+        return obs, total, terminated, truncated, info
 
 
 class VLMFrame(Wrapper):
@@ -156,20 +158,22 @@ class FrameStack(Wrapper):
 class SparseSuccessReward(Wrapper):
     """reward = info["success"] - 1: -1.0 until the task is solved, 0.0 while it is (FuRL's sparse
     reward). It wraps the raw task, so under action repeat the agent step's reward is the sum over
-    its simulator steps, like the dense reward's."""
+    its simulator steps, like the dense reward's. The env's own reward stays in
+    info["env_reward"]."""
 
     def step(self, action):
-        obs, _, terminated, truncated, info = self.env.step(action)
-        return obs, float(info["success"]) - 1.0, terminated, truncated, info
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, float(info["success"]) - 1.0, terminated, truncated, \
+            {**info, "env_reward": float(reward)}
 
 
 class NoTaskReward(Wrapper):
     """reward = 0.0: no task reward at all, so that a VLM reward added on top is the only signal (as
-    VLM-RM trains CartPole and Humanoid)."""
+    VLM-RM trains CartPole and Humanoid). The env's own reward stays in info["env_reward"]."""
 
     def step(self, action):
-        obs, _, terminated, truncated, info = self.env.step(action)
-        return obs, 0.0, terminated, truncated, info
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, 0.0, terminated, truncated, {**info, "env_reward": float(reward)}
 
 
 class FrameInObservation(Wrapper):

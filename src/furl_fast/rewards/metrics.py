@@ -1,4 +1,6 @@
-"""Goal-detection metrics for reward evaluation, in plain numpy (no sklearn).
+"""Goal-detection metrics for reward evaluation: numpy, with scipy's ranks for ROC-AUC. Precision,
+recall and the best-F1 threshold are a few lines of numpy here: scipy has no F1, and scikit-learn would
+be a large dependency for them.
 
 labels: (N,) bool, the true success flag of each frame; scores: (N,) float, a reward's continuous
 score (higher = more likely success). Undefined values (AUC or correlation with one class only, or a
@@ -9,6 +11,7 @@ no positive present), the usual zero-division convention.
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 
 __all__ = ["best_f1_threshold", "pearson", "precision_recall_f1", "roc_auc"]
 
@@ -36,18 +39,6 @@ def precision_recall_f1(labels, predictions) -> tuple[float, float, float]:
     return float(precision), float(recall), float(f1)
 
 
-def _average_ranks(s: np.ndarray) -> np.ndarray:
-    """1-based ranks of s, ties sharing the mean of the ranks they span."""
-    order = np.argsort(s, kind="stable")
-    sorted_s = s[order]
-    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
-    ends = np.r_[starts[1:], s.size]  # exclusive
-    group_rank = (starts + 1 + ends) / 2.0  # mean of ranks starts+1 .. ends
-    ranks = np.empty(s.size, dtype=np.float64)
-    ranks[order] = np.repeat(group_rank, ends - starts)
-    return ranks
-
-
 def roc_auc(labels, scores) -> float:
     """Area under the ROC curve = P(score of a random positive > that of a random negative), ties
     counting 1/2 (Mann-Whitney U with average ranks). NaN without both classes."""
@@ -55,7 +46,7 @@ def roc_auc(labels, scores) -> float:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = _average_ranks(s)
+    ranks = rankdata(s, method="average")
     u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
 
