@@ -128,9 +128,9 @@ def test_unknown_task_through_the_suite_and_all_problems_at_once():
     with pytest.raises(ValueError) as err:
         cfg.validate(get_suite("metaworld"))
     text = str(err.value)
-    assert "task='fly-v3' is unknown; the 50 Meta-World tasks (each also as NAME-v3): assembly," in text
+    assert "--task fly-v3 is unknown; the 50 Meta-World tasks (each also as NAME-v3): assembly," in text
     assert "--rho -1.0" in text
-    with pytest.raises(ValueError, match=r"^invalid configuration: task='drawr-open' is unknown "
+    with pytest.raises(ValueError, match=r"^invalid configuration: --task drawr-open is unknown "
                                          r"\(did you mean 'drawer-open'\?\); the 50 Meta-World"):
         _replace(Config(), task="drawr-open").validate(get_suite("metaworld"))
 

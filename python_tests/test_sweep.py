@@ -278,7 +278,7 @@ def test_run_without_checkpoint_starts_from_a_clean_directory(tmp_path):
     assert result["code"] == 2 and not result["finished"] and result["resumed_from"] is None
     assert sorted(p.name for p in run_dir.iterdir()) == [sweep.LOCK_FILE, sweep.RUN_LOG]
     log = (run_dir / sweep.RUN_LOG).read_text()
-    assert log.count(ATTEMPT) == 1 and "task='no-such-task' is unknown" in log
+    assert log.count(ATTEMPT) == 1 and "--task no-such-task is unknown" in log
 
 
 def write_run(run_dir: Path, algo: str, seed: int, success: float, step: int, total: int = 100,

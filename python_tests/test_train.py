@@ -203,7 +203,7 @@ def fake_run(run_dir: Path, damage: str) -> None:
 # Each: arguments (RUN: the run directory, TMP: the test's directory), what to set up, what the
 # one-line message must say. All fail before any training step.
 BAD_INPUT = {
-    "unknown task": (["--task", "drawr-open"], None, "task='drawr-open' is unknown (did you mean "
+    "unknown task": (["--task", "drawr-open"], None, "--task drawr-open is unknown (did you mean "
                      "'drawer-open'?); the 50 Meta-World tasks (each also as NAME-v3): assembly, "),
     "run dir is a file": (["--run-dir", "TMP/file"], "file", "TMP/file is a file, not a directory"),
     "run dir under a file": (["--run-dir", "TMP/file/run"], "file",

@@ -536,7 +536,7 @@ def _problems(cfg: Config, suite: Any) -> list[str]:
         try:
             suite.canonical_task(cfg.task)
         except ValueError as exc:  # the suite's message names the task and the known ones
-            p.append(str(exc))
+            p.append(str(exc).replace(f"task={cfg.task!r}", f"--task {cfg.task}", 1))
         if cfg.goal == "random" and not suite.random_goals:
             p.append(f"--goal random: the {cfg.suite} suite has no goal randomisation; use --goal "
                      "fixed.")
