@@ -181,7 +181,7 @@ def run_release_loop(cfg: Config, encoder) -> tuple[float, dict[str, float]]:
 def run_trainer(cfg: Config, encoder, run_dir: Path) -> tuple[float, dict[str, float]]:
     """The project's Trainer; returns the seconds of the TIMED_STEPS learning steps and their seconds
     per phase (Trainer.timings)."""
-    from furl_fast.train import Trainer
+    from furl_fast.trainer import Trainer
 
     trainer = Trainer(cfg, run_dir, encoder)
     trainer.evaluate = lambda writer=None: {}  # left out of both loops

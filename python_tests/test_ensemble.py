@@ -242,7 +242,7 @@ def test_trainer_trains_both_agents_as_one_until_relay_ends_then_freezes_the_rel
     Adam state). A checkpoint holds the two agents as plain SAC agents either way."""
     from furl_fast.agents.ensemble import EnsembleMember
     from furl_fast.config import Config
-    from furl_fast.train import Trainer
+    from furl_fast.trainer import Trainer
 
     cfg = Config(algo="relay", reward="code", task="reach-v3", total_steps=80, warmup_steps=40,
                  batch_size=8, buffer_size=2000, eval_every=10**6, eval_video=False, eval_episodes=1,

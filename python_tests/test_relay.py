@@ -81,7 +81,7 @@ def test_trainer_counts_positives_for_furl_and_success_steps_for_relay(tmp_path)
 
     from furl_fast.agents.relay import relay_stop_count
     from furl_fast.config import Config, SACConfig
-    from furl_fast.train import Trainer
+    from furl_fast.trainer import Trainer
 
     success = np.array([False, True, False, True, True])
     assert relay_stop_count("furl", success) == 2
@@ -220,7 +220,7 @@ def test_trainer_switches_control_every_k_steps_from_each_episodes_first_action(
     episodes control switches after exactly K actions (at steps K, 2K, ...), not K - 1 after the
     first episode. Recorded at every env.step of a real (state SAC, relay) run."""
     from furl_fast.config import Config, SACConfig
-    from furl_fast.train import Trainer
+    from furl_fast.trainer import Trainer
 
     cfg = Config(algo="relay", reward="code", task="reach-v3", total_steps=1500, warmup_steps=1499,
                  batch_size=8, buffer_size=2000, eval_every=1500, eval_video=False, eval_episodes=1,

@@ -19,7 +19,7 @@ import torch
 from furl_fast import ReplayBuffer
 from furl_fast.rewards.code import ProgramSet
 from furl_fast.runs import CHECKPOINT_DIR, STATE_FILE, load_state, save_state
-from furl_fast.train import nstep_vlm_reward, updates_due
+from furl_fast.trainer import nstep_vlm_reward, updates_due
 
 # Per agent: total steps, warm-up, checkpoint interval (simulator steps), batch. State SAC: two
 # 500-step episodes; DrQ (action repeat 2: 250 agent steps an episode, slow conv updates on a CPU):

@@ -12,7 +12,8 @@ import pytest
 import furl_fast.envs.metaworld.rollout
 from furl_fast.config import Config, FuRLConfig, SACConfig, VLMConfig
 from furl_fast.envs import Rollout, make_env
-from furl_fast.train import Trainer, train
+from furl_fast.train import train
+from furl_fast.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
