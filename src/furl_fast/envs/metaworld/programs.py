@@ -4,8 +4,8 @@ simulator's privileged state (exact object positions, the hidden goal) and Meta-
 thresholds, which neither a VLM nor a real robot's camera has. Runs with them are named
 "code-ref" (e.g. sac+code-ref), never a VLM reward.
 
-They read only the state (inputs "state"; the frame argument is ignored). Meta-World v3 observation layout (39,):
-[0:3] hand xyz, [3] gripper opening, [4:7] first object xyz, [7:11] its quaternion, [11:18] second
+They read only the state (inputs "state"; the frame argument is ignored). Meta-World v3 observation
+layout (39,): [0:3] hand xyz, [3] gripper opening, [4:7] first object xyz, [7:11] its quaternion, [11:18] second
 object, [18:36] the previous step's [0:18], [36:39] goal xyz (zeros when the goal is hidden).
 Thresholds follow each task's own success test in metaworld (evaluate_state):
 - drawer-open: success when the handle is within 0.03 of the target, which lies maxDist = 0.2
@@ -31,9 +31,8 @@ handle-press needs more: random actions knock the handle all the way down in abo
 episodes (Meta-World reports success there too, 5 of 40 measured), above the verifier's 10%. Its set
 asks for the gripper lined up above the handle first and for the press with the gripper on the
 handle, as the scripted expert does it; then the whole set completes in 1 of 40 full-length random
-episodes (and on all 10 expert seeds 0-9). Its approach
-stages also count as done within 5 cm of the handle, since some scenes start with the handle right
-under the gripper.
+episodes (and on all 10 expert seeds 0-9). Its approach stages also count as done within 5 cm of
+the handle, since some scenes start with the handle right under the gripper.
 (drawer-close has no set on purpose: random actions close the drawer in about half of the rollouts,
 so no correct program set can pass the 10% random-rollout test.)
 Programs remember the first state of the episode in a global (programs are re-instantiated per
