@@ -240,8 +240,8 @@ def pretrained_file(model: str, tag: str) -> tuple[str, str]:
 
 
 def _unreadable_checkpoint(model: str, path: str, exc: Exception) -> ValueError:
-    """A checkpoint file that exists but does not load: never torch's advice to retry with
-    weights_only=False, which would run whatever code a file of unknown origin holds."""
+    """A checkpoint file that exists but does not load: never torch's advice to retry with full
+    unpickling, which would run whatever code a file of unknown origin holds."""
     if "state_dict" in str(exc):  # it unpickled, but its tensors are not this architecture's
         return ValueError(f"load_encoder: the checkpoint {path!r} does not fit the architecture "
                           f"{model!r} (its weights have other names or shapes); give the model name "
