@@ -184,19 +184,11 @@ def test_resume_extends_a_finished_run_with_or_without_the_replay_in_checkpoints
 
 def fake_run(run_dir: Path, damage: str) -> None:
     """A run directory as a checkpoint leaves it, with state.pt or its replay file cut short."""
-    from furl_fast.config import Config
-    from furl_fast.config import config_to_dict
+    from fake_runs import REPLAY, fake_run_dir  # python_tests/ is on sys.path
 
-    ckpt = run_dir / CHECKPOINT_DIR
-    ckpt.mkdir(parents=True)
-    cfg = Config(algo="sac", task="reach", device="cpu", run_dir=str(run_dir))
-    (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg)))
-    buf = ReplayBuffer(100, (39,), 4)
-    buf.start_episode(np.zeros(39, np.float32))
-    buf.add(np.ones(39, np.float32), np.zeros(4, np.float32), 0.0, False, False)
-    buf.save(ckpt / "replay-0000000001.bin")
-    save_state(ckpt / STATE_FILE, {"step": 1, "replay": "replay-0000000001.bin"})
-    damaged = ckpt / (STATE_FILE if damage == "state" else "replay-0000000001.bin")
+    ckpt = fake_run_dir(run_dir)
+    save_state(ckpt / STATE_FILE, {"step": 1, "replay": REPLAY})
+    damaged = ckpt / (STATE_FILE if damage == "state" else REPLAY)
     damaged.write_bytes(damaged.read_bytes()[:-20])
 
 

@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fake_runs import REPLAY, fake_run_dir  # python_tests/ is on sys.path
 
-from furl_fast import ReplayBuffer, sweep
+from furl_fast import sweep
 from furl_fast.config import Config, config_to_dict
 from furl_fast.runs import CHECKPOINT_DIR, STATE_FILE, rng_state
 from furl_fast.train import main as train_main
-
-REPLAY = "replay-0000000001.bin"
 
 
 def run_module(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -53,19 +52,10 @@ class _RunsCode:
         return exec, (f"open({str(self.marker)!r}, 'w').close()",)
 
 
-def fake_run(run_dir: Path, state: dict | None = None) -> None:
-    """A run directory as a sac checkpoint leaves it: config.json, a replay file, and state.pt holding
-    state when given (a plain torch.save of it, as an attacker would write it)."""
-    ckpt = run_dir / CHECKPOINT_DIR
-    ckpt.mkdir(parents=True)
-    cfg = Config(algo="sac", task="reach", device="cpu", run_dir=str(run_dir))
-    (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg)))
-    buf = ReplayBuffer(100, (39,), 4)
-    buf.start_episode(np.zeros(39, np.float32))
-    buf.add(np.ones(39, np.float32), np.zeros(4, np.float32), 0.0, False, False)
-    buf.save(ckpt / REPLAY)
-    if state is not None:
-        torch.save(state, ckpt / STATE_FILE)
+def fake_run(run_dir: Path, state: dict) -> None:
+    """fake_runs.fake_run_dir with state.pt a plain torch.save of state, as an attacker would write
+    it."""
+    torch.save(state, fake_run_dir(run_dir) / STATE_FILE)
 
 
 def malicious_run(run_dir: Path, marker: Path) -> None:
@@ -75,14 +65,17 @@ def malicious_run(run_dir: Path, marker: Path) -> None:
 # ---- pickle payloads ------------------------------------------------------------------------------
 
 
-def test_pickle_payload_in_state_pt_runs_nothing_on_resume(tmp_path):
+@pytest.mark.parametrize(("module", "args"), [("furl_fast.train", ["--resume"]),
+                                              ("furl_fast.runs", ["convert"])],
+                         ids=["resume", "converter"])
+def test_pickle_payload_in_state_pt_runs_nothing(tmp_path, module, args):
     run_dir, marker = tmp_path / "run", tmp_path / "pwned"
     malicious_run(run_dir, marker)
     before = files(run_dir)
-    result = run_module("furl_fast.train", ["--resume", str(run_dir)], tmp_path)
+    result = run_module(module, [*args, str(run_dir)], tmp_path)
     assert not marker.exists()
     assert result.returncode == 2, result.stderr[-3000:]
-    line = one_line(result.stderr)
+    line = one_line(result.stderr, f"{module}:")
     assert str(run_dir / CHECKPOINT_DIR / STATE_FILE) in line and "nothing was changed" in line, line
     assert files(run_dir) == before
 
@@ -125,18 +118,6 @@ def test_pickle_payload_with_a_valid_checksum_is_refused_unread(tmp_path):
     with pytest.raises(ValueError, match="holds more than tensors"):
         sweep.checkpoint_step(run_dir)
     assert not marker.exists() and files(run_dir) == before
-
-
-def test_converter_refuses_a_pickle_payload(tmp_path):
-    run_dir, marker = tmp_path / "run", tmp_path / "pwned"
-    malicious_run(run_dir, marker)
-    before = files(run_dir)
-    result = run_module("furl_fast.runs", ["convert", str(run_dir)], tmp_path)
-    assert not marker.exists()
-    assert result.returncode == 2, result.stderr[-3000:]
-    line = one_line(result.stderr, "furl_fast.runs:")
-    assert str(run_dir / CHECKPOINT_DIR / STATE_FILE) in line and "nothing was changed" in line, line
-    assert files(run_dir) == before
 
 
 # ---- a real checkpoint: damage, the earlier format, the round trip ---------------------------------
