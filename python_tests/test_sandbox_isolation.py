@@ -390,6 +390,52 @@ def test_isolation_is_in_place_where_the_kernel_offers_it() -> None:
     assert report["landlock"] >= 1 and report["seccomp"] is True
 
 
+# OpenCV is the one optional module a program may import (frame programs use it); the test extra
+# installs it, so these run in CI. Its file and thread APIs are the new surface it brings.
+OPENCV_PROGRAM = """
+import cv2
+import numpy as np
+
+def done(frame, state):
+    blurred = cv2.GaussianBlur(frame, (5, 5), 0)
+    hsv = cv2.cvtColor(blurred, cv2.COLOR_RGB2HSV)
+    red = cv2.inRange(hsv, np.array([0, 120, 70]), np.array([10, 255, 255]))
+    contours, _ = cv2.findContours(red, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return len(contours) == 1 and cv2.moments(red)["m00"] > 0
+"""
+
+
+def test_opencv_programs_run_fully_isolated() -> None:
+    pytest.importorskip("cv2", reason="opencv-python-headless is part of the test extra")
+    frames = np.zeros((2, 240, 240, 3), np.uint8)
+    frames[1, 100:140, 60:120] = (220, 20, 20)  # a red block in the second frame only
+    with Sandbox(OPENCV_PROGRAM, SandboxLimits(isolation="required")) as box:
+        r = box.run_episode(frames, np.zeros((2, 39)))
+        report = box.isolation_report
+    assert r.ok, r.error
+    assert r.done.tolist() == [False, True]
+    assert report["landlock"] >= 1 and report["seccomp"] is True
+
+
+def test_opencv_reads_and_writes_no_file(tmp_path, watched) -> None:
+    cv2 = pytest.importorskip("cv2", reason="opencv-python-headless is part of the test extra")
+    image = tmp_path / "secret.png"
+    cv2.imwrite(str(image), np.full((8, 8, 3), 7, np.uint8))
+    assert cv2.imread(str(image)) is not None  # readable outside the sandbox
+    # cv2.imread passes the static check; the OS layers make it return None.
+    program = f"import cv2\ndef done(frame, state):\n    return cv2.imread({str(image)!r}) is not None\n"
+    assert check_source(program) is None
+    with Sandbox(program, LIMITS) as box:
+        r = box.run_episode(np.zeros((1, 4, 4, 3), np.uint8), np.zeros((1, 3)))
+    assert r.ok and not r.done.any(), r
+    image.unlink()  # the watched fixture checks that nothing but its file is left in the folder
+    dropped = tmp_path / "dropped.png"  # a format cv2 can write, so only the sandbox stops it
+    r = run(hostile("return imp('cv2').imwrite({path!r}, np.zeros((4, 4, 3), np.uint8))",
+                    path=str(dropped)))
+    assert not (r.ok and r.done.all())
+    assert not dropped.exists()
+
+
 def _train_without_landlock(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """`python -m furl_fast.train ARGS` in a process whose sandbox leaves Landlock out, as on a
     kernel without it."""
