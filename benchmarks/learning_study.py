@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 TASKS = ("reach", "button-press", "handle-press", "drawer-open")  # four: two runs at a time, none waits alone
+GOAL = "fixed"  # the sweep's goal setting, part of its run and plot names
 STUDY_FILE = "study.json"  # the commit, when the study started and ended, and each run's wall time
 # Every method's SAC: FuRL's settings plus LayerNorm in the critics, without which the oracle loses
 # a solved task again within a few thousand steps (docs/results/learning/diagnosis.md), and the
@@ -41,6 +42,7 @@ METHODS = {
     "sac": (["--algos", "sac", "--env-rewards", "sparse"], []),
     "sac+code-ref": (["--algos", "vlm", "--env-rewards", "sparse"], ["--reward", "code"]),
 }
+ANALYSIS_MARKER = "<!-- analysis: written by hand, kept when the report above is rewritten -->"
 # What a user with a VLM endpoint runs to add a sac+code row (a set generated per task, then the same
 # sweep with --reward.programs); the study itself needs no VLM service.
 CODE_FROM_VLM = """\
@@ -118,10 +120,13 @@ def write_readme(args: argparse.Namespace, commands: list[list[str]]) -> Path:
               CODE_FROM_VLM.format(task="drawer-open", seeds=" ".join(map(str, args.seeds)), out=out,
                                    train=" ".join(commands[0][commands[0].index("--") + 1:])),
               "```"]
-    plots = sorted((args.out / "plots").glob("*.png"))
+    plots = sorted((args.out / "plots").glob(f"*-{GOAL}.png"))  # the sweep's, not other studies'
     lines += ["", "Learning curves:", "", *(f"![{p.stem}](plots/{p.name})" for p in plots)]
     path = args.out / "README.md"
-    path.write_text("\n".join(lines) + "\n")
+    # A person's reading of the results, below ANALYSIS_MARKER, survives a rewrite of the report.
+    old = path.read_text() if path.exists() else ""
+    analysis = old[old.index(ANALYSIS_MARKER):] if ANALYSIS_MARKER in old else ANALYSIS_MARKER + "\n"
+    path.write_text("\n".join(lines) + "\n\n" + analysis)
     return path
 
 
