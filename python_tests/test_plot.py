@@ -63,9 +63,9 @@ def test_groups_by_the_whole_config_minus_the_seed(tmp_path):
     longer = config_run(tmp_path, "long", 0, [(0, 0.0)], total_steps=500)
     tau = config_run(tmp_path, "tau", 0, [(0, 0.0)], sac={"tau": 0.5})
     groups = plot.group_runs([*seeds, v3, longer, tau])
-    assert groups == {"furl sac reach fixed sac.tau=0.01 total_steps=100": [*seeds, v3],
-                      "furl sac reach fixed sac.tau=0.01 total_steps=500": [longer],
-                      "furl sac reach fixed sac.tau=0.5 total_steps=100": [tau]}
+    assert groups == {"furl sac.tau=0.01 total_steps=100": [*seeds, v3],
+                      "furl sac.tau=0.01 total_steps=500": [longer],
+                      "furl sac.tau=0.5 total_steps=100": [tau]}
 
 
 def test_figure_marks_single_points_and_shows_the_whole_success_range(tmp_path):
@@ -75,7 +75,8 @@ def test_figure_marks_single_points_and_shows_the_whole_success_range(tmp_path):
     success, ret = fig.axes
     assert success.get_ylim() == (-0.03, 1.03) and ret.get_ylim() != (-0.03, 1.03)
     lines = {line.get_label(): line for line in success.get_lines()}
-    single = lines["furl sac reach fixed (n=1)"]
+    assert sorted(lines) == ["furl (n=1)", "sac (n=1)"]
+    single = lines["furl (n=1)"]
     assert list(single.get_xdata()) == [100] and single.get_marker() == "o"
     assert fig._suptitle.get_text() == "reach (fixed goal)"
 
@@ -105,19 +106,21 @@ def test_code_reward_curves_are_named_by_their_programs(tmp_path):
     gen = config_run(tmp_path, "gen", 0, [(0, 0.0)], algo="vlm",
                      reward={"name": "code", "programs": "drawer.json"})
     labels = sorted(plot.group_runs([ref, gen]))
-    assert labels == ["sac+code sac reach fixed", "sac+code-ref sac reach fixed"], labels
+    assert labels == ["sac+code", "sac+code-ref"], labels
+    assert list(plot.group_runs([ref])) == ["sac+code-ref sac reach fixed"]  # one curve: all said
 
 
 def test_labels_name_what_matters_and_other_settings_only_to_tell_curves_apart(tmp_path):
-    """Runs of different methods differ in many settings; their labels name the method (algo, agent,
-    reward, env reward), not every setting, so the legend stays inside the figure."""
-    furl = config_run(tmp_path, "furl", 0, [(0, 0.0)], reward={"name": "furl"}, env_reward="sparse",
+    """Runs of different methods differ in many settings; their labels name the method as the
+    sweep's table does (algo, reward, env reward) and what else differs between the curves, not every
+    setting, so the legend stays inside the figure and matches the table."""
+    furl = config_run(tmp_path, "furl", 0, [(0, 0.0)], reward={"name": "auto"}, env_reward="sparse",
                       eval_every=50)
     vlm = config_run(tmp_path, "vlm", 0, [(0, 0.0)], algo="vlm", reward={"name": "cosine"},
                      env_reward="sparse", total_steps=500)
     oracle = config_run(tmp_path, "oracle", 0, [(0, 0.0)], algo="sac", reward={"name": "auto"},
                         env_reward="dense")
-    assert sorted(plot.group_runs([furl, vlm, oracle])) == [
-        "furl sac reach fixed reward.name=furl env_reward=sparse",
-        "sac sac reach fixed reward.name=auto env_reward=dense",
-        "vlm sac reach fixed reward.name=cosine env_reward=sparse"]
+    assert sorted(plot.group_runs([furl, vlm, oracle])) == ["furl", "sac+dense", "vlm+cosine"]
+    drq = config_run(tmp_path, "drq", 0, [(0, 0.0)], reward={"name": "auto"}, env_reward="sparse",
+                     eval_every=50, agent="drq")
+    assert sorted(plot.group_runs([furl, drq])) == ["furl drq", "furl sac"]

@@ -16,10 +16,8 @@ from typing import Any
 from furl_fast.metrics import flatten, mean_std, read_config, read_metrics, task_name
 
 DEFAULT_METRICS = ("eval/success", "charts/episode_return")
-LABEL_KEYS = ("algo", "agent", "task", "goal")
-# What else a label names when it differs between curves; any other setting only when two curves
-# would otherwise have the same label (a legend of every setting that differs runs off the figure).
-MATTER_KEYS = ("reward.name", "env_reward")
+# What a label names besides the method when it differs between curves (or there is one curve).
+LABEL_KEYS = ("agent", "task", "goal")
 # Settings that name or place a run rather than change what it computes.
 PER_RUN_KEYS = ("seed", "run_dir", "resume")
 
@@ -33,9 +31,12 @@ def flat_config(run_dir: Path) -> dict[str, Any]:
 
 
 def group_runs(run_dirs: list[Path]) -> dict[str, list[Path]]:
-    """{curve label: run dirs}: one group per configuration minus the seed. Labels read
-    "algo agent task goal", then the reward and env reward where they differ between groups, then
-    the other settings that tell apart groups left with the same label."""
+    """{curve label: run dirs}: one group per configuration minus the seed. A label is the method as
+    the sweep's table names it (sac+dense, furl, sac+code-ref, ...), then the agent, task and goal
+    where they differ between groups, then the other settings that tell apart groups left with the
+    same label."""
+    from furl_fast.sweep import method
+
     configs = {d: flat_config(d) for d in run_dirs}
     groups: dict[tuple, list[Path]] = defaultdict(list)
     for d, cfg in configs.items():
@@ -43,30 +44,20 @@ def group_runs(run_dirs: list[Path]) -> dict[str, list[Path]]:
             (("run", str(d)),)  # no config.json: a curve of its own
         groups[key].append(d)
     keys = list(groups)
-    varying = sorted({k for key in keys for k, _ in key} - set(LABEL_KEYS) - {"run"})
-    varying = [k for k in varying if len({dict(key).get(k) for key in keys}) > 1]
-    labels, other = {}, {}
+    shown = [k for k in LABEL_KEYS if len(keys) == 1 or len({dict(key).get(k) for key in keys}) > 1]
+    labels = {}
     for key in keys:
         cfg = dict(key)
         if "run" in cfg:
-            labels[key], other[key] = Path(cfg["run"]).name, []
+            labels[key] = Path(cfg["run"]).name
             continue
-        words = [str(cfg[k]) for k in LABEL_KEYS if k in cfg]
-        shown = varying
-        if cfg.get("algo") == "vlm" and cfg.get("reward.name") == "code":
-            # Named as in the sweep's table: sac+code-ref (hand-written reference programs) or
-            # sac+code (a set from a file); the code reward calls no VLM while training.
-            from furl_fast.sweep import method
-
-            words[0] = method({"algo": "vlm", "reward": {"name": "code",
-                                                          "programs": cfg.get("reward.programs")}})
-            shown = [k for k in varying if not k.startswith("reward.")]
-        labels[key] = " ".join(words) + "".join(f" {k}={cfg[k]}" for k in MATTER_KEYS
-                                                if k in shown and k in cfg)
-        other[key] = [k for k in shown if k not in MATTER_KEYS and k in cfg]
+        name = method({"algo": cfg.get("algo", "?"), "env_reward": cfg.get("env_reward", "sparse"),
+                       "reward": {"name": cfg.get("reward.name"),
+                                  "programs": cfg.get("reward.programs")}})
+        labels[key] = " ".join([name, *(str(cfg[k]) for k in shown if k in cfg)])
     for label in {label for label in labels.values() if list(labels.values()).count(label) > 1}:
         same = [key for key in keys if labels[key] == label]
-        differ = [k for k in sorted({k for key in same for k in other[key]})
+        differ = [k for k in sorted({k for key in same for k, _ in key})
                   if len({dict(key).get(k) for key in same}) > 1]
         for key in same:
             labels[key] += "".join(f" {k}={dict(key)[k]}" for k in differ if k in dict(key))
